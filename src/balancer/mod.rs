@@ -1,0 +1,559 @@
+//! The load balancer: Dynamo's request coordinator.
+//!
+//! It owns the ring and nothing else: no data, no state that must survive it, so any number of
+//! balancers run side by side over the same nodes. For each request it computes the key's
+//! preference list and drives the replicas:
+//!
+//! - **put / delete**: the first replica that answers *coordinates*: it stamps the write with
+//!   its dot and stores it (see [`crate::version`] for why the stamp is a node's). Its
+//!   reconciled sibling set then goes to the other replicas in parallel, and the client gets
+//!   `"200"` once W replicas have it in their journal.
+//! - **get**: all N replicas are asked in parallel; the answer goes out after R replies, merged.
+//!   The task that asked keeps listening for the stragglers (each bounded by the timeout) and
+//!   then writes the merged set back to every replica that answered with less: read repair,
+//!   off the client's critical path.
+//!
+//! Every replica call runs in its own task with the replica timeout, and reports on a channel;
+//! when the client has its answer the receiver may be gone, and the remaining tasks simply end
+//! when their call does. Nothing outlives the timeout.
+
+mod health;
+
+use std::sync::Arc;
+
+use dxr::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::BalancerConfig;
+use crate::error::{Error, QuorumKind, Result};
+use crate::quorum::{Outcome, Tally};
+use crate::ring::Ring;
+use crate::rpc::client::{CallError, RpcClient};
+use crate::rpc::codec;
+use crate::rpc::messages::{self, CoordinateRequest, MergeRequest, ReadRequest, check_key};
+use crate::rpc::server::{self, Handler, ServerLimits};
+use crate::telemetry::{Counter, Exposition};
+use crate::version::{Siblings, VClock};
+use health::Health;
+
+const METHODS: &[(&str, &str)] = &[
+    (
+        "put",
+        "put(key, value[, context]) -> \"200\" once W replicas stored the value",
+    ),
+    (
+        "get",
+        "get(key) -> the value (the latest sibling by wall clock), or nil",
+    ),
+    (
+        "get_versions",
+        "get_versions(key) -> {values: [sibling values, latest first], context}",
+    ),
+    (
+        "delete",
+        "delete(key[, context]) -> \"200\" once W replicas stored the tombstone",
+    ),
+    (
+        "stats",
+        "stats() -> {servers: [{address, state}], N, R, W, counters}",
+    ),
+];
+
+#[derive(Debug, Default)]
+struct BalancerMetrics {
+    puts: Counter,
+    gets: Counter,
+    get_versions: Counter,
+    deletes: Counter,
+    write_quorum_failures: Counter,
+    read_quorum_failures: Counter,
+    replica_failures: Counter,
+    read_repairs: Counter,
+}
+
+/// The coordinator; cheap to clone (shared state behind an `Arc`), so spawned tasks own a copy.
+#[derive(Clone)]
+pub struct Balancer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: BalancerConfig,
+    ring: Ring,
+    client: RpcClient,
+    health: Health,
+    metrics: BalancerMetrics,
+}
+
+/// One replica's reply, tagged with the server it came from.
+type Reply = (usize, std::result::Result<Value, CallError>);
+
+impl Balancer {
+    pub fn new(config: BalancerConfig) -> Self {
+        let ring = Ring::new(&config.servers, config.vnodes);
+        let health = Health::new(ring.servers().len());
+        Balancer {
+            shared: Arc::new(Shared {
+                config,
+                ring,
+                client: RpcClient::new(),
+                health,
+                metrics: BalancerMetrics::default(),
+            }),
+        }
+    }
+
+    fn preference_list(&self, key: &str) -> Vec<usize> {
+        self.shared
+            .ring
+            .preference_list(key.as_bytes(), self.shared.config.replicas)
+    }
+
+    fn address(&self, server: usize) -> &str {
+        &self.shared.ring.servers()[server]
+    }
+
+    /// One call to one replica, bounded by the replica timeout; records the outcome in `health`.
+    async fn call_replica(
+        &self,
+        server: usize,
+        method: &str,
+        param: Value,
+    ) -> std::result::Result<Value, CallError> {
+        let shared = &self.shared;
+        let result = shared
+            .client
+            .call(
+                self.address(server),
+                method,
+                vec![param],
+                shared.config.replica_timeout,
+            )
+            .await;
+        match &result {
+            Ok(_) => shared.health.mark_up(server),
+            Err(error) => {
+                shared.metrics.replica_failures.inc();
+                tracing::debug!(server = self.address(server), %error, method, "replica call failed");
+                shared.health.mark_down(server, error);
+            }
+        }
+        result
+    }
+
+    /// Sends `method(param)` to every server in `targets` at once, each in its own task.
+    fn fan_out(
+        &self,
+        targets: &[usize],
+        method: &'static str,
+        param: Value,
+    ) -> mpsc::Receiver<Reply> {
+        let (sender, receiver) = mpsc::channel(targets.len().max(1));
+        for &server in targets {
+            let (this, sender, param) = (self.clone(), sender.clone(), param.clone());
+            tokio::spawn(async move {
+                let result = this.call_replica(server, method, param).await;
+                // The receiver is gone once the client has its answer: that is fine.
+                let _ = sender.send((server, result)).await;
+            });
+        }
+        receiver
+    }
+
+    fn quorum_error(&self, kind: QuorumKind, tally: &Tally, detail: Option<String>) -> Error {
+        let metrics = &self.shared.metrics;
+        match kind {
+            QuorumKind::Write => metrics.write_quorum_failures.inc(),
+            QuorumKind::Read => metrics.read_quorum_failures.inc(),
+        }
+        Error::Quorum {
+            kind,
+            needed: tally.needed,
+            answered: tally.succeeded,
+            replicas: tally.replicas,
+            detail,
+        }
+    }
+
+    /// A put (`value` Some) or delete (`value` None) through a coordinating replica.
+    pub async fn write(
+        &self,
+        key: String,
+        value: Option<String>,
+        context: Option<VClock>,
+    ) -> Result<()> {
+        let preference = self.preference_list(&key);
+        let mut tally = Tally::new(preference.len(), self.shared.config.write_quorum);
+        let mut first_failure: Option<String> = None;
+        let request = CoordinateRequest {
+            key,
+            value,
+            context,
+        };
+        let param = messages::to_param(&request)?;
+
+        // The first replica that answers coordinates; the ones before it count as failed.
+        let mut coordinated = None;
+        for (position, &server) in preference.iter().enumerate() {
+            let reply = self
+                .call_replica(server, messages::COORDINATE, param.clone())
+                .await;
+            match reply.map_err(|e| e.to_string()).and_then(|value| {
+                messages::from_value::<Siblings>(&value).map_err(|e| e.to_string())
+            }) {
+                Ok(siblings) => {
+                    coordinated = Some((position, siblings));
+                    break;
+                }
+                Err(error) => {
+                    first_failure
+                        .get_or_insert_with(|| format!("{}: {error}", self.address(server)));
+                    if tally.failure() == Outcome::Failed {
+                        break;
+                    }
+                }
+            }
+        }
+        let Some((position, siblings)) = coordinated else {
+            return Err(self.quorum_error(QuorumKind::Write, &tally, first_failure));
+        };
+        let outcome = tally.success();
+        let rest = &preference[position + 1..];
+        let merge = messages::to_param(&MergeRequest {
+            key: request.key,
+            siblings,
+        })?;
+        let mut replies = self.fan_out(rest, messages::MERGE, merge);
+        if outcome == Outcome::Met {
+            return Ok(());
+        }
+        while let Some((server, reply)) = replies.recv().await {
+            let outcome = match reply {
+                Ok(_) => tally.success(),
+                Err(error) => {
+                    first_failure
+                        .get_or_insert_with(|| format!("{}: {error}", self.address(server)));
+                    tally.failure()
+                }
+            };
+            match outcome {
+                Outcome::Met => return Ok(()),
+                Outcome::Failed => break,
+                Outcome::Pending => {}
+            }
+        }
+        Err(self.quorum_error(QuorumKind::Write, &tally, first_failure))
+    }
+
+    /// Reads the key from R replicas and returns their merged sibling set; read repair follows
+    /// in the background.
+    pub async fn read(&self, key: String) -> Result<Siblings> {
+        let preference = self.preference_list(&key);
+        let needed = self.shared.config.read_quorum;
+        let param = messages::to_param(&ReadRequest { key: key.clone() })?;
+        let mut replies = self.fan_out(&preference, messages::READ, param);
+        let (answer, answered) = oneshot::channel::<Result<Siblings>>();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut answer = Some(answer);
+            let mut tally = Tally::new(preference.len(), needed);
+            let mut merged = Siblings::new();
+            let mut seen: Vec<(usize, Siblings)> = Vec::with_capacity(preference.len());
+            let mut first_failure: Option<String> = None;
+            while let Some((server, reply)) = replies.recv().await {
+                let decoded = reply.map_err(|e| e.to_string()).and_then(|value| {
+                    messages::from_value::<Siblings>(&value).map_err(|e| e.to_string())
+                });
+                let outcome = match decoded {
+                    Ok(siblings) => {
+                        merged.merge(&siblings);
+                        seen.push((server, siblings));
+                        tally.success()
+                    }
+                    Err(error) => {
+                        first_failure
+                            .get_or_insert_with(|| format!("{}: {error}", this.address(server)));
+                        tally.failure()
+                    }
+                };
+                let result = match outcome {
+                    Outcome::Met => Ok(merged.clone()),
+                    Outcome::Failed => {
+                        Err(this.quorum_error(QuorumKind::Read, &tally, first_failure.clone()))
+                    }
+                    Outcome::Pending => continue,
+                };
+                if let Some(answer) = answer.take() {
+                    let _ = answer.send(result);
+                }
+            }
+            this.repair(key, merged, seen);
+        });
+        answered
+            .await
+            .map_err(|_| Error::Internal("read coordinator stopped without an answer".into()))?
+    }
+
+    /// Writes the merged set back to every replica whose answer lacked part of it.
+    fn repair(&self, key: String, merged: Siblings, seen: Vec<(usize, Siblings)>) {
+        let stale: Vec<usize> = seen
+            .into_iter()
+            .filter(|(_, siblings)| *siblings != merged)
+            .map(|(server, _)| server)
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        self.shared.metrics.read_repairs.add(stale.len() as u64);
+        match messages::to_param(&MergeRequest {
+            key,
+            siblings: merged,
+        }) {
+            // Nobody waits for these replies; the tasks end with their calls.
+            Ok(param) => drop(self.fan_out(&stale, messages::MERGE, param)),
+            Err(error) => tracing::warn!(%error, "read repair could not be encoded"),
+        }
+    }
+
+    async fn handle(&self, method: &str, params: Vec<Value>) -> Result<String> {
+        let metrics = &self.shared.metrics;
+        match method {
+            "put" => {
+                metrics.puts.inc();
+                let (key, value, context) = put_params(params)?;
+                self.write(key, Some(value), context).await?;
+                Ok(codec::string_xml("200"))
+            }
+            "delete" => {
+                metrics.deletes.inc();
+                let (key, context) = delete_params(params)?;
+                self.write(key, None, context).await?;
+                Ok(codec::string_xml("200"))
+            }
+            "get" => {
+                metrics.gets.inc();
+                let key = key_param(params)?;
+                let siblings = self.read(key).await?;
+                Ok(siblings
+                    .latest_value()
+                    .map_or_else(|| codec::NIL_XML.to_owned(), str::to_owned))
+            }
+            "get_versions" => {
+                metrics.get_versions.inc();
+                let key = key_param(params)?;
+                let siblings = self.read(key).await?;
+                Ok(versions_xml(&siblings))
+            }
+            "stats" => {
+                server::expect_params(&params, 0)?;
+                codec::value_to_xml(&self.stats())
+            }
+            _ => Err(Error::UnknownMethod(method.to_owned())),
+        }
+    }
+
+    fn stats(&self) -> Value {
+        let shared = &self.shared;
+        let servers = shared
+            .ring
+            .servers()
+            .iter()
+            .enumerate()
+            .map(|(index, address)| {
+                let mut entry = vec![
+                    ("address".to_string(), Value::String(address.clone())),
+                    (
+                        "state".to_string(),
+                        Value::String(shared.health.state(index).into()),
+                    ),
+                ];
+                if let Some(error) = shared.health.last_error(index) {
+                    entry.push(("last_error".to_string(), Value::String(error)));
+                }
+                Value::Struct(entry.into_iter().collect())
+            })
+            .collect();
+        let m = &shared.metrics;
+        let counters = [
+            ("puts", m.puts.get()),
+            ("gets", m.gets.get()),
+            ("get_versions", m.get_versions.get()),
+            ("deletes", m.deletes.get()),
+            ("write_quorum_failures", m.write_quorum_failures.get()),
+            ("read_quorum_failures", m.read_quorum_failures.get()),
+            ("replica_failures", m.replica_failures.get()),
+            ("read_repairs", m.read_repairs.get()),
+        ]
+        .into_iter()
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                Value::Integer(i32::try_from(value).unwrap_or(i32::MAX)),
+            )
+        })
+        .collect();
+        let config = &shared.config;
+        let int = |n: usize| Value::Integer(i32::try_from(n).unwrap_or(i32::MAX));
+        Value::Struct(
+            [
+                ("servers".to_string(), Value::Array(servers)),
+                ("N".to_string(), int(config.replicas)),
+                ("R".to_string(), int(config.read_quorum)),
+                ("W".to_string(), int(config.write_quorum)),
+                ("vnodes".to_string(), int(config.vnodes)),
+                (
+                    "timeout_ms".to_string(),
+                    int(config.replica_timeout.as_millis() as usize),
+                ),
+                ("ring".to_string(), Value::String(shared.ring.fingerprint())),
+                ("counters".to_string(), Value::Struct(counters)),
+            ]
+            .into(),
+        )
+    }
+}
+
+impl Handler for Balancer {
+    async fn call(&self, method: &str, params: Vec<Value>) -> Result<String> {
+        self.handle(method, params).await
+    }
+
+    fn methods(&self) -> &'static [(&'static str, &'static str)] {
+        METHODS
+    }
+
+    fn metrics(&self) -> String {
+        let m = &self.shared.metrics;
+        let mut out = Exposition::default();
+        out.labelled_counter(
+            "dynamite_balancer_requests_total",
+            "Client requests, by method.",
+            "method",
+            &[
+                ("put", m.puts.get()),
+                ("get", m.gets.get()),
+                ("get_versions", m.get_versions.get()),
+                ("delete", m.deletes.get()),
+            ],
+        )
+        .labelled_counter(
+            "dynamite_balancer_quorum_failures_total",
+            "Requests answered with fault 503, by quorum.",
+            "quorum",
+            &[
+                ("write", m.write_quorum_failures.get()),
+                ("read", m.read_quorum_failures.get()),
+            ],
+        )
+        .counter(
+            "dynamite_balancer_replica_failures_total",
+            "Replica calls that failed or timed out.",
+            m.replica_failures.get(),
+        )
+        .counter(
+            "dynamite_balancer_read_repairs_total",
+            "Replicas sent a merged sibling set after a read.",
+            m.read_repairs.get(),
+        );
+        let up = (0..self.shared.ring.servers().len())
+            .filter(|&i| self.shared.health.state(i) == "up")
+            .count();
+        out.gauge(
+            "dynamite_balancer_servers_up",
+            "Storage nodes whose last call succeeded.",
+            up as i64,
+        );
+        out.finish()
+    }
+}
+
+fn string_param(value: &Value, what: &str) -> Result<String> {
+    match value {
+        Value::String(s) => Ok(s.clone()),
+        _ => Err(Error::invalid(format!("the {what} must be a string"))),
+    }
+}
+
+fn key_param(params: Vec<Value>) -> Result<String> {
+    server::expect_params(&params, 1)?;
+    let key = string_param(&params[0], "key")?;
+    check_key(&key)?;
+    Ok(key)
+}
+
+fn context_param(value: &Value) -> Result<VClock> {
+    let text = string_param(value, "context")?;
+    VClock::from_context(&text)
+        .ok_or_else(|| Error::invalid("the context is not one get_versions returned"))
+}
+
+fn put_params(params: Vec<Value>) -> Result<(String, String, Option<VClock>)> {
+    if !(2..=3).contains(&params.len()) {
+        return Err(Error::invalid(format!(
+            "put takes (key, value) or (key, value, context), got {} parameters",
+            params.len()
+        )));
+    }
+    let key = string_param(&params[0], "key")?;
+    check_key(&key)?;
+    if matches!(params[1], Value::Nil) {
+        return Err(Error::invalid(
+            "the value may not be nil; use delete to remove a key",
+        ));
+    }
+    let context = params.get(2).map(context_param).transpose()?;
+    let value = codec::value_to_xml(&params[1])?;
+    Ok((key, value, context))
+}
+
+fn delete_params(params: Vec<Value>) -> Result<(String, Option<VClock>)> {
+    if !(1..=2).contains(&params.len()) {
+        return Err(Error::invalid(format!(
+            "delete takes (key) or (key, context), got {} parameters",
+            params.len()
+        )));
+    }
+    let key = string_param(&params[0], "key")?;
+    check_key(&key)?;
+    let context = params.get(1).map(context_param).transpose()?;
+    Ok((key, context))
+}
+
+/// `{values: [...], context: "..."}`, the live siblings latest first.
+fn versions_xml(siblings: &Siblings) -> String {
+    let mut live: Vec<_> = siblings.values().collect();
+    live.sort_by_key(|v| std::cmp::Reverse((v.timestamp_ms, v.dot)));
+    let values = codec::array_xml(live.iter().filter_map(|v| v.value.as_deref()));
+    let context = if live.is_empty() {
+        String::new()
+    } else {
+        siblings.context().to_context()
+    };
+    codec::struct_xml(&[
+        ("values", &values),
+        ("context", &codec::string_xml(&context)),
+    ])
+}
+
+/// Serves the balancer on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: BalancerConfig,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let limits = ServerLimits {
+        max_request_bytes: config.max_request_bytes,
+    };
+    tracing::info!(
+        address = %config.listen,
+        servers = ?config.servers,
+        n = config.replicas,
+        r = config.read_quorum,
+        w = config.write_quorum,
+        "load balancer serving"
+    );
+    let balancer = Arc::new(Balancer::new(config));
+    server::serve(listener, balancer, limits, shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Command-line flags of both daemons (SPEC.md's tables), turned into validated configs.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{
+    BalancerConfig, BalancerFlags, ConfigError, DEFAULT_MAX_REQUEST_BYTES, NodeConfig,
+    validate_address,
+};
+use crate::storage::StorageConfig;
+
+/// A Dynamite storage node: stores versioned values for the load balancers.
+#[derive(Debug, Parser)]
+#[command(name = "storage_node", version)]
+pub struct NodeArgs {
+    /// Port to listen on.
+    #[arg(short = 'p', long = "port", default_value_t = 25000)]
+    pub port: u16,
+    /// Another storage node of the cluster, HOST:PORT (repeatable); used for node-to-node work.
+    #[arg(short = 's', long = "server", value_name = "HOST:PORT")]
+    pub servers: Vec<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+    /// Where to keep data [default: dynamite-data/node-PORT].
+    #[arg(long, value_name = "DIR", conflicts_with = "in_memory")]
+    pub data_dir: Option<PathBuf>,
+    /// Keep nothing on disk.
+    #[arg(long)]
+    pub in_memory: bool,
+    /// Do not print a line per request.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Largest HTTP body accepted; larger ones get HTTP 413.
+    #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+}
+
+impl NodeArgs {
+    pub fn into_config(self) -> Result<NodeConfig, ConfigError> {
+        let mut peers = Vec::with_capacity(self.servers.len());
+        for server in &self.servers {
+            peers.push(validate_address(server)?);
+        }
+        peers.sort();
+        peers.dedup();
+        if self.max_request_bytes < 1024 {
+            return Err(ConfigError(
+                "--max-request-bytes must be at least 1024".into(),
+            ));
+        }
+        let storage = if self.in_memory {
+            StorageConfig::InMemory
+        } else {
+            let dir = self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(format!("dynamite-data/node-{}", self.port)));
+            StorageConfig::Durable { dir }
+        };
+        Ok(NodeConfig {
+            listen: std::net::SocketAddr::new(self.bind, self.port),
+            peers,
+            storage,
+            log_requests: !self.quiet,
+            max_request_bytes: self.max_request_bytes,
+        })
+    }
+}
+
+/// A Dynamite load balancer: places keys on a ring of storage nodes and coordinates quorums.
+#[derive(Debug, Parser)]
+#[command(name = "load_balancer", version)]
+pub struct BalancerArgs {
+    /// A storage node, HOST:PORT (repeatable, at least one).
+    #[arg(
+        short = 's',
+        long = "server",
+        value_name = "HOST:PORT",
+        required = true
+    )]
+    pub servers: Vec<String>,
+    /// Port to listen on.
+    #[arg(short = 'p', long = "port", default_value_t = 30000)]
+    pub port: u16,
+    /// Replicas per key [default: 3, or the number of servers if fewer].
+    #[arg(short = 'N', long = "replicas")]
+    pub replicas: Option<usize>,
+    /// Replies a get waits for [default: majority of N].
+    #[arg(short = 'R', long = "read-quorum")]
+    pub read_quorum: Option<usize>,
+    /// Acknowledgements a put waits for [default: majority of N].
+    #[arg(short = 'W', long = "write-quorum")]
+    pub write_quorum: Option<usize>,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+    /// How long one replica may take before it counts as failed.
+    #[arg(long, default_value_t = 1000)]
+    pub timeout_ms: u64,
+    /// Positions of each server on the ring.
+    #[arg(long, default_value_t = crate::ring::DEFAULT_VNODES)]
+    pub vnodes: usize,
+    /// Largest HTTP body accepted; larger ones get HTTP 413.
+    #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+}
+
+impl BalancerArgs {
+    pub fn into_config(self) -> Result<BalancerConfig, ConfigError> {
+        BalancerConfig::from_flags(BalancerFlags {
+            bind: self.bind,
+            port: self.port,
+            servers: self.servers,
+            replicas: self.replicas,
+            read_quorum: self.read_quorum,
+            write_quorum: self.write_quorum,
+            timeout_ms: self.timeout_ms,
+            vnodes: self.vnodes,
+            max_request_bytes: self.max_request_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_command_lines_parse() {
+        let args = BalancerArgs::try_parse_from([
+            "load_balancer",
+            "-s",
+            "127.0.0.1:20050",
+            "-s",
+            "127.0.0.1:20051",
+            "-s",
+            "127.0.0.1:20052",
+        ])
+        .expect("parses");
+        let config = args.into_config().expect("valid");
+        assert_eq!(config.listen.port(), 30000);
+        assert_eq!(
+            (config.replicas, config.read_quorum, config.write_quorum),
+            (3, 2, 2)
+        );
+        let node = NodeArgs::try_parse_from(["storage_node", "-p", "20050"]).expect("parses");
+        let config = node.into_config().expect("valid");
+        assert_eq!(config.listen.port(), 20050);
+        assert!(
+            matches!(config.storage, StorageConfig::Durable { ref dir } if dir.ends_with("node-20050"))
+        );
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        assert!(BalancerArgs::try_parse_from(["load_balancer"]).is_err());
+        assert!(NodeArgs::try_parse_from(["storage_node", "-p", "notaport"]).is_err());
+        assert!(
+            NodeArgs::try_parse_from(["storage_node", "--in-memory", "--data-dir", "x"]).is_err()
+        );
+    }
+}

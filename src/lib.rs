@@ -1,0 +1,30 @@
+//! Dynamite: a Dynamo-style replicated key-value store (DeCandia et al., SOSP 2007).
+//!
+//! The request path, client → balancer → replicas:
+//!
+//! 1. A client POSTs an XML-RPC call to a `load_balancer` ([`rpc::server`] parses it with
+//!    [`rpc::codec`]).
+//! 2. The balancer ([`balancer`]) hashes the key onto the [`ring`] and picks the key's
+//!    preference list: the first N distinct storage nodes clockwise.
+//! 3. It fans the operation out to those replicas over pooled keep-alive HTTP
+//!    ([`rpc::client`]) and counts replies ([`quorum`]) until W (writes) or R (reads) of them
+//!    answered, or until that can no longer happen.
+//! 4. Each `storage_node` ([`node`]) reconciles the incoming versions ([`version`]) with what it
+//!    holds and writes the result to its [`storage`] engine before it acknowledges.
+//!
+//! Everything that decides (ring placement, clocks, quorum counting) is pure and does no I/O;
+//! networking lives in [`rpc`], [`node`] and [`balancer`].
+
+pub mod balancer;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod node;
+pub mod quorum;
+pub mod ring;
+pub mod rpc;
+pub mod runtime;
+pub mod shutdown;
+pub mod storage;
+pub mod telemetry;
+pub mod version;

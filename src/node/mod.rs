@@ -1,0 +1,369 @@
+//! The storage node: a replica that keeps sibling sets in a storage engine.
+//!
+//! A node never decides placement or quorums; balancers do. It answers three internal calls
+//! ([`crate::rpc::messages`]): `coordinate` stamps a new write with this node's actor id and
+//! stores it, `merge` folds in a sibling set another replica or a read repair sends, and `read`
+//! returns what the node holds. Each is a read-modify-write of one key, serialised per key by a
+//! striped lock so concurrent writes to a key merge instead of overwriting each other, and each
+//! is in the engine's journal before the node answers.
+//!
+//! For people, it also answers `get(key)` with its own copy of a key and `stats()`.
+
+mod key_locks;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dxr::Value;
+use tokio::net::TcpListener;
+
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::rpc::codec;
+use crate::rpc::messages::{self, CoordinateRequest, MergeRequest, ReadRequest, check_key};
+use crate::rpc::server::{self, Handler, ServerLimits, expect_params};
+use crate::storage::{self, Engine, Tree, WriteOp};
+use crate::telemetry::{Counter, Exposition};
+use crate::version::{ActorId, Siblings};
+use key_locks::KeyLocks;
+
+/// How often the journal is forced to disk. Writes are acknowledged once the OS has them
+/// (they survive a crash of the process); this bounds what a power loss can take.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+const ACTOR_ID_KEY: &[u8] = b"actor_id";
+/// Entries read per page when counting keys at start.
+const SCAN_PAGE: usize = 1024;
+
+const METHODS: &[(&str, &str)] = &[
+    (
+        "get",
+        "get(key) -> this node's own copy of the key's value, or nil",
+    ),
+    (
+        "stats",
+        "stats() -> {keys, hints, ...}: what this node holds",
+    ),
+    (
+        messages::COORDINATE,
+        "internal: stamp and store a write, return the sibling set",
+    ),
+    (
+        messages::MERGE,
+        "internal: merge a sibling set into this node's copy",
+    ),
+    (
+        messages::READ,
+        "internal: this node's sibling set for a key",
+    ),
+];
+
+#[derive(Debug, Default)]
+struct NodeMetrics {
+    coordinates: Counter,
+    merges: Counter,
+    reads: Counter,
+    local_gets: Counter,
+    errors: Counter,
+}
+
+pub struct StorageNode {
+    engine: Arc<dyn Engine>,
+    actor: ActorId,
+    locks: KeyLocks,
+    /// Keys with at least one live sibling; counted at start, then kept up to date per write.
+    live_keys: AtomicI64,
+    log_requests: bool,
+    metrics: NodeMetrics,
+}
+
+impl StorageNode {
+    /// Opens the node's storage (refusing a directory another process holds) and loads its
+    /// actor id, drawing a new one for fresh storage.
+    pub fn open(config: &NodeConfig) -> Result<Self> {
+        let engine = storage::open(&config.storage)?;
+        let actor = load_or_create_actor(&*engine)?;
+        let live_keys = count_live_keys(&*engine)?;
+        Ok(StorageNode {
+            engine,
+            actor,
+            locks: KeyLocks::new(),
+            live_keys: AtomicI64::new(live_keys),
+            log_requests: config.log_requests,
+            metrics: NodeMetrics::default(),
+        })
+    }
+
+    pub fn actor(&self) -> ActorId {
+        self.actor
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    fn load(&self, key: &str) -> Result<Siblings> {
+        match self.engine.get(Tree::Data, key.as_bytes())? {
+            None => Ok(Siblings::new()),
+            Some(bytes) => Siblings::decode(&bytes)
+                .ok_or_else(|| Error::Internal("stored sibling set is corrupt".into())),
+        }
+    }
+
+    /// Read-modify-write of one key under its lock; `change` returns the new set to store.
+    fn update(&self, key: &str, change: impl FnOnce(&mut Siblings)) -> Result<Siblings> {
+        let _guard = self.locks.lock(key.as_bytes());
+        let mut siblings = self.load(key)?;
+        let before = siblings.clone();
+        change(&mut siblings);
+        if siblings != before {
+            self.engine.write(vec![WriteOp {
+                tree: Tree::Data,
+                key: key.as_bytes().to_vec(),
+                value: Some(siblings.encode()),
+            }])?;
+            let delta = i64::from(siblings.is_live()) - i64::from(before.is_live());
+            self.live_keys.fetch_add(delta, Ordering::Relaxed);
+        }
+        Ok(siblings)
+    }
+
+    pub fn coordinate(&self, request: CoordinateRequest) -> Result<Siblings> {
+        check_key(&request.key)?;
+        self.log("put", &request.key, request.value.is_none());
+        let now = now_ms();
+        self.update(&request.key, |siblings| {
+            siblings.write(self.actor, request.context.as_ref(), request.value, now);
+        })
+    }
+
+    pub fn merge(&self, request: MergeRequest) -> Result<Siblings> {
+        check_key(&request.key)?;
+        self.log("store", &request.key, false);
+        self.update(&request.key, |siblings| siblings.merge(&request.siblings))
+    }
+
+    pub fn read(&self, request: &ReadRequest) -> Result<Siblings> {
+        check_key(&request.key)?;
+        self.log("get", &request.key, false);
+        self.load(&request.key)
+    }
+
+    fn log(&self, operation: &str, key: &str, delete: bool) {
+        if self.log_requests {
+            let operation = if delete { "delete" } else { operation };
+            tracing::info!("{operation} {}", printable_key(key));
+        }
+    }
+
+    fn stats_xml(&self) -> Result<String> {
+        let keys = self.live_keys.load(Ordering::Relaxed).max(0);
+        let stats = Value::Struct(
+            [
+                ("keys".to_string(), Value::Integer(clamp_i32(keys))),
+                ("hints".to_string(), Value::Integer(0)),
+                (
+                    "engine".to_string(),
+                    Value::String(self.engine.name().into()),
+                ),
+                (
+                    "actor".to_string(),
+                    Value::String(format!("{:016x}", self.actor)),
+                ),
+            ]
+            .into(),
+        );
+        codec::value_to_xml(&stats)
+    }
+}
+
+impl Handler for StorageNode {
+    async fn call(&self, method: &str, params: Vec<Value>) -> Result<String> {
+        let result = self.call_sync(method, params);
+        if result.is_err() {
+            self.metrics.errors.inc();
+        }
+        result
+    }
+
+    fn methods(&self) -> &'static [(&'static str, &'static str)] {
+        METHODS
+    }
+
+    fn metrics(&self) -> String {
+        let m = &self.metrics;
+        let mut out = Exposition::default();
+        out.labelled_counter(
+            "dynamite_node_requests_total",
+            "Requests served, by method.",
+            "method",
+            &[
+                ("coordinate", m.coordinates.get()),
+                ("merge", m.merges.get()),
+                ("read", m.reads.get()),
+                ("get", m.local_gets.get()),
+            ],
+        )
+        .counter(
+            "dynamite_node_errors_total",
+            "Requests answered with a fault.",
+            m.errors.get(),
+        )
+        .gauge(
+            "dynamite_node_keys",
+            "Live keys stored here.",
+            self.live_keys.load(Ordering::Relaxed),
+        );
+        out.finish()
+    }
+}
+
+impl StorageNode {
+    /// The handlers themselves are synchronous: the engine's writes are short appends to the
+    /// journal, and the lock per key is a std mutex never held across an `.await`.
+    fn call_sync(&self, method: &str, params: Vec<Value>) -> Result<String> {
+        match method {
+            messages::COORDINATE => {
+                self.metrics.coordinates.inc();
+                let siblings = self.coordinate(messages::from_params(&params)?)?;
+                messages::reply_xml(&siblings)
+            }
+            messages::MERGE => {
+                self.metrics.merges.inc();
+                self.merge(messages::from_params(&params)?)?;
+                Ok(codec::string_xml("200"))
+            }
+            messages::READ => {
+                self.metrics.reads.inc();
+                let siblings = self.read(&messages::from_params(&params)?)?;
+                messages::reply_xml(&siblings)
+            }
+            "get" => {
+                self.metrics.local_gets.inc();
+                expect_params(&params, 1)?;
+                let Value::String(key) = &params[0] else {
+                    return Err(Error::invalid("the key must be a string"));
+                };
+                let siblings = self.read(&ReadRequest { key: key.clone() })?;
+                Ok(siblings
+                    .latest_value()
+                    .map_or_else(|| codec::NIL_XML.to_owned(), str::to_owned))
+            }
+            "stats" => {
+                expect_params(&params, 0)?;
+                self.stats_xml()
+            }
+            _ => Err(Error::UnknownMethod(method.to_owned())),
+        }
+    }
+}
+
+/// Serves the node on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let node = Arc::new(StorageNode::open(&config)?);
+    tracing::info!(
+        address = %config.listen,
+        engine = node.engine.name(),
+        keys = node.live_keys.load(Ordering::Relaxed),
+        "storage node serving"
+    );
+    let syncer = tokio::spawn(sync_periodically(node.engine.clone()));
+    let limits = ServerLimits {
+        max_request_bytes: config.max_request_bytes,
+    };
+    server::serve(listener, node.clone(), limits, shutdown).await;
+    syncer.abort();
+    node.engine.sync()?;
+    Ok(())
+}
+
+async fn sync_periodically(engine: Arc<dyn Engine>) {
+    let mut ticks = tokio::time::interval(SYNC_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let engine = engine.clone();
+        match tokio::task::spawn_blocking(move || engine.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "journal sync failed"),
+            Err(error) => tracing::error!(%error, "journal sync task failed"),
+        }
+    }
+}
+
+fn load_or_create_actor(engine: &dyn Engine) -> Result<ActorId> {
+    if let Some(bytes) = engine.get(Tree::Meta, ACTOR_ID_KEY)? {
+        let array: [u8; 8] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Internal("stored actor id is corrupt".into()))?;
+        return Ok(u64::from_be_bytes(array));
+    }
+    let actor = random_u64();
+    engine.write(vec![WriteOp {
+        tree: Tree::Meta,
+        key: ACTOR_ID_KEY.to_vec(),
+        value: Some(actor.to_be_bytes().to_vec()),
+    }])?;
+    Ok(actor)
+}
+
+fn count_live_keys(engine: &dyn Engine) -> Result<i64> {
+    let mut live = 0;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = engine.scan(Tree::Data, after.as_deref(), SCAN_PAGE)?;
+        for (_, bytes) in &page {
+            if Siblings::decode(bytes).is_some_and(|s| s.is_live()) {
+                live += 1;
+            }
+        }
+        let full_page = page.len() == SCAN_PAGE;
+        match page.into_iter().last() {
+            Some((key, _)) if full_page => after = Some(key),
+            _ => return Ok(live),
+        }
+    }
+}
+
+/// A random 64-bit id from the standard library's per-process random hasher keys, mixed with
+/// the time and process id, so no extra dependency is needed for one number per data directory.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn clamp_i32(n: i64) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// A key as it appears in the request log: cut short and with control characters escaped.
+fn printable_key(key: &str) -> String {
+    const SHOWN_CHARS: usize = 64;
+    let mut shown: String = key
+        .chars()
+        .take(SHOWN_CHARS)
+        .flat_map(char::escape_debug)
+        .collect();
+    if key.chars().nth(SHOWN_CHARS).is_some() {
+        shown.push('…');
+    }
+    shown
+}

@@ -1,0 +1,104 @@
+//! XML-RPC calls to other daemons over pooled keep-alive HTTP connections.
+//!
+//! One [`RpcClient`] is shared by every request a daemon coordinates. hyper's pool keeps idle
+//! connections per peer, so a busy balancer reuses warm connections instead of paying a TCP
+//! handshake per replica call. Each call is bounded by a timeout; a late reply is dropped
+//! with the future that awaited it, so nothing lingers after the timeout.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use dxr::Value;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::Request;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::rpc::codec;
+
+/// Idle connections kept per peer; enough for the concurrency one balancer drives.
+const MAX_IDLE_CONNECTIONS_PER_PEER: usize = 256;
+/// How long an idle pooled connection is kept before it is closed.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest response body accepted from a peer: a sibling set of maximum-size values.
+const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Why a call to a peer failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("timed out")]
+    Timeout,
+    #[error("unreachable: {0}")]
+    Transport(String),
+    #[error("HTTP status {0}")]
+    Status(u16),
+    #[error("fault {code}: {message}")]
+    Fault { code: i32, message: String },
+    #[error("bad response: {0}")]
+    BadResponse(String),
+}
+
+#[derive(Clone)]
+pub struct RpcClient {
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for RpcClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RpcClient {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS_PER_PEER)
+            .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
+            .build(connector);
+        RpcClient { http }
+    }
+
+    /// Calls `method` on the daemon at `address` ("host:port"), giving up after `timeout`.
+    pub async fn call(
+        &self,
+        address: &str,
+        method: &str,
+        params: Vec<Value>,
+        timeout: Duration,
+    ) -> Result<Value, CallError> {
+        let body = codec::call_xml(method, params)
+            .map_err(|error| CallError::BadResponse(error.to_string()))?;
+        match tokio::time::timeout(timeout, self.post(address, body)).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    async fn post(&self, address: &str, body: String) -> Result<Value, CallError> {
+        let request = Request::post(format!("http://{address}/RPC2"))
+            .header(CONTENT_TYPE, HeaderValue::from_static("text/xml"))
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| CallError::Transport(error.to_string()))?;
+        let response = self
+            .http
+            .request(request)
+            .await
+            .map_err(|error| CallError::Transport(error.to_string()))?;
+        if !response.status().is_success() {
+            return Err(CallError::Status(response.status().as_u16()));
+        }
+        let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|error| CallError::Transport(error.to_string()))?
+            .to_bytes();
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| CallError::BadResponse("response is not UTF-8".into()))?;
+        codec::parse_response(text).map_err(|(code, message)| CallError::Fault { code, message })
+    }
+}

@@ -1,0 +1,248 @@
+//! The HTTP side of both daemons: XML-RPC on `POST /` and `/RPC2`, `GET /health`, `GET /metrics`.
+//!
+//! A daemon provides a [`Handler`]; this module owns everything around it: keep-alive HTTP/1.1
+//! connections (a task each), the body size limit (HTTP 413 before parsing), parsing, the
+//! `system.*` methods every XML-RPC server is expected to have, and turning errors into faults
+//! in one place.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dxr::Value;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::error::{Error, Result};
+use crate::rpc::codec::{self, Call};
+
+/// What a daemon serves. Replies are a value's XML text (see [`codec`]).
+pub trait Handler: Send + Sync + 'static {
+    /// Runs one method. `system.*` methods never reach here.
+    fn call(&self, method: &str, params: Vec<Value>)
+    -> impl Future<Output = Result<String>> + Send;
+    /// Every method the daemon answers, with a one-line help text.
+    fn methods(&self) -> &'static [(&'static str, &'static str)];
+    /// The Prometheus text exposition of the daemon's metrics.
+    fn metrics(&self) -> String;
+}
+
+/// Server settings shared by both daemons.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    pub max_request_bytes: usize,
+}
+
+/// Serves connections from `listener` until `shutdown` resolves, then stops accepting and
+/// lets open requests finish.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let (stream, _) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(respond(&*handler, limits, request).await) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connections.shutdown()).await;
+}
+
+async fn respond<H: Handler>(
+    handler: &H,
+    limits: ServerLimits,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    match (request.method(), path) {
+        (&Method::GET, "/health") => plain(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/metrics") => {
+            let mut response = plain(StatusCode::OK, handler.metrics());
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            response
+        }
+        (&Method::POST, "/" | "/RPC2") => {
+            let body = match read_body(request, limits.max_request_bytes).await {
+                Ok(body) => body,
+                Err(status) => return plain(status, format!("{status}\n")),
+            };
+            xml(handle_body(handler, &body).await)
+        }
+        (_, "/" | "/RPC2" | "/health" | "/metrics") => plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        ),
+        _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// Reads the whole body, refusing with 413 anything over `max_bytes` — by its declared length
+/// before reading a byte, or while reading when the length is not declared.
+async fn read_body(request: Request<Incoming>, max_bytes: usize) -> Result<Bytes, StatusCode> {
+    if let Some(length) = request.headers().get(CONTENT_LENGTH) {
+        let declared = length
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or(StatusCode::BAD_REQUEST)?;
+        if declared > max_bytes as u64 {
+            return Err(StatusCode::PAYLOAD_TOO_LARGE);
+        }
+    }
+    match Limited::new(request.into_body(), max_bytes).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            Err(StatusCode::PAYLOAD_TOO_LARGE)
+        }
+        Err(_) => Err(StatusCode::BAD_REQUEST),
+    }
+}
+
+/// Parses and runs one XML-RPC request body; always yields an XML-RPC response body.
+pub async fn handle_body<H: Handler>(handler: &H, body: &[u8]) -> String {
+    let result = match codec::parse_call(body) {
+        Ok(call) => dispatch(handler, call).await,
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(value_xml) => codec::response_xml(&value_xml),
+        Err(error) => {
+            tracing::debug!(%error, "request failed");
+            codec::fault_xml(&error)
+        }
+    }
+}
+
+async fn dispatch<H: Handler>(handler: &H, call: Call) -> Result<String> {
+    match call.method.as_str() {
+        "system.listMethods" => {
+            expect_params(&call.params, 0)?;
+            let mut names: Vec<&str> = handler.methods().iter().map(|(name, _)| *name).collect();
+            names.extend([
+                "system.listMethods",
+                "system.methodHelp",
+                "system.multicall",
+            ]);
+            let items: Vec<String> = names.iter().map(|name| codec::string_xml(name)).collect();
+            Ok(codec::array_xml(items.iter().map(String::as_str)))
+        }
+        "system.methodHelp" => {
+            expect_params(&call.params, 1)?;
+            let Value::String(name) = &call.params[0] else {
+                return Err(Error::invalid(
+                    "system.methodHelp takes a method name string",
+                ));
+            };
+            let help = system_help(name)
+                .or_else(|| {
+                    handler
+                        .methods()
+                        .iter()
+                        .find(|(m, _)| m == name)
+                        .map(|(_, h)| *h)
+                })
+                .ok_or_else(|| Error::UnknownMethod(name.clone()))?;
+            Ok(codec::string_xml(help))
+        }
+        "system.multicall" => multicall(handler, call.params).await,
+        _ => handler.call(&call.method, call.params).await,
+    }
+}
+
+fn system_help(name: &str) -> Option<&'static str> {
+    match name {
+        "system.listMethods" => Some("system.listMethods() -> array of the method names served"),
+        "system.methodHelp" => Some("system.methodHelp(name) -> a method's help text"),
+        "system.multicall" => Some(
+            "system.multicall([{methodName, params}, ...]) -> one [result] or fault struct per call",
+        ),
+        _ => None,
+    }
+}
+
+/// Runs the calls one after another; each yields `[result]` or a fault struct, as the
+/// multicall convention says. Nested multicalls are refused to keep the work bounded.
+async fn multicall<H: Handler>(handler: &H, params: Vec<Value>) -> Result<String> {
+    let calls = dxr::multicall::from_multicall_params(params)
+        .map_err(|_| Error::invalid("system.multicall takes one array of {methodName, params}"))?;
+    let mut results = Vec::with_capacity(calls.len());
+    for call in calls {
+        let result = match call {
+            Ok((method, _)) if method == "system.multicall" => {
+                Err(Error::invalid("system.multicall may not be nested"))
+            }
+            Ok((method, params)) => Box::pin(dispatch(handler, Call { method, params })).await,
+            Err(_) => Err(Error::invalid("each call is a struct {methodName, params}")),
+        };
+        results.push(match result {
+            Ok(value_xml) => codec::array_xml([value_xml.as_str()]),
+            Err(error) => codec::fault_struct_xml(error.fault_code(), &error.fault_string()),
+        });
+    }
+    Ok(codec::array_xml(results.iter().map(String::as_str)))
+}
+
+/// Checks the parameter count, the most common mistake a caller makes.
+pub fn expect_params(params: &[Value], expected: usize) -> Result<()> {
+    if params.len() == expected {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "expected {expected} parameters, got {}",
+            params.len()
+        )))
+    }
+}
+
+fn xml(body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/xml"));
+    response
+}
+
+fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}

@@ -1,0 +1,251 @@
+//! The storage engine under a storage node: ordered byte maps that survive a crash.
+//!
+//! A storage node keeps three kinds of records, each in its own key space ([`Tree`]): the
+//! versions of every key it replicates ([`Tree::Data`]), writes it holds for a node that was
+//! down ([`Tree::Hints`], hinted handoff) and a little bookkeeping of its own ([`Tree::Meta`]).
+//! It needs only four things from an engine: read a key, apply several changes across those
+//! trees atomically, page through a tree in key order, and force everything to disk.
+//!
+//! # Why a trait
+//!
+//! Those four operations are the whole of [`Engine`], so the node logic above it never sees the
+//! engine behind it. Two implementations sit beside each other: [`MemoryEngine`], a `BTreeMap`
+//! per tree behind a lock, which backs `--in-memory` nodes and makes node tests fast; and
+//! [`FjallEngine`], the durable one. One test suite (`tests.rs`) runs against both, so the
+//! contract written on the trait is the contract both engines are checked against.
+//!
+//! # Why fjall
+//!
+//! A storage node is write-heavy: every client `put` becomes a write on N replicas, and
+//! hinted handoff and anti-entropy add more. [fjall] is a log-structured merge tree with a
+//! journal: a write is one sequential append to the journal plus an insert into an in-memory
+//! table; sorting into files on disk (flushes) and merging those files (compaction) happen
+//! later on background threads, in large sequential I/O. Committing a write costs a `write(2)`
+//! into the OS page cache, not a disk round trip, so the node can acknowledge at memory speed
+//! and still survive its own crash. A B-tree engine such as redb works the other way round:
+//! a commit copies the touched pages (copy-on-write) up to a new root and must fsync to be
+//! durable at all (its non-durable commits are lost on a crash until a later durable commit),
+//! so acknowledging every write would cost at least one fsync each.
+//!
+//! # What "durable" means here
+//!
+//! - When [`Engine::write`] returns `Ok`, the write is in the journal in the OS page cache. It
+//!   survives the *process* dying in any way (panic, `SIGKILL`, the OOM killer), because the
+//!   kernel still writes the page cache out. This is what a node needs before it acknowledges.
+//! - It survives *power loss or a kernel crash* only once [`Engine::sync`] (fsync) has run. The
+//!   node calls `sync` from a background task every sync interval (`node::SYNC_INTERVAL`, one
+//!   second), so a power failure can lose the writes acknowledged during the last interval (at
+//!   most) on that machine. Replication
+//!   covers that window: a put acknowledged by W replicas is lost only if all W machines lose
+//!   power within the same interval. A shorter interval narrows the window and costs more
+//!   fsyncs (and, in fjall, writers wait while the journal is being fsynced).
+//! - Either way the data stays consistent: recovery drops an unfinished batch at the end of the
+//!   journal whole, so a multi-op write is all there or absent.
+//!
+//! # Keys
+//!
+//! Keys are any byte strings from empty up to [`MAX_KEY_BYTES`] (the protocol's 64 KiB),
+//! values any byte strings up to [`MAX_VALUE_BYTES`]. fjall itself refuses empty keys and keys
+//! above 65535 bytes; `durable.rs` explains how it still stores both, in key order.
+//!
+//! [fjall]: https://github.com/fjall-rs/fjall
+
+mod durable;
+mod memory;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use durable::FjallEngine;
+pub use memory::MemoryEngine;
+
+/// Separate key spaces of one engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tree {
+    /// The versions of each key this node replicates.
+    Data,
+    /// Writes held for another node that was unreachable (hinted handoff).
+    Hints,
+    /// The node's own bookkeeping.
+    Meta,
+}
+
+impl Tree {
+    /// Every tree, in a fixed order.
+    pub const ALL: [Tree; 3] = [Tree::Data, Tree::Hints, Tree::Meta];
+
+    /// Lower-case name, for logs and for the durable engine's keyspace names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Data => "data",
+            Tree::Hints => "hints",
+            Tree::Meta => "meta",
+        }
+    }
+}
+
+/// One change in a write; `value: None` removes the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteOp {
+    /// The tree the key lives in.
+    pub tree: Tree,
+    /// The key, at most [`MAX_KEY_BYTES`] long; empty is allowed.
+    pub key: Vec<u8>,
+    /// The new value, or `None` to remove the key.
+    pub value: Option<Vec<u8>>,
+}
+
+impl WriteOp {
+    /// Sets `key` to `value` in `tree`.
+    pub fn put(tree: Tree, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        WriteOp {
+            tree,
+            key: key.into(),
+            value: Some(value.into()),
+        }
+    }
+
+    /// Removes `key` from `tree` (no error when it is absent).
+    pub fn remove(tree: Tree, key: impl Into<Vec<u8>>) -> Self {
+        WriteOp {
+            tree,
+            key: key.into(),
+            value: None,
+        }
+    }
+}
+
+/// A key and its value, as [`Engine::scan`] returns them.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// What can go wrong in the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Another process holds the data directory.
+    #[error(
+        "data directory {} is locked: another storage_node is using it",
+        dir.display()
+    )]
+    Locked {
+        /// The directory that was asked for.
+        dir: PathBuf,
+    },
+    /// An I/O error from the engine or while preparing the directory.
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Anything else the engine reports, as text.
+    #[error("storage engine error: {0}")]
+    Engine(String),
+    /// A key longer than [`MAX_KEY_BYTES`].
+    #[error("key of {len} bytes is longer than the limit of {max} bytes")]
+    KeyTooLong {
+        /// Length of the refused key in bytes.
+        len: usize,
+        /// [`MAX_KEY_BYTES`].
+        max: usize,
+    },
+    /// A value longer than [`MAX_VALUE_BYTES`].
+    #[error("value of {len} bytes is larger than the limit of {max} bytes")]
+    ValueTooLarge {
+        /// Length of the refused value in bytes.
+        len: usize,
+        /// [`MAX_VALUE_BYTES`].
+        max: usize,
+    },
+}
+
+/// The storage layer's operations, implemented by every engine.
+///
+/// All methods take `&self` and are called from many threads at once.
+pub trait Engine: Send + Sync + 'static {
+    /// The value of `key` in `tree`, or `None` when it has none.
+    ///
+    /// A key longer than [`MAX_KEY_BYTES`] is refused with [`StorageError::KeyTooLong`].
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Applies every op atomically (all or none, across trees). When it returns Ok, the write
+    /// survives SIGKILL of the process (it is at least in the OS page cache through the engine's
+    /// journal), so a caller may acknowledge it.
+    ///
+    /// Ops apply in order: when several touch the same key, the last one wins. Keys and values
+    /// over the limits are refused before anything is written. Readers see all of a write or
+    /// none of it.
+    fn write(&self, ops: Vec<WriteOp>) -> Result<(), StorageError>;
+
+    /// Up to `limit` entries of `tree` with key strictly greater than `after` (from the first key
+    /// when None), in ascending key order. Used for paging through a tree without holding it all.
+    ///
+    /// Each page is a consistent snapshot; pages taken at different times may reflect writes
+    /// made in between.
+    fn scan(
+        &self,
+        tree: Tree,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageError>;
+
+    /// Forces everything written so far to stable storage (fsync); a background task calls it
+    /// periodically.
+    fn sync(&self) -> Result<(), StorageError>;
+
+    /// Short name for logs/metrics: "memory" or "fjall".
+    fn name(&self) -> &'static str;
+}
+
+/// Largest key the engine accepts in any tree: the protocol's 64 KiB.
+pub const MAX_KEY_BYTES: usize = 65536;
+
+/// Largest value the engine accepts: far above any request the node accepts (32 MiB by
+/// default) and safely below fjall's limit of 4 GiB per stored value.
+pub const MAX_VALUE_BYTES: usize = 1 << 30;
+
+/// Which engine to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageConfig {
+    /// Keep nothing on disk ([`MemoryEngine`]).
+    InMemory,
+    /// Keep the data in `dir` ([`FjallEngine`]).
+    Durable {
+        /// The data directory; created if missing.
+        dir: PathBuf,
+    },
+}
+
+/// Opens the engine: creates the directory if missing, refuses with StorageError::Locked when
+/// another process has it open.
+pub fn open(config: &StorageConfig) -> Result<Arc<dyn Engine>, StorageError> {
+    match config {
+        StorageConfig::InMemory => Ok(Arc::new(MemoryEngine::new())),
+        StorageConfig::Durable { dir } => Ok(Arc::new(FjallEngine::open(dir)?)),
+    }
+}
+
+/// Refuses a write whose keys or values exceed the limits, before any of it is applied.
+fn check_ops(ops: &[WriteOp]) -> Result<(), StorageError> {
+    for op in ops {
+        check_key(&op.key)?;
+        if let Some(value) = &op.value
+            && value.len() > MAX_VALUE_BYTES
+        {
+            return Err(StorageError::ValueTooLarge {
+                len: value.len(),
+                max: MAX_VALUE_BYTES,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a key longer than [`MAX_KEY_BYTES`].
+fn check_key(key: &[u8]) -> Result<(), StorageError> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(StorageError::KeyTooLong {
+            len: key.len(),
+            max: MAX_KEY_BYTES,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,574 @@
+//! Versions of a value: vector clocks, dots and sibling sets.
+//!
+//! Dynamo keeps every version of a key that no other version descends from, and lets the
+//! client (or the next write) reconcile them. This module is the pure core of that: it decides
+//! which versions survive a merge and how a new write is stamped. It does no I/O.
+//!
+//! # How clocks are incremented: dotted versions at the coordinating replica
+//!
+//! A write is stamped by one storage node, the *coordinator* (the first replica of the key's
+//! preference list that answers), with a **dot** `(actor, counter)`: the node's actor id and a
+//! counter one past anything the node has seen for that key. The version also records its
+//! **past**, the clock of everything the writer had seen (the client's context, or for a blind
+//! put everything the coordinator held). A version is made obsolete by another exactly when
+//! the other's past covers its dot.
+//!
+//! Why not plain vector clocks (Dynamo) with the coordinator bumping its entry? Two clients
+//! writing concurrently from the same context through the same coordinator would get clocks
+//! `{n:k+1}` and `{n:k+2}`, and the second would silently swallow the first: a lost update.
+//! Keeping the dot apart from the past (dotted version vectors, Preguiça et al.; what Riak
+//! does since 2.0) makes the second write's past `{…n:k}`, which does not cover `(n, k+1)`, so
+//! both survive as siblings. Why not the balancer as actor? There can be any number of
+//! balancers and they keep no state, so their counters could not be made monotonic; a storage
+//! node keeps its actor id in its engine, and draws a fresh one when its data is wiped (a node
+//! that forgot its counters must not reuse them).
+//!
+//! A blind put (no context) supersedes everything the coordinator holds, so puts made one after
+//! another never create siblings, whichever balancer they go through; puts made concurrently
+//! from the same context do.
+//!
+//! The coordinator replicates its whole reconciled sibling set, not just the new version, so
+//! a replica that holds a dot `(n, k)` also holds every live dot of `n` below `k`; a context
+//! built from any replica's answer therefore never claims to have seen a version it has not.
+//!
+//! # Bounded clocks
+//!
+//! A clock keeps at most [`MAX_CLOCK_ENTRIES`] actors; past that, the entries updated longest
+//! ago are dropped, as Dynamo does. Dropping an entry can only make a clock cover *less*, so
+//! the cost is a version that lingers as a spurious sibling until the next write with a
+//! context resolves it, never a lost write. Actors per key are normally the key's N replicas
+//! plus the odd fallback, far below the bound.
+
+use std::cmp::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+/// Entries a clock keeps before the oldest are pruned (Dynamo used 10).
+pub const MAX_CLOCK_ENTRIES: usize = 10;
+
+/// Identity of a storage node's data, drawn at random when its data directory is created.
+pub type ActorId = u64;
+
+/// One event: the `counter`-th write an actor stamped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Dot {
+    pub actor: ActorId,
+    pub counter: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct ClockEntry {
+    actor: ActorId,
+    counter: u64,
+    /// Wall-clock milliseconds of the write that set `counter`; only used to choose what to prune.
+    timestamp_ms: u64,
+}
+
+/// A vector clock: for each actor, how many of its writes have been seen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VClock {
+    /// Sorted by actor, one entry per actor.
+    entries: Vec<ClockEntry>,
+}
+
+impl VClock {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn get(&self, actor: ActorId) -> u64 {
+        match self.entries.binary_search_by_key(&actor, |e| e.actor) {
+            Ok(i) => self.entries[i].counter,
+            Err(_) => 0,
+        }
+    }
+
+    /// Has this clock seen the event `dot`?
+    pub fn covers(&self, dot: Dot) -> bool {
+        self.get(dot.actor) >= dot.counter
+    }
+
+    /// Records that `dot` (written at `timestamp_ms`) has been seen.
+    pub fn witness(&mut self, dot: Dot, timestamp_ms: u64) {
+        if dot.counter == 0 {
+            return; // counters start at 1; zero means "nothing seen"
+        }
+        match self.entries.binary_search_by_key(&dot.actor, |e| e.actor) {
+            Ok(i) => {
+                let entry = &mut self.entries[i];
+                if dot.counter > entry.counter {
+                    entry.counter = dot.counter;
+                    entry.timestamp_ms = entry.timestamp_ms.max(timestamp_ms);
+                }
+            }
+            Err(i) => self.entries.insert(
+                i,
+                ClockEntry {
+                    actor: dot.actor,
+                    counter: dot.counter,
+                    timestamp_ms,
+                },
+            ),
+        }
+    }
+
+    /// The least upper bound of two clocks: every event either has seen.
+    pub fn merge(&mut self, other: &VClock) {
+        for entry in &other.entries {
+            self.witness(
+                Dot {
+                    actor: entry.actor,
+                    counter: entry.counter,
+                },
+                entry.timestamp_ms,
+            );
+        }
+    }
+
+    /// Has this clock seen everything `other` has?
+    pub fn descends(&self, other: &VClock) -> bool {
+        other.entries.iter().all(|e| self.get(e.actor) >= e.counter)
+    }
+
+    /// Causal order of two clocks; `None` when they are concurrent.
+    pub fn compare(&self, other: &VClock) -> Option<Ordering> {
+        match (self.descends(other), other.descends(self)) {
+            (true, true) => Some(Ordering::Equal),
+            (true, false) => Some(Ordering::Greater),
+            (false, true) => Some(Ordering::Less),
+            (false, false) => None,
+        }
+    }
+
+    /// Drops the least recently updated entries beyond `max_entries` (see the module doc).
+    pub fn prune(&mut self, max_entries: usize) {
+        if self.entries.len() <= max_entries {
+            return;
+        }
+        let mut by_age: Vec<ClockEntry> = self.entries.clone();
+        by_age.sort_by_key(|e| (std::cmp::Reverse(e.timestamp_ms), e.actor));
+        by_age.truncate(max_entries);
+        by_age.sort_by_key(|e| e.actor);
+        self.entries = by_age;
+    }
+
+    /// The opaque context string handed to clients: base64 of the compact binary form.
+    pub fn to_context(&self) -> String {
+        if self.entries.is_empty() {
+            return String::new();
+        }
+        use base64::Engine as _;
+        match postcard::to_allocvec(self) {
+            Ok(bytes) => base64::engine::general_purpose::STANDARD.encode(bytes),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Reads a context string back; `None` when it is not one we produced.
+    pub fn from_context(context: &str) -> Option<VClock> {
+        if context.is_empty() {
+            return Some(VClock::new());
+        }
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(context)
+            .ok()?;
+        let (clock, rest): (VClock, _) = postcard::take_from_bytes(&bytes).ok()?;
+        let sorted_and_distinct = clock.entries.windows(2).all(|w| w[0].actor < w[1].actor);
+        let counted = clock.entries.iter().all(|e| e.counter > 0);
+        let well_formed = rest.is_empty() && sorted_and_distinct && counted;
+        (well_formed && clock.entries.len() <= 4 * MAX_CLOCK_ENTRIES).then_some(clock)
+    }
+}
+
+/// One version of a key's value. `value` is the value's XML-RPC encoding (`<value>…</value>`),
+/// kept as text so that nodes store and return it without parsing it; `None` is a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    pub dot: Dot,
+    /// Everything the writer had seen when it wrote this version.
+    pub past: VClock,
+    /// Wall-clock milliseconds at the coordinator; picks the value `get` shows among siblings.
+    pub timestamp_ms: u64,
+    pub value: Option<String>,
+}
+
+impl Version {
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_none()
+    }
+
+    /// Order in which `get` prefers siblings: latest wall clock, then the dot as a tie-break
+    /// that every node and balancer computes the same way.
+    fn recency(&self) -> (u64, Dot) {
+        (self.timestamp_ms, self.dot)
+    }
+}
+
+/// Every version of one key that no other version descends from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Siblings {
+    /// Sorted by dot, so equal sets have equal encodings.
+    versions: Vec<Version>,
+}
+
+impl Siblings {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn versions(&self) -> &[Version] {
+        &self.versions
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
+    }
+
+    /// The live (non-tombstone) versions.
+    pub fn values(&self) -> impl Iterator<Item = &Version> {
+        self.versions.iter().filter(|v| !v.is_tombstone())
+    }
+
+    /// Does the key have a value here (at least one live sibling)?
+    pub fn is_live(&self) -> bool {
+        self.values().next().is_some()
+    }
+
+    /// The value `get` returns: the live sibling written last, ties broken by dot.
+    pub fn latest_value(&self) -> Option<&str> {
+        self.values()
+            .max_by_key(|v| v.recency())
+            .and_then(|v| v.value.as_deref())
+    }
+
+    /// The clock of everything in this set: what a client that read it has seen.
+    pub fn context(&self) -> VClock {
+        let mut clock = VClock::new();
+        for version in &self.versions {
+            clock.merge(&version.past);
+            clock.witness(version.dot, version.timestamp_ms);
+        }
+        clock.prune(MAX_CLOCK_ENTRIES);
+        clock
+    }
+
+    /// The dots present, which identify the set: two replicas with equal dots hold the same data.
+    pub fn dots(&self) -> impl Iterator<Item = Dot> + '_ {
+        self.versions.iter().map(|v| v.dot)
+    }
+
+    /// Adds every version of `other` and drops those another version's past covers. Merge is
+    /// commutative, associative and idempotent (property-tested below), so replicas may
+    /// exchange sets in any order and converge.
+    pub fn merge(&mut self, other: &Siblings) {
+        for version in &other.versions {
+            if let Err(i) = self.versions.binary_search_by_key(&version.dot, |v| v.dot) {
+                self.versions.insert(i, version.clone());
+            }
+        }
+        self.drop_obsolete();
+    }
+
+    fn drop_obsolete(&mut self) {
+        let obsolete: Vec<bool> = self
+            .versions
+            .iter()
+            .map(|v| {
+                self.versions
+                    .iter()
+                    .any(|w| w.dot != v.dot && w.past.covers(v.dot))
+            })
+            .collect();
+        let mut flags = obsolete.into_iter();
+        self.versions.retain(|_| !flags.next().unwrap_or(false));
+    }
+
+    /// Stamps a new write at coordinator `actor`: `value` (None for a delete) supersedes every
+    /// version `context` covers, or, for a blind write (`context` None), everything held here.
+    /// Returns the new version's dot.
+    pub fn write(
+        &mut self,
+        actor: ActorId,
+        context: Option<&VClock>,
+        value: Option<String>,
+        timestamp_ms: u64,
+    ) -> Dot {
+        let mut past = match context {
+            Some(clock) => clock.clone(),
+            None => self.context(),
+        };
+        let seen_here = self
+            .versions
+            .iter()
+            .map(|v| {
+                if v.dot.actor == actor {
+                    v.dot.counter
+                } else {
+                    0
+                }
+                .max(v.past.get(actor))
+            })
+            .max()
+            .unwrap_or(0);
+        let dot = Dot {
+            actor,
+            counter: seen_here.max(past.get(actor)) + 1,
+        };
+        past.prune(MAX_CLOCK_ENTRIES);
+        // A timestamp never goes backwards within one key, so "written last" agrees with causality
+        // even when the coordinators' wall clocks disagree a little.
+        let floor = self
+            .versions
+            .iter()
+            .map(|v| v.timestamp_ms)
+            .max()
+            .unwrap_or(0);
+        let version = Version {
+            dot,
+            past,
+            timestamp_ms: timestamp_ms.max(floor),
+            value,
+        };
+        self.merge(&Siblings {
+            versions: vec![version],
+        });
+        dot
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Siblings> {
+        let (siblings, rest): (Siblings, _) = postcard::take_from_bytes(bytes).ok()?;
+        let sorted = siblings.versions.windows(2).all(|w| w[0].dot < w[1].dot);
+        (rest.is_empty() && sorted).then_some(siblings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const A: ActorId = 1;
+    const B: ActorId = 2;
+
+    fn clock(entries: &[(ActorId, u64)]) -> VClock {
+        let mut c = VClock::new();
+        for &(actor, counter) in entries {
+            c.witness(Dot { actor, counter }, counter);
+        }
+        c
+    }
+
+    fn value(s: &str) -> Option<String> {
+        Some(format!("<value><string>{s}</string></value>"))
+    }
+
+    #[test]
+    fn compare_table() {
+        let cases = [
+            (clock(&[]), clock(&[]), Some(Ordering::Equal)),
+            (clock(&[(A, 1)]), clock(&[]), Some(Ordering::Greater)),
+            (clock(&[(A, 1)]), clock(&[(A, 2)]), Some(Ordering::Less)),
+            (
+                clock(&[(A, 2), (B, 1)]),
+                clock(&[(A, 1)]),
+                Some(Ordering::Greater),
+            ),
+            (clock(&[(A, 1)]), clock(&[(B, 1)]), None),
+            (clock(&[(A, 2), (B, 1)]), clock(&[(A, 1), (B, 2)]), None),
+        ];
+        for (left, right, expected) in cases {
+            assert_eq!(left.compare(&right), expected, "{left:?} vs {right:?}");
+        }
+    }
+
+    #[test]
+    fn blind_writes_one_after_another_never_make_siblings() {
+        let mut s = Siblings::new();
+        s.write(A, None, value("1"), 10);
+        s.write(A, None, value("2"), 20);
+        s.write(B, None, value("3"), 30);
+        assert_eq!(s.versions().len(), 1);
+        assert_eq!(s.latest_value(), value("3").as_deref());
+    }
+
+    #[test]
+    fn concurrent_writes_from_one_context_at_one_coordinator_are_both_kept() {
+        let mut s = Siblings::new();
+        s.write(A, None, value("base"), 10);
+        let context = s.context();
+        s.write(A, Some(&context), value("left"), 20);
+        s.write(A, Some(&context), value("right"), 30);
+        let values: Vec<_> = s.values().filter_map(|v| v.value.clone()).collect();
+        assert_eq!(values.len(), 2, "{s:?}");
+        assert_eq!(s.latest_value(), value("right").as_deref());
+        // A write with the context of both collapses them.
+        let both = s.context();
+        s.write(B, Some(&both), value("merged"), 40);
+        assert_eq!(s.versions().len(), 1);
+        assert_eq!(s.latest_value(), value("merged").as_deref());
+    }
+
+    #[test]
+    fn delete_leaves_a_tombstone_that_reads_as_nothing() {
+        let mut s = Siblings::new();
+        s.write(A, None, value("x"), 10);
+        s.write(A, None, None, 20);
+        assert_eq!(s.versions().len(), 1);
+        assert!(!s.is_live());
+        assert_eq!(s.latest_value(), None);
+        // A replica that missed the delete cannot bring the value back.
+        let mut stale = Siblings::new();
+        stale.write(A, None, value("x"), 10);
+        stale.merge(&s);
+        assert!(!stale.is_live());
+    }
+
+    #[test]
+    fn timestamps_never_go_backwards_within_a_key() {
+        let mut s = Siblings::new();
+        s.write(A, None, value("late clock"), 1_000);
+        s.write(B, None, value("early clock"), 5);
+        assert_eq!(s.latest_value(), value("early clock").as_deref());
+    }
+
+    #[test]
+    fn prune_keeps_the_most_recent_entries() {
+        let mut c = VClock::new();
+        for actor in 0..20u64 {
+            c.witness(Dot { actor, counter: 1 }, actor * 10);
+        }
+        c.prune(MAX_CLOCK_ENTRIES);
+        assert_eq!(c.len(), MAX_CLOCK_ENTRIES);
+        assert_eq!(c.get(0), 0);
+        assert_eq!(c.get(19), 1);
+    }
+
+    #[test]
+    fn context_round_trip_and_rejection() {
+        let c = clock(&[(A, 3), (B, 7)]);
+        assert_eq!(VClock::from_context(&c.to_context()), Some(c));
+        assert_eq!(VClock::from_context(""), Some(VClock::new()));
+        assert_eq!(VClock::from_context("not base64!"), None);
+        assert_eq!(VClock::from_context("AAAA"), None);
+    }
+
+    fn arb_clock() -> impl Strategy<Value = VClock> {
+        prop::collection::vec((0u64..5, 0u64..6), 0..6).prop_map(|entries| {
+            let mut c = VClock::new();
+            for (actor, counter) in entries {
+                c.witness(Dot { actor, counter }, counter);
+            }
+            c
+        })
+    }
+
+    /// Sibling sets as a history of writes by a few actors, each from some earlier context,
+    /// so that the dots are consistent the way real coordinators make them.
+    fn arb_histories() -> impl Strategy<Value = Vec<Siblings>> {
+        prop::collection::vec((0u64..3, any::<bool>(), 0usize..3, any::<bool>()), 1..12).prop_map(
+            |steps| {
+                let mut replicas = vec![Siblings::new(), Siblings::new(), Siblings::new()];
+                for (i, (actor, blind, replica, tombstone)) in steps.into_iter().enumerate() {
+                    let target = &mut replicas[replica];
+                    let context = if blind { None } else { Some(VClock::new()) };
+                    let v = if tombstone {
+                        None
+                    } else {
+                        value(&i.to_string())
+                    };
+                    target.write(actor + replica as u64 * 10, context.as_ref(), v, i as u64);
+                }
+                replicas
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn clock_merge_is_commutative(a in arb_clock(), b in arb_clock()) {
+            let mut ab = a.clone(); ab.merge(&b);
+            let mut ba = b.clone(); ba.merge(&a);
+            prop_assert_eq!(ab, ba);
+        }
+
+        #[test]
+        fn clock_merge_is_associative(a in arb_clock(), b in arb_clock(), c in arb_clock()) {
+            let mut left = a.clone(); left.merge(&b); left.merge(&c);
+            let mut bc = b.clone(); bc.merge(&c);
+            let mut right = a.clone(); right.merge(&bc);
+            prop_assert_eq!(left, right);
+        }
+
+        #[test]
+        fn clock_merge_is_idempotent_and_an_upper_bound(a in arb_clock(), b in arb_clock()) {
+            let mut aa = a.clone(); aa.merge(&a);
+            prop_assert_eq!(&aa, &a);
+            let mut ab = a.clone(); ab.merge(&b);
+            prop_assert!(ab.descends(&a) && ab.descends(&b));
+        }
+
+        #[test]
+        fn descends_is_a_partial_order(a in arb_clock(), b in arb_clock(), c in arb_clock()) {
+            prop_assert!(a.descends(&a));
+            if a.descends(&b) && b.descends(&a) { prop_assert_eq!(&a, &b); }
+            if a.descends(&b) && b.descends(&c) { prop_assert!(a.descends(&c)); }
+        }
+
+        #[test]
+        fn sibling_merge_is_commutative_associative_idempotent(replicas in arb_histories()) {
+            let (a, b, c) = (&replicas[0], &replicas[1], &replicas[2]);
+            let mut ab = a.clone(); ab.merge(b);
+            let mut ba = b.clone(); ba.merge(a);
+            prop_assert_eq!(&ab, &ba);
+            let mut ab_c = ab.clone(); ab_c.merge(c);
+            let mut bc = b.clone(); bc.merge(c);
+            let mut a_bc = a.clone(); a_bc.merge(&bc);
+            prop_assert_eq!(&ab_c, &a_bc);
+            let mut aa = a.clone(); aa.merge(a);
+            prop_assert_eq!(&aa, a);
+        }
+
+        #[test]
+        fn merged_siblings_are_mutually_concurrent(replicas in arb_histories()) {
+            let mut all = Siblings::new();
+            for r in &replicas { all.merge(r); }
+            for v in all.versions() {
+                for w in all.versions() {
+                    if v.dot != w.dot { prop_assert!(!w.past.covers(v.dot)); }
+                }
+            }
+        }
+
+        #[test]
+        fn a_write_with_the_full_context_leaves_one_version(replicas in arb_histories()) {
+            let mut all = Siblings::new();
+            for r in &replicas { all.merge(r); }
+            let context = all.context();
+            all.write(99, Some(&context), value("final"), 1_000);
+            prop_assert_eq!(all.versions().len(), 1);
+            let expected = value("final");
+            prop_assert_eq!(all.latest_value(), expected.as_deref());
+        }
+
+        #[test]
+        fn encoding_round_trips(replicas in arb_histories()) {
+            for r in &replicas {
+                let decoded = Siblings::decode(&r.encode());
+                prop_assert_eq!(decoded.as_ref(), Some(r));
+            }
+        }
+    }
+}

@@ -1,0 +1,940 @@
+//! The core of Dynamite's contract (SPEC.md), told as stories against real processes:
+//! storage nodes and balancers started on free ports of 127.0.0.1, talked to over XML-RPC,
+//! killed with SIGKILL where the story needs a crash.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use common::*;
+
+/// Seconds a cluster may take to notice that a node died and say so in `stats()`.
+const FAILURE_DETECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn key(i: usize) -> String {
+    format!("key-{i:04}")
+}
+
+fn value(i: usize) -> Value {
+    s(&format!("value-{i:04}"))
+}
+
+/// How many of the cluster's storage nodes hold `key` locally, and with what.
+fn local_copies(nodes: &[Rpc], key: &str) -> Vec<Value> {
+    nodes
+        .iter()
+        .map(|node| {
+            node.get(key)
+                .unwrap_or_else(|fault| panic!("local get({key:?}) on a node: {fault:?}"))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The README session
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn seed_session_put_get_delete() {
+    let cluster = Cluster::builder().nodes(3).start();
+    let lb = cluster.client();
+
+    assert_eq!(lb.put("john", s("novatnack")), ok200());
+    assert_eq!(lb.get("john"), Ok(s("novatnack")));
+
+    // With the defaults (N = 3, W = 2), at least two nodes hold their own copy.
+    let nodes: Vec<Rpc> = (0..3).map(|i| cluster.node_client(i)).collect();
+    let holders = local_copies(&nodes, "john")
+        .iter()
+        .filter(|v| **v == s("novatnack"))
+        .count();
+    assert!(
+        holders >= 2,
+        "only {holders} of 3 nodes hold john after a W=2 put"
+    );
+
+    assert_eq!(lb.get("nobody-ever-wrote-this"), Ok(Value::Nil));
+
+    assert_eq!(lb.delete("john"), ok200());
+    assert_eq!(lb.get("john"), Ok(Value::Nil));
+    assert_eq!(lb.get_versions("john"), Ok((vec![], String::new())));
+
+    // stats() describes the cluster it was started over, with the default quorums.
+    let stats = lb.stats();
+    assert_eq!(int(member(&stats, "N")), 3);
+    assert_eq!(int(member(&stats, "R")), 2);
+    assert_eq!(int(member(&stats, "W")), 2);
+    let addresses: BTreeSet<String> = array(member(&stats, "servers"))
+        .iter()
+        .map(|server| {
+            member(server, "state"); // present, whatever its form
+            string(member(server, "address")).to_owned()
+        })
+        .collect();
+    assert_eq!(addresses, cluster.servers().into_iter().collect());
+
+    // A storage node reports what it stores.
+    for node in &nodes {
+        let stats = node.stats();
+        int(member(&stats, "keys"));
+        int(member(&stats, "hints"));
+    }
+}
+
+#[test]
+fn a_context_supersedes_every_version_it_has_seen() {
+    let cluster = Cluster::builder().nodes(3).in_memory().start();
+    let lb = cluster.client();
+
+    assert_eq!(
+        lb.get_versions("never-written"),
+        Ok((vec![], String::new()))
+    );
+
+    // Two writes without a context: the second may supersede the first or become its
+    // sibling; either way it is the one a get returns, being the later by wall clock.
+    assert_eq!(lb.put("cart", s("first")), ok200());
+    // Not synchronisation: only so that the two writes carry distinct wall-clock times.
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(lb.put("cart", s("second")), ok200());
+    assert_eq!(lb.get("cart"), Ok(s("second")));
+
+    let (values, context) = lb.get_versions("cart").expect("get_versions");
+    assert!(
+        values.contains(&s("second")),
+        "versions {values:?} lack the last write"
+    );
+    assert!(
+        values.iter().all(|v| *v == s("first") || *v == s("second")),
+        "versions {values:?} hold something never written"
+    );
+    assert!(
+        !context.is_empty(),
+        "an existing key has a non-empty context"
+    );
+
+    // A write with that context replaces every version it saw.
+    assert_eq!(lb.put_with_context("cart", s("merged"), &context), ok200());
+    let (values, context) = lb.get_versions("cart").expect("get_versions");
+    assert_eq!(values, vec![s("merged")]);
+    assert_eq!(lb.get("cart"), Ok(s("merged")));
+
+    // And so does a delete with a context.
+    assert_eq!(lb.delete_with_context("cart", &context), ok200());
+    assert_eq!(lb.get("cart"), Ok(Value::Nil));
+    assert_eq!(lb.get_versions("cart"), Ok((vec![], String::new())));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Placement
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn balancers_given_the_servers_in_any_order_agree_on_placement() {
+    // Four nodes and N = 2: each key lives on only half of them, so two balancers that
+    // disagreed on placement would write to and read from different nodes.
+    let mut cluster = Cluster::builder()
+        .nodes(4)
+        .in_memory()
+        .replicas(2)
+        .write_quorum(2)
+        .read_quorum(1)
+        .balancers(0)
+        .start();
+    let servers = cluster.servers();
+    let mut shuffled = servers.clone();
+    shuffled.reverse();
+    shuffled.swap(0, 2);
+    shuffled.push(servers[1].clone()); // a duplicate -s
+    let a = cluster.add_balancer(&servers, &[]);
+    let b = cluster.add_balancer(&shuffled, &[]);
+    let (a, b) = (cluster.balancers[a].rpc(), cluster.balancers[b].rpc());
+
+    for i in 0..200 {
+        assert_eq!(
+            a.put(&key(i), value(i)),
+            ok200(),
+            "put {} through A",
+            key(i)
+        );
+    }
+    for i in 0..200 {
+        assert_eq!(b.get(&key(i)), Ok(value(i)), "get {} through B", key(i));
+    }
+
+    // Overwrite through B: B must reach exactly the two nodes A wrote to, or some node
+    // would be left with A's value.
+    for i in 0..200 {
+        assert_eq!(
+            b.put(&key(i), s("rewritten")),
+            ok200(),
+            "put {} through B",
+            key(i)
+        );
+    }
+    let nodes: Vec<Rpc> = (0..4).map(|i| cluster.node_client(i)).collect();
+    for i in 0..200 {
+        let copies = local_copies(&nodes, &key(i));
+        let rewritten = copies.iter().filter(|v| **v == s("rewritten")).count();
+        let absent = copies.iter().filter(|v| **v == Value::Nil).count();
+        assert_eq!(
+            (rewritten, absent),
+            (2, 2),
+            "{}: local copies {copies:?}; B's overwrite missed a replica A wrote",
+            key(i)
+        );
+    }
+    for i in 0..200 {
+        assert_eq!(
+            a.get(&key(i)),
+            Ok(s("rewritten")),
+            "get {} through A",
+            key(i)
+        );
+    }
+}
+
+#[test]
+fn each_key_lives_on_exactly_n_nodes() {
+    let cluster = Cluster::builder()
+        .nodes(5)
+        .in_memory()
+        .replicas(3)
+        .write_quorum(3)
+        .start();
+    let lb = cluster.client();
+    for i in 0..200 {
+        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
+    }
+
+    // W = N: every replica acknowledged before put answered.
+    let nodes: Vec<Rpc> = (0..5).map(|i| cluster.node_client(i)).collect();
+    let mut per_node = vec![0usize; 5];
+    for i in 0..200 {
+        let copies = local_copies(&nodes, &key(i));
+        for (n, copy) in copies.iter().enumerate() {
+            if *copy == value(i) {
+                per_node[n] += 1;
+            } else {
+                assert_eq!(
+                    *copy,
+                    Value::Nil,
+                    "node {n} holds a wrong value for {}",
+                    key(i)
+                );
+            }
+        }
+        let holders = copies.iter().filter(|v| **v == value(i)).count();
+        assert_eq!(
+            holders,
+            3,
+            "{} is held by {holders} nodes, not N = 3",
+            key(i)
+        );
+    }
+
+    // Each node's stats agree with what it holds, and nothing is held for another node.
+    for (n, node) in nodes.iter().enumerate() {
+        let stats = node.stats();
+        assert_eq!(
+            int(member(&stats, "keys")),
+            per_node[n] as i64,
+            "node {n} keys"
+        );
+        assert_eq!(int(member(&stats, "hints")), 0, "node {n} hints");
+    }
+    // 200 keys over 5 nodes: every node got some, which a ring with vnodes ensures.
+    assert!(
+        per_node.iter().all(|&k| k > 0),
+        "keys per node: {per_node:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values and keys
+// ---------------------------------------------------------------------------------------------
+
+fn date(text: &str) -> Value {
+    Value::DateTime(dxr::DateTime::from_str(text).expect("valid dateTime"))
+}
+
+fn structure(members: &[(&str, Value)]) -> Value {
+    Value::Struct(
+        members
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), value.clone()))
+            .collect::<BTreeMap<_, _>>(),
+    )
+}
+
+/// Arrays and structs alternating, `depth` levels deep, with a leaf of every kind.
+fn nested(depth: usize) -> Value {
+    let mut value = Value::Array(vec![
+        s("leaf"),
+        Value::Integer(-7),
+        Value::Boolean(false),
+        Value::Double(0.5),
+        Value::Base64(vec![0, 255]),
+        date("20070101T12:00:00"),
+    ]);
+    for level in 0..depth {
+        value = if level % 2 == 0 {
+            structure(&[("level", Value::Integer(level as i32)), ("inner", value)])
+        } else {
+            Value::Array(vec![value, s(&format!("level {level}"))])
+        };
+    }
+    value
+}
+
+#[test]
+fn every_value_type_round_trips_exactly() {
+    let cluster = Cluster::builder().nodes(3).in_memory().start();
+    let lb = cluster.client();
+
+    let values: Vec<(&str, Value)> = vec![
+        ("string", s("novatnack")),
+        ("empty string", s("")),
+        ("unicode string", s("héllo wörld ✓ 日本語 🦀")),
+        (
+            "XML special characters",
+            s("<&>\"' and </value></param> & &amp;"),
+        ),
+        ("surrounding whitespace", s("  padded  ")),
+        ("only spaces", s("   ")),
+        ("newlines and tabs", s("\nfirst line\n\tsecond line\n")),
+        ("int", Value::Integer(42)),
+        ("int zero", Value::Integer(0)),
+        ("int min", Value::Integer(i32::MIN)),
+        ("int max", Value::Integer(i32::MAX)),
+        ("true", Value::Boolean(true)),
+        ("false", Value::Boolean(false)),
+        ("double", Value::Double(3.25)),
+        ("negative double", Value::Double(-1234.5678)),
+        ("tiny double", Value::Double(1e-300)),
+        ("large double", Value::Double(1.7976931348623157e308)),
+        ("base64", Value::Base64(b"hello".to_vec())),
+        ("empty base64", Value::Base64(vec![])),
+        ("all bytes", Value::Base64((0..=255).collect())),
+        ("dateTime", date("20070101T12:34:56")),
+        ("dateTime epoch", date("19700101T00:00:00")),
+        ("empty array", Value::Array(vec![])),
+        ("empty struct", structure(&[])),
+        (
+            "struct of everything",
+            structure(&[
+                ("name", s("john")),
+                ("age", Value::Integer(30)),
+                ("admin", Value::Boolean(true)),
+                ("score", Value::Double(-0.125)),
+                ("avatar", Value::Base64(vec![1, 2, 3])),
+                ("since", date("20000229T23:59:59")),
+                ("tags", Value::Array(vec![s("a"), s("b")])),
+                ("nothing", Value::Array(vec![])),
+                ("member with spaces & <symbols>", s("x")),
+            ]),
+        ),
+        ("nested twelve levels", nested(12)),
+    ];
+
+    for (i, (what, v)) in values.iter().enumerate() {
+        let k = format!("type-{i}");
+        assert_eq!(lb.put(&k, v.clone()), ok200(), "put {what}");
+        assert_eq!(
+            lb.get(&k),
+            Ok(v.clone()),
+            "{what} did not come back as stored"
+        );
+    }
+    // Read again after all writes: nothing was clobbered.
+    for (i, (what, v)) in values.iter().enumerate() {
+        assert_eq!(
+            lb.get(&format!("type-{i}")),
+            Ok(v.clone()),
+            "{what} on reread"
+        );
+    }
+}
+
+#[test]
+fn keys_are_any_unicode_string_up_to_64_kib() {
+    let cluster = Cluster::builder().nodes(3).in_memory().start();
+    let lb = cluster.client();
+
+    let longest_ascii = "k".repeat(65536);
+    let longest_multibyte = "é".repeat(32768); // 65536 bytes of UTF-8
+    let keys: Vec<(&str, &str)> = vec![
+        ("empty key", ""),
+        ("unicode key", "ключ-鍵-🔑"),
+        ("XML special key", "<k&y \"quoted\" 'single'>"),
+        ("whitespace key", "  spaced key\n"),
+        ("65536-byte key", &longest_ascii),
+        ("65536-byte multibyte key", &longest_multibyte),
+    ];
+    for (what, k) in &keys {
+        assert_eq!(lb.put(k, s(what)), ok200(), "put with the {what}");
+    }
+    for (what, k) in &keys {
+        assert_eq!(lb.get(k), Ok(s(what)), "get with the {what}");
+    }
+    // Keys that differ only in their last byte are different keys.
+    assert_eq!(lb.get(&"k".repeat(65535)), Ok(Value::Nil));
+    for (what, k) in &keys {
+        assert_eq!(lb.delete(k), ok200(), "delete with the {what}");
+        assert_eq!(
+            lb.get(k),
+            Ok(Value::Nil),
+            "get after delete with the {what}"
+        );
+    }
+
+    // One byte more is refused, counted in bytes of UTF-8, not in characters.
+    for too_long in ["k".repeat(65537), format!("{longest_multibyte}a")] {
+        let len = too_long.len();
+        let code = |r: RpcResult| r.map_err(|(code, _)| code);
+        assert_eq!(
+            code(lb.put(&too_long, s("v"))),
+            Err(-32602),
+            "put, {len}-byte key"
+        );
+        assert_eq!(code(lb.get(&too_long)), Err(-32602), "get, {len}-byte key");
+        assert_eq!(
+            code(lb.delete(&too_long)),
+            Err(-32602),
+            "delete, {len}-byte key"
+        );
+    }
+    assert_eq!(lb.put("still", s("serving")), ok200());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults and the wire
+// ---------------------------------------------------------------------------------------------
+
+/// The fault in a raw response, which must travel as HTTP 200 like any XML-RPC response.
+fn fault_of(response: &HttpResponse) -> (i32, String) {
+    assert_eq!(
+        response.status, 200,
+        "a fault is an HTTP 200 response: {response:?}"
+    );
+    match parse_response(&response.body) {
+        Err(fault) => fault,
+        Ok(value) => panic!("expected a fault, got the value {value:?}"),
+    }
+}
+
+/// Something no daemon has a reason to say back.
+const MARKER: &str = "QZXJ-GARBAGE-MARKER-7f3a9c";
+
+#[test]
+fn malformed_requests_get_faults_and_the_daemons_keep_serving() {
+    let cluster = Cluster::builder().nodes(1).in_memory().start();
+    let garbage = MARKER.repeat(500);
+
+    let bodies: Vec<(&str, Vec<u8>)> = vec![
+        ("an empty body", b"".to_vec()),
+        ("text that is not XML", b"this is not xml at all".to_vec()),
+        (
+            "truncated XML",
+            b"<?xml version=\"1.0\"?><methodCall><methodName>put</methodName><params>".to_vec(),
+        ),
+        (
+            "XML that is no call",
+            b"<?xml version=\"1.0\"?><notACall/>".to_vec(),
+        ),
+        (
+            "a call without a method name",
+            b"<methodCall><params></params></methodCall>".to_vec(),
+        ),
+        (
+            "bytes that are not UTF-8",
+            vec![0xff, 0xfe, 0x00, 0xc3, 0x28, 0x80],
+        ),
+        (
+            "truncated XML full of garbage",
+            format!("<methodCall><methodName>put</methodName><params><param><value>{garbage}")
+                .into_bytes(),
+        ),
+        (
+            "unbalanced tags full of garbage",
+            format!("<methodCall><{garbage}></methodCall>").into_bytes(),
+        ),
+    ];
+
+    for (daemon, port) in [
+        ("balancer", cluster.balancer_port(0)),
+        ("storage node", cluster.node_ports()[0]),
+    ] {
+        for (what, body) in &bodies {
+            let response = post_raw(port, body);
+            let (code, text) = fault_of(&response);
+            assert_eq!(code, -32700, "{daemon}, {what}: fault {text:?}");
+            assert!(
+                !response.body.contains(MARKER),
+                "{daemon}, {what}: the fault echoes the request body: {}",
+                response.body
+            );
+            assert_eq!(health(port), Some(200), "{daemon} after {what}");
+        }
+    }
+
+    // A well-formed call whose parameters are wrong is not echoed back either.
+    let lb_port = cluster.balancer_port(0);
+    let response = post_raw(
+        lb_port,
+        call_xml("put", vec![Value::Integer(7), s(&garbage)]).as_bytes(),
+    );
+    assert_eq!(fault_of(&response).0, -32602);
+    assert!(
+        !response.body.contains(MARKER),
+        "fault echoes a parameter: {}",
+        response.body
+    );
+
+    // Both daemons still serve, on both paths, and answer /health and /metrics.
+    let lb = cluster.client();
+    assert_eq!(lb.put("after", s("garbage")), ok200());
+    assert_eq!(lb.get("after"), Ok(s("garbage")));
+    assert_eq!(
+        Rpc::new(lb_port).with_path("/RPC2").get("after"),
+        Ok(s("garbage"))
+    );
+    assert_eq!(cluster.node_client(0).get("never-written"), Ok(Value::Nil));
+    for port in [lb_port, cluster.node_ports()[0]] {
+        assert_eq!(health(port), Some(200));
+        let metrics = http(port, "GET", "/metrics", b"").expect("GET /metrics");
+        assert_eq!(metrics.status, 200, "GET /metrics: {}", metrics.body);
+    }
+}
+
+#[test]
+fn unknown_methods_and_bad_parameters_are_refused() {
+    let cluster = Cluster::builder().nodes(1).in_memory().start();
+    let lb = cluster.client();
+    let code = |r: RpcResult| r.map_err(|(code, _)| code);
+
+    assert_eq!(code(lb.call("no_such_method", vec![s("k")])), Err(-32601));
+    assert_eq!(code(lb.call("PUT", vec![s("k"), s("v")])), Err(-32601));
+
+    let bad_calls: Vec<(&str, &str, Vec<Value>)> = vec![
+        ("put with one parameter", "put", vec![s("k")]),
+        ("put with no parameters", "put", vec![]),
+        (
+            "put with four parameters",
+            "put",
+            vec![s("k"), s("v"), s("ctx"), s("x")],
+        ),
+        (
+            "put with an int key",
+            "put",
+            vec![Value::Integer(1), s("v")],
+        ),
+        (
+            "put with a base64 key",
+            "put",
+            vec![Value::Base64(b"k".to_vec()), s("v")],
+        ),
+        ("put with a nil value", "put", vec![s("k"), Value::Nil]),
+        (
+            "put with a garbage context",
+            "put",
+            vec![s("k"), s("v"), s("not a context!")],
+        ),
+        (
+            "put with an int context",
+            "put",
+            vec![s("k"), s("v"), Value::Integer(3)],
+        ),
+        ("get with no parameters", "get", vec![]),
+        ("get with two parameters", "get", vec![s("k"), s("k")]),
+        ("get with an int key", "get", vec![Value::Integer(1)]),
+        ("get with a nil key", "get", vec![Value::Nil]),
+        ("get_versions with no parameters", "get_versions", vec![]),
+        ("delete with no parameters", "delete", vec![]),
+        (
+            "delete with three parameters",
+            "delete",
+            vec![s("k"), s(""), s("")],
+        ),
+        (
+            "delete with a garbage context",
+            "delete",
+            vec![s("k"), s("not a context!")],
+        ),
+    ];
+    for (what, method, params) in bad_calls {
+        let result = lb.call(method, params);
+        assert!(
+            matches!(result, Err((-32602, _))),
+            "{what}: expected fault -32602, got {result:?}"
+        );
+    }
+
+    // None of it was stored, and the balancer still serves.
+    assert_eq!(lb.get("k"), Ok(Value::Nil));
+    assert_eq!(lb.put("k", s("v")), ok200());
+    assert_eq!(lb.get("k"), Ok(s("v")));
+}
+
+#[test]
+fn a_body_over_the_limit_gets_413() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .in_memory()
+        .balancer_arg("--max-request-bytes")
+        .balancer_arg("1024")
+        .start();
+    let port = cluster.balancer_port(0);
+
+    // A well-formed call of exactly 1024 bytes is accepted.
+    let base = call_xml("put", vec![s("limit"), s("")]).len();
+    let at_limit = call_xml("put", vec![s("limit"), s(&"x".repeat(1024 - base))]);
+    assert_eq!(at_limit.len(), 1024);
+    let response = post_raw(port, at_limit.as_bytes());
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(parse_response(&response.body), ok200());
+
+    // A well-formed call of 4096 bytes is refused before it is parsed.
+    let big_base = call_xml("put", vec![s("big"), s("")]).len();
+    let too_big = call_xml("put", vec![s("big"), s(&"x".repeat(4096 - big_base))]);
+    assert_eq!(too_big.len(), 4096);
+    let response = post_raw(port, too_big.as_bytes());
+    assert_eq!(response.status, 413, "body: {}", response.body);
+
+    let lb = cluster.client();
+    assert_eq!(lb.get("big"), Ok(Value::Nil));
+    assert_eq!(lb.get("limit"), Ok(s(&"x".repeat(1024 - base))));
+    assert_eq!(health(port), Some(200));
+}
+
+#[test]
+fn system_methods_list_help_and_multicall() {
+    let cluster = Cluster::builder().nodes(1).in_memory().start();
+    let lb = cluster.client();
+
+    let methods = lb
+        .call("system.listMethods", vec![])
+        .expect("system.listMethods");
+    let methods: BTreeSet<&str> = array(&methods).iter().map(string).collect();
+    for method in ["put", "get", "delete", "get_versions", "stats"] {
+        assert!(
+            methods.contains(method),
+            "system.listMethods lacks {method}: {methods:?}"
+        );
+    }
+    let help = lb
+        .call("system.methodHelp", vec![s("put")])
+        .expect("system.methodHelp");
+    string(&help);
+
+    let call = |method: &str, params: Vec<Value>| {
+        structure(&[("methodName", s(method)), ("params", Value::Array(params))])
+    };
+    let results = lb.call(
+        "system.multicall",
+        vec![Value::Array(vec![
+            call("put", vec![s("multi"), s("value")]),
+            call("get", vec![s("multi")]),
+        ])],
+    );
+    assert_eq!(
+        results,
+        Ok(Value::Array(vec![
+            Value::Array(vec![s("200")]),
+            Value::Array(vec![s("value")]),
+        ]))
+    );
+
+    // A bad call inside a multicall is a fault struct in its place; the others still run.
+    let results = lb
+        .call(
+            "system.multicall",
+            vec![Value::Array(vec![
+                call("get", vec![s("multi")]),
+                call("put", vec![s("only a key")]),
+                call("no_such_method", vec![]),
+                call("get", vec![s("never-written")]),
+            ])],
+        )
+        .expect("system.multicall");
+    let results = array(&results);
+    assert_eq!(results.len(), 4, "{results:?}");
+    assert_eq!(results[0], Value::Array(vec![s("value")]));
+    assert_eq!(
+        int(member(&results[1], "faultCode")),
+        -32602,
+        "{:?}",
+        results[1]
+    );
+    string(member(&results[1], "faultString"));
+    assert_eq!(
+        int(member(&results[2], "faultCode")),
+        -32601,
+        "{:?}",
+        results[2]
+    );
+    assert_eq!(results[3], Value::Array(vec![Value::Nil]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusing to start
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_flags_are_refused_with_status_2() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Nothing listens on these: validation comes before any connection.
+    let (a, b, c) = (addr(free_port()), addr(free_port()), addr(free_port()));
+    let port = free_port().to_string();
+    let lb = |servers: &[&str], flags: &[&str]| {
+        let mut args: Vec<&str> = vec!["-p", &port, "--bind", "127.0.0.1"];
+        for server in servers {
+            args.extend(["-s", server]);
+        }
+        args.extend(flags);
+        run_to_exit(dir.path(), LOAD_BALANCER, &args)
+    };
+
+    let without_servers = lb(&[], &[]);
+    assert_eq!(
+        without_servers.status.code(),
+        Some(2),
+        "no -s: {without_servers:?}"
+    );
+    assert!(
+        !without_servers.stderr.trim().is_empty(),
+        "no -s prints a usage"
+    );
+
+    let three = [a.as_str(), b.as_str(), c.as_str()];
+    let two_distinct = [a.as_str(), a.as_str(), b.as_str()];
+    let refused: Vec<(&str, &[&str], &[&str])> = vec![
+        ("-N 0", &three, &["-N", "0"]),
+        ("-N 4 over 3 servers", &three, &["-N", "4"]),
+        ("-R 0", &three, &["-R", "0"]),
+        ("-R 4 over 3 servers", &three, &["-R", "4"]),
+        ("-W 0", &three, &["-W", "0"]),
+        ("-W 4 over 3 servers", &three, &["-W", "4"]),
+        ("-R larger than -N", &three, &["-N", "2", "-R", "3"]),
+        ("-W larger than -N", &three, &["-N", "2", "-W", "3"]),
+        ("-N 3 over 2 distinct servers", &two_distinct, &["-N", "3"]),
+    ];
+    for (what, servers, flags) in refused {
+        let exited = lb(servers, flags);
+        assert_eq!(exited.status.code(), Some(2), "{what}: {exited:?}");
+        let reason = exited.stderr.trim();
+        assert!(
+            !reason.is_empty() && reason.lines().count() == 1,
+            "{what}: expected a one-line reason on stderr, got {reason:?}"
+        );
+    }
+
+    for bad_port in ["notaport", "70000", "-1"] {
+        let exited = run_to_exit(
+            dir.path(),
+            STORAGE_NODE,
+            &[
+                "-p",
+                bad_port,
+                "--bind",
+                "127.0.0.1",
+                "--in-memory",
+                "--quiet",
+            ],
+        );
+        assert_eq!(
+            exited.status.code(),
+            Some(2),
+            "storage_node -p {bad_port}: {exited:?}"
+        );
+    }
+}
+
+#[test]
+fn a_second_node_on_the_same_data_dir_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().join("shared-data");
+    let data_dir_arg = data_dir.to_string_lossy().into_owned();
+    let first = Daemon::storage_node(
+        dir.path(),
+        "first",
+        free_port(),
+        &["--data-dir".to_owned(), data_dir_arg.clone()],
+    );
+
+    let second_port = free_port().to_string();
+    let second = run_to_exit(
+        dir.path(),
+        STORAGE_NODE,
+        &[
+            "-p",
+            &second_port,
+            "--bind",
+            "127.0.0.1",
+            "--quiet",
+            "--data-dir",
+            &data_dir_arg,
+        ],
+    );
+    assert!(
+        !second.status.success(),
+        "the second node started: {second:?}"
+    );
+    let stderr = second.stderr.to_lowercase();
+    assert!(
+        stderr.contains("lock") || second.stderr.contains(&data_dir_arg),
+        "stderr names neither the lock nor the directory: {:?}",
+        second.stderr
+    );
+
+    // The first node is unharmed.
+    assert_eq!(health(first.port()), Some(200));
+    assert_eq!(first.rpc().get("anything"), Ok(Value::Nil));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn writes_and_reads_go_on_while_one_of_three_nodes_is_dead() {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .in_memory()
+        .replicas(3)
+        .write_quorum(2)
+        .read_quorum(2)
+        .timeout_ms(500)
+        .start();
+    let lb = cluster.client();
+
+    for i in 0..100 {
+        assert_eq!(
+            lb.put(&key(i), value(i)),
+            ok200(),
+            "put {} with all nodes up",
+            key(i)
+        );
+    }
+
+    let dead = cluster.nodes[1].addr();
+    cluster.nodes[1].kill();
+
+    for i in 100..200 {
+        assert_eq!(
+            lb.put(&key(i), value(i)),
+            ok200(),
+            "put {} with {dead} dead",
+            key(i)
+        );
+    }
+    for i in 0..200 {
+        assert_eq!(
+            lb.get(&key(i)),
+            Ok(value(i)),
+            "get {} with {dead} dead",
+            key(i)
+        );
+    }
+
+    // stats() tells the dead node apart from the live ones.
+    let state_of = |stats: &Value, address: &str| -> Value {
+        array(member(stats, "servers"))
+            .iter()
+            .find(|server| string(member(server, "address")) == address)
+            .map(|server| member(server, "state").clone())
+            .unwrap_or_else(|| panic!("{address} missing from stats {stats:?}"))
+    };
+    let live = cluster.nodes[0].addr();
+    wait_until(
+        FAILURE_DETECTION_TIMEOUT,
+        "stats() shows the dead node in another state than the live ones",
+        || {
+            let stats = lb.stats();
+            state_of(&stats, &dead) != state_of(&stats, &live)
+        },
+    );
+}
+
+#[test]
+fn with_two_of_three_nodes_dead_quorums_fail_with_503() {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .in_memory()
+        .replicas(3)
+        .write_quorum(2)
+        .read_quorum(2)
+        .timeout_ms(500)
+        .start();
+    let lb = cluster.client();
+    assert_eq!(lb.put("before", s("the crash")), ok200());
+
+    cluster.nodes[0].kill();
+    cluster.nodes[2].kill();
+
+    match lb.put("after", s("the crash")) {
+        Err((503, text)) => {
+            let lower = text.to_lowercase();
+            assert!(
+                text.contains('W') || lower.contains("write"),
+                "the fault does not name the write quorum: {text:?}"
+            );
+            assert!(
+                text.contains('1'),
+                "the fault does not say 1 replica answered: {text:?}"
+            );
+        }
+        other => panic!("put with 1 of 3 replicas alive: expected fault 503, got {other:?}"),
+    }
+    match lb.get("before") {
+        Err((503, text)) => {
+            let lower = text.to_lowercase();
+            assert!(
+                text.contains('R') || lower.contains("read"),
+                "the fault does not name the read quorum: {text:?}"
+            );
+            assert!(
+                text.contains('1'),
+                "the fault does not say 1 replica answered: {text:?}"
+            );
+        }
+        other => panic!("get with 1 of 3 replicas alive: expected fault 503, got {other:?}"),
+    }
+    assert_eq!(
+        health(cluster.balancer_port(0)),
+        Some(200),
+        "the balancer itself is fine"
+    );
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill_of_every_process() {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .replicas(3)
+        .write_quorum(2)
+        .start();
+    let lb = cluster.client();
+    for i in 0..300 {
+        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
+    }
+    // Acknowledged deletes are data too.
+    for i in (0..300).step_by(10) {
+        assert_eq!(lb.delete(&key(i)), ok200(), "delete {}", key(i));
+    }
+
+    cluster.crash_and_restart_all();
+
+    let lb = cluster.client();
+    for i in 0..300 {
+        let expected = if i % 10 == 0 { Value::Nil } else { value(i) };
+        assert_eq!(
+            lb.get(&key(i)),
+            Ok(expected),
+            "get {} after the crash",
+            key(i)
+        );
+    }
+}
