@@ -105,6 +105,9 @@ pub struct BalancerArgs {
     /// Largest HTTP body accepted; larger ones get HTTP 413.
     #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
+    /// How long a deleted key's tombstones are kept once every replica has them.
+    #[arg(long, default_value_t = 10_000)]
+    pub tombstone_grace_ms: u64,
 }
 
 impl BalancerArgs {
@@ -119,6 +122,7 @@ impl BalancerArgs {
             timeout_ms: self.timeout_ms,
             vnodes: self.vnodes,
             max_request_bytes: self.max_request_bytes,
+            tombstone_grace_ms: self.tombstone_grace_ms,
         })
     }
 }

@@ -34,6 +34,8 @@ pub struct BalancerConfig {
     pub replica_timeout: Duration,
     pub vnodes: usize,
     pub max_request_bytes: usize,
+    /// How long a deleted key's tombstones stay after every replica has them.
+    pub tombstone_grace: Duration,
 }
 
 /// A setting that cannot work, as a one-line reason.
@@ -53,6 +55,7 @@ pub struct BalancerFlags {
     pub timeout_ms: u64,
     pub vnodes: usize,
     pub max_request_bytes: usize,
+    pub tombstone_grace_ms: u64,
 }
 
 impl BalancerConfig {
@@ -105,6 +108,7 @@ impl BalancerConfig {
             replica_timeout: Duration::from_millis(flags.timeout_ms),
             vnodes: flags.vnodes,
             max_request_bytes: flags.max_request_bytes,
+            tombstone_grace: Duration::from_millis(flags.tombstone_grace_ms),
         })
     }
 }
@@ -140,6 +144,7 @@ mod tests {
             timeout_ms: 1000,
             vnodes: 256,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            tombstone_grace_ms: 10_000,
         }
     }
 

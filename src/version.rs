@@ -243,6 +243,20 @@ impl Siblings {
         self.values().next().is_some()
     }
 
+    /// Is the key deleted here: versions are held, all of them tombstones?
+    pub fn is_tombstoned(&self) -> bool {
+        !self.versions.is_empty() && !self.is_live()
+    }
+
+    /// Wall-clock milliseconds of the newest version.
+    pub fn newest_timestamp_ms(&self) -> u64 {
+        self.versions
+            .iter()
+            .map(|v| v.timestamp_ms)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The value `get` returns: the live sibling written last, ties broken by dot.
     pub fn latest_value(&self) -> Option<&str> {
         self.values()

@@ -20,6 +20,7 @@
 mod health;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use dxr::Value;
 use tokio::net::TcpListener;
@@ -31,11 +32,17 @@ use crate::quorum::{Outcome, Tally};
 use crate::ring::Ring;
 use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::codec;
-use crate::rpc::messages::{self, CoordinateRequest, MergeRequest, ReadRequest, check_key};
+use crate::rpc::messages::{
+    self, CoordinateRequest, MergeRequest, ReadRequest, ReapRequest, check_key,
+};
 use crate::rpc::server::{self, Handler, ServerLimits};
 use crate::telemetry::{Counter, Exposition};
 use crate::version::{Siblings, VClock};
 use health::Health;
+
+/// Extra wait after the grace period before a delete's tombstones are checked, so that the
+/// tombstones are strictly older than the grace period when the check runs.
+const TOMBSTONE_CHECK_SLACK: Duration = Duration::from_millis(100);
 
 const METHODS: &[(&str, &str)] = &[
     (
@@ -70,6 +77,7 @@ struct BalancerMetrics {
     read_quorum_failures: Counter,
     replica_failures: Counter,
     read_repairs: Counter,
+    reaps: Counter,
 }
 
 /// The coordinator; cheap to clone (shared state behind an `Arc`), so spawned tasks own a copy.
@@ -288,11 +296,59 @@ impl Balancer {
                     let _ = answer.send(result);
                 }
             }
-            this.repair(key, merged, seen);
+            this.after_read(key, merged, seen, preference.len());
         });
         answered
             .await
             .map_err(|_| Error::Internal("read coordinator stopped without an answer".into()))?
+    }
+
+    /// Once every reply is in: repair the replicas that answered with less, or, when all N
+    /// replicas hold the same old tombstones, reap the key.
+    fn after_read(
+        &self,
+        key: String,
+        merged: Siblings,
+        seen: Vec<(usize, Siblings)>,
+        replicas: usize,
+    ) {
+        let everyone_agrees = seen.len() == replicas && seen.iter().all(|(_, s)| *s == merged);
+        if everyone_agrees && merged.is_tombstoned() {
+            let age_ms = crate::node::now_ms().saturating_sub(merged.newest_timestamp_ms());
+            if u128::from(age_ms) >= self.shared.config.tombstone_grace.as_millis() {
+                self.reap(
+                    key,
+                    &merged,
+                    seen.into_iter().map(|(server, _)| server).collect(),
+                );
+            }
+            return;
+        }
+        self.repair(key, merged, seen);
+    }
+
+    /// Removes a key's tombstones from every replica (each checks it still holds exactly them).
+    fn reap(&self, key: String, tombstones: &Siblings, replicas: Vec<usize>) {
+        self.shared.metrics.reaps.inc();
+        let request = ReapRequest {
+            key,
+            dots: tombstones.dots().collect(),
+        };
+        match messages::to_param(&request) {
+            Ok(param) => drop(self.fan_out(&replicas, messages::REAP, param)),
+            Err(error) => tracing::warn!(%error, "reap could not be encoded"),
+        }
+    }
+
+    /// A delete's tombstones can go once the grace period is over and every replica has
+    /// them; a read then finds that out and reaps (see [`Self::after_read`]).
+    fn check_tombstones_later(&self, key: String) {
+        let this = self.clone();
+        let wait = self.shared.config.tombstone_grace + TOMBSTONE_CHECK_SLACK;
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = this.read(key).await;
+        });
     }
 
     /// Writes the merged set back to every replica whose answer lacked part of it.
@@ -328,7 +384,8 @@ impl Balancer {
             "delete" => {
                 metrics.deletes.inc();
                 let (key, context) = delete_params(params)?;
-                self.write(key, None, context).await?;
+                self.write(key.clone(), None, context).await?;
+                self.check_tombstones_later(key);
                 Ok(codec::string_xml("200"))
             }
             "get" => {
@@ -384,6 +441,7 @@ impl Balancer {
             ("read_quorum_failures", m.read_quorum_failures.get()),
             ("replica_failures", m.replica_failures.get()),
             ("read_repairs", m.read_repairs.get()),
+            ("reaps", m.reaps.get()),
         ]
         .into_iter()
         .map(|(name, value)| {
@@ -455,6 +513,11 @@ impl Handler for Balancer {
             "dynamite_balancer_read_repairs_total",
             "Replicas sent a merged sibling set after a read.",
             m.read_repairs.get(),
+        )
+        .counter(
+            "dynamite_balancer_reaps_total",
+            "Deleted keys whose tombstones were reaped.",
+            m.reaps.get(),
         );
         let up = (0..self.shared.ring.servers().len())
             .filter(|&i| self.shared.health.state(i) == "up")

@@ -21,7 +21,9 @@ use tokio::net::TcpListener;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::rpc::codec;
-use crate::rpc::messages::{self, CoordinateRequest, MergeRequest, ReadRequest, check_key};
+use crate::rpc::messages::{
+    self, CoordinateRequest, MergeRequest, ReadRequest, ReapRequest, check_key,
+};
 use crate::rpc::server::{self, Handler, ServerLimits, expect_params};
 use crate::storage::{self, Engine, Tree, WriteOp};
 use crate::telemetry::{Counter, Exposition};
@@ -65,6 +67,7 @@ struct NodeMetrics {
     merges: Counter,
     reads: Counter,
     local_gets: Counter,
+    reaps: Counter,
     errors: Counter,
 }
 
@@ -74,6 +77,8 @@ pub struct StorageNode {
     locks: KeyLocks,
     /// Keys with at least one live sibling; counted at start, then kept up to date per write.
     live_keys: AtomicI64,
+    /// Keys whose every sibling is a tombstone, waiting to be reaped.
+    tombstone_keys: AtomicI64,
     log_requests: bool,
     metrics: NodeMetrics,
 }
@@ -84,12 +89,13 @@ impl StorageNode {
     pub fn open(config: &NodeConfig) -> Result<Self> {
         let engine = storage::open(&config.storage)?;
         let actor = load_or_create_actor(&*engine)?;
-        let live_keys = count_live_keys(&*engine)?;
+        let (live_keys, tombstone_keys) = count_keys(&*engine)?;
         Ok(StorageNode {
             engine,
             actor,
             locks: KeyLocks::new(),
             live_keys: AtomicI64::new(live_keys),
+            tombstone_keys: AtomicI64::new(tombstone_keys),
             log_requests: config.log_requests,
             metrics: NodeMetrics::default(),
         })
@@ -118,15 +124,35 @@ impl StorageNode {
         let before = siblings.clone();
         change(&mut siblings);
         if siblings != before {
+            let stored = (!siblings.is_empty()).then(|| siblings.encode());
             self.engine.write(vec![WriteOp {
                 tree: Tree::Data,
                 key: key.as_bytes().to_vec(),
-                value: Some(siblings.encode()),
+                value: stored,
             }])?;
-            let delta = i64::from(siblings.is_live()) - i64::from(before.is_live());
-            self.live_keys.fetch_add(delta, Ordering::Relaxed);
+            let live = i64::from(siblings.is_live()) - i64::from(before.is_live());
+            self.live_keys.fetch_add(live, Ordering::Relaxed);
+            let dead = i64::from(siblings.is_tombstoned()) - i64::from(before.is_tombstoned());
+            self.tombstone_keys.fetch_add(dead, Ordering::Relaxed);
         }
         Ok(siblings)
+    }
+
+    /// Removes a key whose tombstones every replica holds (the balancer checked), but only if
+    /// this node still holds exactly those tombstones: anything written since keeps the key.
+    pub fn reap(&self, request: &ReapRequest) -> Result<bool> {
+        check_key(&request.key)?;
+        self.log("reap", &request.key, false);
+        let mut reaped = false;
+        self.update(&request.key, |siblings| {
+            let same: bool =
+                siblings.is_tombstoned() && siblings.dots().eq(request.dots.iter().copied());
+            if same {
+                *siblings = Siblings::new();
+                reaped = true;
+            }
+        })?;
+        Ok(reaped)
     }
 
     pub fn coordinate(&self, request: CoordinateRequest) -> Result<Siblings> {
@@ -163,6 +189,10 @@ impl StorageNode {
             [
                 ("keys".to_string(), Value::Integer(clamp_i32(keys))),
                 ("hints".to_string(), Value::Integer(0)),
+                (
+                    "tombstones".to_string(),
+                    Value::Integer(clamp_i32(self.tombstone_keys.load(Ordering::Relaxed))),
+                ),
                 (
                     "engine".to_string(),
                     Value::String(self.engine.name().into()),
@@ -203,6 +233,7 @@ impl Handler for StorageNode {
                 ("merge", m.merges.get()),
                 ("read", m.reads.get()),
                 ("get", m.local_gets.get()),
+                ("reap", m.reaps.get()),
             ],
         )
         .counter(
@@ -233,6 +264,16 @@ impl StorageNode {
                 self.metrics.merges.inc();
                 self.merge(messages::from_params(&params)?)?;
                 Ok(codec::string_xml("200"))
+            }
+            messages::REAP => {
+                self.metrics.reaps.inc();
+                let reaped = self.reap(&messages::from_params(&params)?)?;
+                Ok(if reaped {
+                    "<value><boolean>1</boolean></value>"
+                } else {
+                    "<value><boolean>0</boolean></value>"
+                }
+                .to_owned())
             }
             messages::READ => {
                 self.metrics.reads.inc();
@@ -312,20 +353,22 @@ fn load_or_create_actor(engine: &dyn Engine) -> Result<ActorId> {
     Ok(actor)
 }
 
-fn count_live_keys(engine: &dyn Engine) -> Result<i64> {
-    let mut live = 0;
+/// Live and tombstoned keys, counted once at start.
+fn count_keys(engine: &dyn Engine) -> Result<(i64, i64)> {
+    let (mut live, mut tombstoned) = (0, 0);
     let mut after: Option<Vec<u8>> = None;
     loop {
         let page = engine.scan(Tree::Data, after.as_deref(), SCAN_PAGE)?;
         for (_, bytes) in &page {
-            if Siblings::decode(bytes).is_some_and(|s| s.is_live()) {
-                live += 1;
+            if let Some(siblings) = Siblings::decode(bytes) {
+                live += i64::from(siblings.is_live());
+                tombstoned += i64::from(siblings.is_tombstoned());
             }
         }
         let full_page = page.len() == SCAN_PAGE;
         match page.into_iter().last() {
             Some((key, _)) if full_page => after = Some(key),
-            _ => return Ok(live),
+            _ => return Ok((live, tombstoned)),
         }
     }
 }
@@ -366,4 +409,94 @@ fn printable_key(key: &str) -> String {
         shown.push('…');
     }
     shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StorageConfig;
+
+    fn node() -> StorageNode {
+        let config = NodeConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            peers: vec![],
+            storage: StorageConfig::InMemory,
+            log_requests: false,
+            max_request_bytes: 1 << 20,
+        };
+        StorageNode::open(&config).expect("in-memory node opens")
+    }
+
+    fn put(node: &StorageNode, key: &str, value: Option<&str>) -> Siblings {
+        let request = CoordinateRequest {
+            key: key.into(),
+            value: value.map(str::to_owned),
+            context: None,
+        };
+        node.coordinate(request).expect("coordinate")
+    }
+
+    fn counts(node: &StorageNode) -> (i64, i64) {
+        (
+            node.live_keys.load(Ordering::Relaxed),
+            node.tombstone_keys.load(Ordering::Relaxed),
+        )
+    }
+
+    #[test]
+    fn counts_follow_puts_deletes_and_reaps() {
+        let node = node();
+        put(&node, "a", Some("<value>1</value>"));
+        put(&node, "b", Some("<value>2</value>"));
+        assert_eq!(counts(&node), (2, 0));
+        let tombstone = put(&node, "a", None);
+        assert_eq!(counts(&node), (1, 1));
+        let reaped = node.reap(&ReapRequest {
+            key: "a".into(),
+            dots: tombstone.dots().collect(),
+        });
+        assert!(reaped.expect("reap"));
+        assert_eq!(counts(&node), (1, 0));
+        assert!(
+            node.read(&ReadRequest { key: "a".into() })
+                .expect("read")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn reap_spares_a_key_written_since() {
+        let node = node();
+        let tombstone = put(&node, "k", None);
+        put(&node, "k", Some("<value>again</value>"));
+        let reaped = node.reap(&ReapRequest {
+            key: "k".into(),
+            dots: tombstone.dots().collect(),
+        });
+        assert!(!reaped.expect("reap"));
+        let held = node.read(&ReadRequest { key: "k".into() }).expect("read");
+        assert_eq!(held.latest_value(), Some("<value>again</value>"));
+    }
+
+    #[test]
+    fn merge_brings_a_replica_up_to_date_and_is_idempotent() {
+        let coordinator = node();
+        let replica = node();
+        let set = put(&coordinator, "k", Some("<value>v</value>"));
+        let request = MergeRequest {
+            key: "k".into(),
+            siblings: set.clone(),
+        };
+        assert_eq!(replica.merge(request.clone()).expect("merge"), set);
+        assert_eq!(replica.merge(request).expect("merge again"), set);
+        assert_eq!(counts(&replica), (1, 0));
+    }
+
+    #[test]
+    fn keys_over_the_limit_are_refused() {
+        let node = node();
+        let key = "k".repeat(messages::MAX_KEY_BYTES + 1);
+        let error = node.read(&ReadRequest { key }).expect_err("too long");
+        assert_eq!(error.fault_code(), crate::error::FAULT_INVALID_PARAMS);
+    }
 }

@@ -9,7 +9,7 @@ use dxr::Value;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::error::{Error, Result};
-use crate::version::{Siblings, VClock};
+use crate::version::{Dot, Siblings, VClock};
 
 /// Stamp and store a new write; the node answers with its whole reconciled sibling set.
 pub const COORDINATE: &str = "node.coordinate";
@@ -17,6 +17,8 @@ pub const COORDINATE: &str = "node.coordinate";
 pub const MERGE: &str = "node.merge";
 /// The node's sibling set for a key.
 pub const READ: &str = "node.read";
+/// Drop a key whose tombstones every replica holds.
+pub const REAP: &str = "node.reap";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CoordinateRequest {
@@ -36,6 +38,14 @@ pub struct MergeRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReadRequest {
     pub key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReapRequest {
+    pub key: String,
+    /// The tombstones' dots the balancer saw on every replica; the node reaps only if it holds
+    /// exactly these.
+    pub dots: Vec<Dot>,
 }
 
 /// Largest key accepted, in bytes of UTF-8 (SPEC.md: 64 KiB).
