@@ -18,6 +18,7 @@
 //! when their call does. Nothing outlives the timeout.
 
 mod health;
+pub mod targets;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,7 @@ use crate::rpc::server::{self, Handler, ServerLimits};
 use crate::telemetry::{Counter, Exposition};
 use crate::version::{Siblings, VClock};
 use health::Health;
+use targets::Target;
 
 /// Extra wait after the grace period before a delete's tombstones are checked, so that the
 /// tombstones are strictly older than the grace period when the check runs.
@@ -94,13 +96,13 @@ struct Shared {
     metrics: BalancerMetrics,
 }
 
-/// One replica's reply, tagged with the server it came from.
-type Reply = (usize, std::result::Result<Value, CallError>);
+/// One replica's reply, tagged with the target it came from.
+type Reply = (Target, std::result::Result<Value, CallError>);
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
         let ring = Ring::new(&config.servers, config.vnodes);
-        let health = Health::new(ring.servers().len());
+        let health = Health::new(ring.servers());
         Balancer {
             shared: Arc::new(Shared {
                 config,
@@ -112,14 +114,29 @@ impl Balancer {
         }
     }
 
-    fn preference_list(&self, key: &str) -> Vec<usize> {
-        self.shared
-            .ring
-            .preference_list(key.as_bytes(), self.shared.config.replicas)
+    /// The replicas for a key right now: the preference list with down nodes replaced by
+    /// fallbacks (see [`targets`]), and how many preferred replicas could not be placed.
+    fn targets(&self, key: &str) -> (Vec<Target>, usize) {
+        let shared = &self.shared;
+        let walk: Vec<usize> = shared.ring.walk(key.as_bytes()).collect();
+        targets::choose(&walk, shared.config.replicas, |server| {
+            shared.health.is_up(server)
+        })
     }
 
     fn address(&self, server: usize) -> &str {
         &self.shared.ring.servers()[server]
+    }
+
+    /// The owner's address when `target` is a fallback: what the hint names.
+    fn hint_for(&self, target: Target) -> Option<String> {
+        target
+            .is_fallback()
+            .then(|| self.address(target.owner).to_owned())
+    }
+
+    fn describe_failure(&self, target: Target, error: &dyn std::fmt::Display) -> String {
+        format!("{}: {error}", self.address(target.server))
     }
 
     /// One call to one replica, bounded by the replica timeout; records the outcome in `health`.
@@ -144,29 +161,36 @@ impl Balancer {
             Err(error) => {
                 shared.metrics.replica_failures.inc();
                 tracing::debug!(server = self.address(server), %error, method, "replica call failed");
-                shared.health.mark_down(server, error);
+                shared.health.record_failure(server, error);
             }
         }
         result
     }
 
-    /// Sends `method(param)` to every server in `targets` at once, each in its own task.
-    fn fan_out(
-        &self,
-        targets: &[usize],
-        method: &'static str,
-        param: Value,
-    ) -> mpsc::Receiver<Reply> {
-        let (sender, receiver) = mpsc::channel(targets.len().max(1));
-        for &server in targets {
-            let (this, sender, param) = (self.clone(), sender.clone(), param.clone());
+    /// Sends each target its call at once, each in its own task; replies arrive on the channel.
+    fn fan_out(&self, calls: Vec<(Target, Value)>, method: &'static str) -> mpsc::Receiver<Reply> {
+        let (sender, receiver) = mpsc::channel(calls.len().max(1));
+        for (target, param) in calls {
+            let (this, sender) = (self.clone(), sender.clone());
             tokio::spawn(async move {
-                let result = this.call_replica(server, method, param).await;
+                let result = this.call_replica(target.server, method, param).await;
                 // The receiver is gone once the client has its answer: that is fine.
-                let _ = sender.send((server, result)).await;
+                let _ = sender.send((target, result)).await;
             });
         }
         receiver
+    }
+
+    /// Builds one call per target from a message that differs only in its hint.
+    fn calls<T: serde::Serialize>(
+        &self,
+        targets: &[Target],
+        message: impl Fn(Option<String>) -> T,
+    ) -> Result<Vec<(Target, Value)>> {
+        targets
+            .iter()
+            .map(|&target| Ok((target, messages::to_param(&message(self.hint_for(target)))?)))
+            .collect()
     }
 
     fn quorum_error(&self, kind: QuorumKind, tally: &Tally, detail: Option<String>) -> Error {
@@ -184,6 +208,16 @@ impl Balancer {
         }
     }
 
+    /// A tally for N replicas of which `missing` are known down with no fallback.
+    fn tally(&self, needed: usize, missing: usize) -> (Tally, Option<String>) {
+        let mut tally = Tally::new(self.shared.config.replicas, needed);
+        for _ in 0..missing {
+            tally.failure();
+        }
+        let detail = (missing > 0).then(|| format!("{missing} replica(s) down with no fallback"));
+        (tally, detail)
+    }
+
     /// A put (`value` Some) or delete (`value` None) through a coordinating replica.
     pub async fn write(
         &self,
@@ -191,21 +225,27 @@ impl Balancer {
         value: Option<String>,
         context: Option<VClock>,
     ) -> Result<()> {
-        let preference = self.preference_list(&key);
-        let mut tally = Tally::new(preference.len(), self.shared.config.write_quorum);
-        let mut first_failure: Option<String> = None;
-        let request = CoordinateRequest {
-            key,
-            value,
-            context,
-        };
-        let param = messages::to_param(&request)?;
+        let (targets, missing) = self.targets(&key);
+        let (mut tally, mut first_failure) = self.tally(self.shared.config.write_quorum, missing);
+        if tally.outcome() == Outcome::Failed {
+            return Err(self.quorum_error(QuorumKind::Write, &tally, first_failure));
+        }
 
         // The first replica that answers coordinates; the ones before it count as failed.
         let mut coordinated = None;
-        for (position, &server) in preference.iter().enumerate() {
+        for (position, &target) in targets.iter().enumerate() {
+            let request = CoordinateRequest {
+                key: key.clone(),
+                value: value.clone(),
+                context: context.clone(),
+                hint_for: self.hint_for(target),
+            };
             let reply = self
-                .call_replica(server, messages::COORDINATE, param.clone())
+                .call_replica(
+                    target.server,
+                    messages::COORDINATE,
+                    messages::to_param(&request)?,
+                )
                 .await;
             match reply.map_err(|e| e.to_string()).and_then(|value| {
                 messages::from_value::<Siblings>(&value).map_err(|e| e.to_string())
@@ -215,8 +255,7 @@ impl Balancer {
                     break;
                 }
                 Err(error) => {
-                    first_failure
-                        .get_or_insert_with(|| format!("{}: {error}", self.address(server)));
+                    first_failure.get_or_insert_with(|| self.describe_failure(target, &error));
                     if tally.failure() == Outcome::Failed {
                         break;
                     }
@@ -227,21 +266,21 @@ impl Balancer {
             return Err(self.quorum_error(QuorumKind::Write, &tally, first_failure));
         };
         let outcome = tally.success();
-        let rest = &preference[position + 1..];
-        let merge = messages::to_param(&MergeRequest {
-            key: request.key,
-            siblings,
+        let rest = &targets[position + 1..];
+        let calls = self.calls(rest, |hint_for| MergeRequest {
+            key: key.clone(),
+            siblings: siblings.clone(),
+            hint_for,
         })?;
-        let mut replies = self.fan_out(rest, messages::MERGE, merge);
+        let mut replies = self.fan_out(calls, messages::MERGE);
         if outcome == Outcome::Met {
             return Ok(());
         }
-        while let Some((server, reply)) = replies.recv().await {
+        while let Some((target, reply)) = replies.recv().await {
             let outcome = match reply {
                 Ok(_) => tally.success(),
                 Err(error) => {
-                    first_failure
-                        .get_or_insert_with(|| format!("{}: {error}", self.address(server)));
+                    first_failure.get_or_insert_with(|| self.describe_failure(target, &error));
                     tally.failure()
                 }
             };
@@ -254,34 +293,37 @@ impl Balancer {
         Err(self.quorum_error(QuorumKind::Write, &tally, first_failure))
     }
 
-    /// Reads the key from R replicas and returns their merged sibling set; read repair follows
-    /// in the background.
+    /// Reads the key from R replicas and returns their merged sibling set; read repair (or
+    /// reaping) follows in the background once the stragglers answered.
     pub async fn read(&self, key: String) -> Result<Siblings> {
-        let preference = self.preference_list(&key);
-        let needed = self.shared.config.read_quorum;
-        let param = messages::to_param(&ReadRequest { key: key.clone() })?;
-        let mut replies = self.fan_out(&preference, messages::READ, param);
+        let (targets, missing) = self.targets(&key);
+        let (mut tally, mut first_failure) = self.tally(self.shared.config.read_quorum, missing);
+        if tally.outcome() == Outcome::Failed {
+            return Err(self.quorum_error(QuorumKind::Read, &tally, first_failure));
+        }
+        let calls = self.calls(&targets, |hint_for| ReadRequest {
+            key: key.clone(),
+            hint_for,
+        })?;
+        let mut replies = self.fan_out(calls, messages::READ);
         let (answer, answered) = oneshot::channel::<Result<Siblings>>();
         let this = self.clone();
         tokio::spawn(async move {
             let mut answer = Some(answer);
-            let mut tally = Tally::new(preference.len(), needed);
             let mut merged = Siblings::new();
-            let mut seen: Vec<(usize, Siblings)> = Vec::with_capacity(preference.len());
-            let mut first_failure: Option<String> = None;
-            while let Some((server, reply)) = replies.recv().await {
+            let mut seen: Vec<(Target, Siblings)> = Vec::with_capacity(targets.len());
+            while let Some((target, reply)) = replies.recv().await {
                 let decoded = reply.map_err(|e| e.to_string()).and_then(|value| {
                     messages::from_value::<Siblings>(&value).map_err(|e| e.to_string())
                 });
                 let outcome = match decoded {
                     Ok(siblings) => {
                         merged.merge(&siblings);
-                        seen.push((server, siblings));
+                        seen.push((target, siblings));
                         tally.success()
                     }
                     Err(error) => {
-                        first_failure
-                            .get_or_insert_with(|| format!("{}: {error}", this.address(server)));
+                        first_failure.get_or_insert_with(|| this.describe_failure(target, &error));
                         tally.failure()
                     }
                 };
@@ -296,7 +338,7 @@ impl Balancer {
                     let _ = answer.send(result);
                 }
             }
-            this.after_read(key, merged, seen, preference.len());
+            this.after_read(key, merged, seen);
         });
         answered
             .await
@@ -304,23 +346,16 @@ impl Balancer {
     }
 
     /// Once every reply is in: repair the replicas that answered with less, or, when all N
-    /// replicas hold the same old tombstones, reap the key.
-    fn after_read(
-        &self,
-        key: String,
-        merged: Siblings,
-        seen: Vec<(usize, Siblings)>,
-        replicas: usize,
-    ) {
-        let everyone_agrees = seen.len() == replicas && seen.iter().all(|(_, s)| *s == merged);
-        if everyone_agrees && merged.is_tombstoned() {
+    /// preferred replicas hold the same old tombstones, reap the key.
+    fn after_read(&self, key: String, merged: Siblings, seen: Vec<(Target, Siblings)>) {
+        let all_primaries = seen.len() == self.shared.config.replicas
+            && seen.iter().all(|(target, _)| !target.is_fallback());
+        let everyone_agrees = seen.iter().all(|(_, siblings)| *siblings == merged);
+        if all_primaries && everyone_agrees && merged.is_tombstoned() {
             let age_ms = crate::node::now_ms().saturating_sub(merged.newest_timestamp_ms());
             if u128::from(age_ms) >= self.shared.config.tombstone_grace.as_millis() {
-                self.reap(
-                    key,
-                    &merged,
-                    seen.into_iter().map(|(server, _)| server).collect(),
-                );
+                let replicas: Vec<Target> = seen.into_iter().map(|(target, _)| target).collect();
+                self.reap(key, &merged, &replicas);
             }
             return;
         }
@@ -328,14 +363,14 @@ impl Balancer {
     }
 
     /// Removes a key's tombstones from every replica (each checks it still holds exactly them).
-    fn reap(&self, key: String, tombstones: &Siblings, replicas: Vec<usize>) {
+    fn reap(&self, key: String, tombstones: &Siblings, replicas: &[Target]) {
         self.shared.metrics.reaps.inc();
         let request = ReapRequest {
             key,
             dots: tombstones.dots().collect(),
         };
-        match messages::to_param(&request) {
-            Ok(param) => drop(self.fan_out(&replicas, messages::REAP, param)),
+        match self.calls(replicas, |_| request.clone()) {
+            Ok(calls) => drop(self.fan_out(calls, messages::REAP)),
             Err(error) => tracing::warn!(%error, "reap could not be encoded"),
         }
     }
@@ -352,22 +387,24 @@ impl Balancer {
     }
 
     /// Writes the merged set back to every replica whose answer lacked part of it.
-    fn repair(&self, key: String, merged: Siblings, seen: Vec<(usize, Siblings)>) {
-        let stale: Vec<usize> = seen
+    fn repair(&self, key: String, merged: Siblings, seen: Vec<(Target, Siblings)>) {
+        let stale: Vec<Target> = seen
             .into_iter()
             .filter(|(_, siblings)| *siblings != merged)
-            .map(|(server, _)| server)
+            .map(|(target, _)| target)
             .collect();
         if stale.is_empty() {
             return;
         }
         self.shared.metrics.read_repairs.add(stale.len() as u64);
-        match messages::to_param(&MergeRequest {
-            key,
-            siblings: merged,
-        }) {
+        let calls = self.calls(&stale, |hint_for| MergeRequest {
+            key: key.clone(),
+            siblings: merged.clone(),
+            hint_for,
+        });
+        match calls {
             // Nobody waits for these replies; the tasks end with their calls.
-            Ok(param) => drop(self.fan_out(&stale, messages::MERGE, param)),
+            Ok(calls) => drop(self.fan_out(calls, messages::MERGE)),
             Err(error) => tracing::warn!(%error, "read repair could not be encoded"),
         }
     }
@@ -519,9 +556,7 @@ impl Handler for Balancer {
             "Deleted keys whose tombstones were reaped.",
             m.reaps.get(),
         );
-        let up = (0..self.shared.ring.servers().len())
-            .filter(|&i| self.shared.health.state(i) == "up")
-            .count();
+        let up = self.shared.health.up_count();
         out.gauge(
             "dynamite_balancer_servers_up",
             "Storage nodes whose last call succeeded.",
@@ -617,6 +652,19 @@ pub async fn run(
         "load balancer serving"
     );
     let balancer = Arc::new(Balancer::new(config));
+    let prober = tokio::spawn(probe_periodically(balancer.clone()));
     server::serve(listener, balancer, limits, shutdown).await;
+    prober.abort();
     Ok(())
+}
+
+/// Probes down nodes until the task is dropped.
+async fn probe_periodically(balancer: Arc<Balancer>) {
+    let mut ticks = tokio::time::interval(health::PROBE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let shared = &balancer.shared;
+        shared.health.probe_down_nodes(&shared.client).await;
+    }
 }

@@ -9,6 +9,7 @@
 //!
 //! For people, it also answers `get(key)` with its own copy of a key and `stats()`.
 
+pub mod hints;
 mod key_locks;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tokio::net::TcpListener;
 
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
+use crate::rpc::client::RpcClient;
 use crate::rpc::codec;
 use crate::rpc::messages::{
     self, CoordinateRequest, MergeRequest, ReadRequest, ReapRequest, check_key,
@@ -28,6 +30,7 @@ use crate::rpc::server::{self, Handler, ServerLimits, expect_params};
 use crate::storage::{self, Engine, Tree, WriteOp};
 use crate::telemetry::{Counter, Exposition};
 use crate::version::{ActorId, Siblings};
+use hints::HintRecord;
 use key_locks::KeyLocks;
 
 /// How often the journal is forced to disk. Writes are acknowledged once the OS has them
@@ -79,6 +82,8 @@ pub struct StorageNode {
     live_keys: AtomicI64,
     /// Keys whose every sibling is a tombstone, waiting to be reaped.
     tombstone_keys: AtomicI64,
+    /// Hints held for other nodes.
+    hints: AtomicI64,
     log_requests: bool,
     metrics: NodeMetrics,
 }
@@ -90,12 +95,14 @@ impl StorageNode {
         let engine = storage::open(&config.storage)?;
         let actor = load_or_create_actor(&*engine)?;
         let (live_keys, tombstone_keys) = count_keys(&*engine)?;
+        let hints = count_entries(&*engine, Tree::Hints)?;
         Ok(StorageNode {
             engine,
             actor,
             locks: KeyLocks::new(),
             live_keys: AtomicI64::new(live_keys),
             tombstone_keys: AtomicI64::new(tombstone_keys),
+            hints: AtomicI64::new(hints),
             log_requests: config.log_requests,
             metrics: NodeMetrics::default(),
         })
@@ -117,7 +124,7 @@ impl StorageNode {
         }
     }
 
-    /// Read-modify-write of one key under its lock; `change` returns the new set to store.
+    /// Read-modify-write of one key of this node's own data, under the key's lock.
     fn update(&self, key: &str, change: impl FnOnce(&mut Siblings)) -> Result<Siblings> {
         let _guard = self.locks.lock(key.as_bytes());
         let mut siblings = self.load(key)?;
@@ -136,6 +143,85 @@ impl StorageNode {
             self.tombstone_keys.fetch_add(dead, Ordering::Relaxed);
         }
         Ok(siblings)
+    }
+
+    fn load_hint(&self, slot: &[u8], owner: &str, key: &str) -> Result<Option<HintRecord>> {
+        let Some(bytes) = self.engine.get(Tree::Hints, slot)? else {
+            return Ok(None);
+        };
+        let record: HintRecord = postcard::from_bytes(&bytes)
+            .map_err(|_| Error::Internal("stored hint is corrupt".into()))?;
+        if record.owner != owner || record.key != key {
+            // Two very long keys whose digests collide: refuse rather than mix them up.
+            return Err(Error::Internal("hint slot holds another key".into()));
+        }
+        Ok(Some(record))
+    }
+
+    /// Read-modify-write of the hint held for `owner`, under the slot's lock.
+    fn update_hint(
+        &self,
+        owner: &str,
+        key: &str,
+        change: impl FnOnce(&mut Siblings),
+    ) -> Result<Siblings> {
+        let slot = hints::slot(owner, key);
+        let _guard = self.locks.lock(&slot);
+        let existing = self.load_hint(&slot, owner, key)?;
+        let mut siblings = existing
+            .as_ref()
+            .map(|r| r.siblings.clone())
+            .unwrap_or_default();
+        change(&mut siblings);
+        if existing.as_ref().map(|r| &r.siblings) != Some(&siblings) {
+            let record = HintRecord {
+                owner: owner.to_owned(),
+                key: key.to_owned(),
+                siblings,
+            };
+            let bytes = postcard::to_allocvec(&record)
+                .map_err(|_| Error::Internal("hint could not be encoded".into()))?;
+            self.engine.write(vec![WriteOp {
+                tree: Tree::Hints,
+                key: slot,
+                value: Some(bytes),
+            }])?;
+            if existing.is_none() {
+                self.hints.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(record.siblings);
+        }
+        Ok(siblings)
+    }
+
+    /// Drops a hint its owner accepted, unless it changed since it was read for delivery.
+    pub fn drop_delivered_hint(&self, delivered: &HintRecord) -> Result<bool> {
+        let slot = hints::slot(&delivered.owner, &delivered.key);
+        let _guard = self.locks.lock(&slot);
+        let current = self.load_hint(&slot, &delivered.owner, &delivered.key)?;
+        if current.as_ref() != Some(delivered) {
+            return Ok(false);
+        }
+        self.engine.write(vec![WriteOp {
+            tree: Tree::Hints,
+            key: slot,
+            value: None,
+        }])?;
+        self.hints.fetch_sub(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Applies `change` to the key's own copy, or to the hint held for `hint_for`.
+    fn update_place(
+        &self,
+        key: &str,
+        hint_for: Option<&str>,
+        change: impl FnOnce(&mut Siblings),
+    ) -> Result<Siblings> {
+        match hint_for {
+            None => self.update(key, change),
+            Some(owner) => self.update_hint(owner, key, change),
+        }
     }
 
     /// Removes a key whose tombstones every replica holds (the balancer checked), but only if
@@ -159,21 +245,41 @@ impl StorageNode {
         check_key(&request.key)?;
         self.log("put", &request.key, request.value.is_none());
         let now = now_ms();
-        self.update(&request.key, |siblings| {
-            siblings.write(self.actor, request.context.as_ref(), request.value, now);
+        let CoordinateRequest {
+            key,
+            value,
+            context,
+            hint_for,
+        } = request;
+        self.update_place(&key, hint_for.as_deref(), |siblings| {
+            siblings.write(self.actor, context.as_ref(), value, now);
         })
     }
 
     pub fn merge(&self, request: MergeRequest) -> Result<Siblings> {
         check_key(&request.key)?;
         self.log("store", &request.key, false);
-        self.update(&request.key, |siblings| siblings.merge(&request.siblings))
+        let MergeRequest {
+            key,
+            siblings: incoming,
+            hint_for,
+        } = request;
+        self.update_place(&key, hint_for.as_deref(), |siblings| {
+            siblings.merge(&incoming)
+        })
     }
 
     pub fn read(&self, request: &ReadRequest) -> Result<Siblings> {
         check_key(&request.key)?;
         self.log("get", &request.key, false);
-        self.load(&request.key)
+        match &request.hint_for {
+            None => self.load(&request.key),
+            Some(owner) => {
+                let slot = hints::slot(owner, &request.key);
+                let record = self.load_hint(&slot, owner, &request.key)?;
+                Ok(record.map(|r| r.siblings).unwrap_or_default())
+            }
+        }
     }
 
     fn log(&self, operation: &str, key: &str, delete: bool) {
@@ -188,7 +294,10 @@ impl StorageNode {
         let stats = Value::Struct(
             [
                 ("keys".to_string(), Value::Integer(clamp_i32(keys))),
-                ("hints".to_string(), Value::Integer(0)),
+                (
+                    "hints".to_string(),
+                    Value::Integer(clamp_i32(self.hints.load(Ordering::Relaxed))),
+                ),
                 (
                     "tombstones".to_string(),
                     Value::Integer(clamp_i32(self.tombstone_keys.load(Ordering::Relaxed))),
@@ -286,7 +395,10 @@ impl StorageNode {
                 let Value::String(key) = &params[0] else {
                     return Err(Error::invalid("the key must be a string"));
                 };
-                let siblings = self.read(&ReadRequest { key: key.clone() })?;
+                let siblings = self.read(&ReadRequest {
+                    key: key.clone(),
+                    hint_for: None,
+                })?;
                 Ok(siblings
                     .latest_value()
                     .map_or_else(|| codec::NIL_XML.to_owned(), str::to_owned))
@@ -314,11 +426,13 @@ pub async fn run(
         "storage node serving"
     );
     let syncer = tokio::spawn(sync_periodically(node.engine.clone()));
+    let handoff = tokio::spawn(hints::handoff_periodically(node.clone(), RpcClient::new()));
     let limits = ServerLimits {
         max_request_bytes: config.max_request_bytes,
     };
     server::serve(listener, node.clone(), limits, shutdown).await;
     syncer.abort();
+    handoff.abort();
     node.engine.sync()?;
     Ok(())
 }
@@ -351,6 +465,20 @@ fn load_or_create_actor(engine: &dyn Engine) -> Result<ActorId> {
         value: Some(actor.to_be_bytes().to_vec()),
     }])?;
     Ok(actor)
+}
+
+/// Entries of a tree, counted once at start.
+fn count_entries(engine: &dyn Engine, tree: Tree) -> Result<i64> {
+    let mut count = 0;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = engine.scan(tree, after.as_deref(), SCAN_PAGE)?;
+        count += page.len() as i64;
+        if page.len() < SCAN_PAGE {
+            return Ok(count);
+        }
+        after = page.into_iter().last().map(|(key, _)| key);
+    }
 }
 
 /// Live and tombstoned keys, counted once at start.
@@ -432,6 +560,7 @@ mod tests {
             key: key.into(),
             value: value.map(str::to_owned),
             context: None,
+            hint_for: None,
         };
         node.coordinate(request).expect("coordinate")
     }
@@ -458,9 +587,12 @@ mod tests {
         assert!(reaped.expect("reap"));
         assert_eq!(counts(&node), (1, 0));
         assert!(
-            node.read(&ReadRequest { key: "a".into() })
-                .expect("read")
-                .is_empty()
+            node.read(&ReadRequest {
+                key: "a".into(),
+                hint_for: None
+            })
+            .expect("read")
+            .is_empty()
         );
     }
 
@@ -474,7 +606,12 @@ mod tests {
             dots: tombstone.dots().collect(),
         });
         assert!(!reaped.expect("reap"));
-        let held = node.read(&ReadRequest { key: "k".into() }).expect("read");
+        let held = node
+            .read(&ReadRequest {
+                key: "k".into(),
+                hint_for: None,
+            })
+            .expect("read");
         assert_eq!(held.latest_value(), Some("<value>again</value>"));
     }
 
@@ -486,6 +623,7 @@ mod tests {
         let request = MergeRequest {
             key: "k".into(),
             siblings: set.clone(),
+            hint_for: None,
         };
         assert_eq!(replica.merge(request.clone()).expect("merge"), set);
         assert_eq!(replica.merge(request).expect("merge again"), set);
@@ -496,7 +634,12 @@ mod tests {
     fn keys_over_the_limit_are_refused() {
         let node = node();
         let key = "k".repeat(messages::MAX_KEY_BYTES + 1);
-        let error = node.read(&ReadRequest { key }).expect_err("too long");
+        let error = node
+            .read(&ReadRequest {
+                key,
+                hint_for: None,
+            })
+            .expect_err("too long");
         assert_eq!(error.fault_code(), crate::error::FAULT_INVALID_PARAMS);
     }
 }

@@ -79,6 +79,26 @@ impl RpcClient {
         }
     }
 
+    /// Is the daemon at `address` serving? `GET /health` within `timeout`.
+    pub async fn probe(&self, address: &str, timeout: Duration) -> bool {
+        let Ok(request) =
+            Request::get(format!("http://{address}/health")).body(Full::new(Bytes::new()))
+        else {
+            return false;
+        };
+        let answered = async {
+            let response = self.http.request(request).await.ok()?;
+            let healthy = response.status().is_success();
+            // Read the small body so the connection goes back to the pool.
+            response.into_body().collect().await.ok()?;
+            Some(healthy)
+        };
+        matches!(
+            tokio::time::timeout(timeout, answered).await,
+            Ok(Some(true))
+        )
+    }
+
     async fn post(&self, address: &str, body: String) -> Result<Value, CallError> {
         let request = Request::post(format!("http://{address}/RPC2"))
             .header(CONTENT_TYPE, HeaderValue::from_static("text/xml"))

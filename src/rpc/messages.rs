@@ -27,17 +27,24 @@ pub struct CoordinateRequest {
     pub value: Option<String>,
     /// What the client had seen; `None` for a blind write that supersedes what the node holds.
     pub context: Option<VClock>,
+    /// Set when the node stands in for an unreachable replica (sloppy quorum): the owner's
+    /// address, so the node keeps the write as a hint and hands it over later.
+    pub hint_for: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeRequest {
     pub key: String,
     pub siblings: Siblings,
+    /// As in [`CoordinateRequest::hint_for`].
+    pub hint_for: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReadRequest {
     pub key: String,
+    /// Read the hint held for this owner instead of the node's own copy.
+    pub hint_for: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,11 +120,13 @@ mod tests {
         let request = MergeRequest {
             key: "k\r\n<>".into(),
             siblings: siblings.clone(),
+            hint_for: Some("127.0.0.1:1".into()),
         };
         let param = to_param(&request).expect("encodes");
         let back: MergeRequest = from_params(&[param]).expect("decodes");
         assert_eq!(back.key, "k\r\n<>");
         assert_eq!(back.siblings, siblings);
+        assert_eq!(back.hint_for.as_deref(), Some("127.0.0.1:1"));
         let reply = reply_xml(&siblings).expect("encodes");
         let value = crate::rpc::codec::value_from_xml(&reply).expect("parses");
         assert_eq!(from_value::<Siblings>(&value).expect("decodes"), siblings);

@@ -1,0 +1,154 @@
+//! Hinted handoff: writes held for a replica that was unreachable, and their delivery.
+//!
+//! While a key's preferred replica is down, a balancer sends its writes to the next healthy
+//! node on the ring with a hint naming the owner (Dynamo §4.6). Such a node keeps them apart
+//! from its own data, in the engine's `Hints` tree, so they never count as its keys and never
+//! mix with a copy it replicates itself. A worker scans the hints periodically and offers each
+//! one to its owner as an ordinary merge; once the owner has it, the hint is dropped, unless
+//! a newer write for the same key arrived meanwhile, which then goes on the next round.
+//!
+//! The hint carries the owner's address as the balancer knows it, so handoff works without
+//! `-s` peers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+
+use crate::rpc::client::RpcClient;
+use crate::rpc::messages::{self, MergeRequest};
+use crate::storage::{self, Tree};
+use crate::version::Siblings;
+
+use super::StorageNode;
+
+/// How often the worker looks for hints to hand off.
+pub const HANDOFF_INTERVAL: Duration = Duration::from_millis(500);
+/// How long the owner may take to accept one hint.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(2);
+/// Hints read per page, and handed off concurrently.
+const HANDOFF_BATCH: usize = 64;
+
+/// One hint as stored: the owner and key travel in the value, so the storage key may be a
+/// digest when the two together are too long to be a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HintRecord {
+    pub owner: String,
+    pub key: String,
+    pub siblings: Siblings,
+}
+
+/// The storage key of the hint for `key` held for `owner`: `owner \0 key`, grouping hints by
+/// owner; when that is too long for the engine, `owner \1 md5(key)`, and the record's own
+/// key field tells the rare digest collision apart (see [`StorageNode::update_hint`]).
+pub fn slot(owner: &str, key: &str) -> Vec<u8> {
+    let mut slot = Vec::with_capacity(owner.len() + 1 + key.len().min(16));
+    slot.extend_from_slice(owner.as_bytes());
+    if owner.len() + 1 + key.len() <= storage::MAX_KEY_BYTES {
+        slot.push(0);
+        slot.extend_from_slice(key.as_bytes());
+    } else {
+        slot.push(1);
+        slot.extend_from_slice(&md5::compute(key.as_bytes()).0);
+    }
+    slot
+}
+
+/// Hands hints to their owners until the task is dropped.
+pub async fn handoff_periodically(node: Arc<StorageNode>, client: RpcClient) {
+    let mut ticks = tokio::time::interval(HANDOFF_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        handoff_round(&node, &client).await;
+    }
+}
+
+/// One pass over every hint; owners that fail are skipped for the rest of the pass.
+pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize {
+    let mut delivered = 0;
+    let mut unreachable: Vec<String> = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = match node
+            .engine()
+            .scan(Tree::Hints, after.as_deref(), HANDOFF_BATCH)
+        {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::error!(%error, "cannot read hints");
+                return delivered;
+            }
+        };
+        let full_page = page.len() == HANDOFF_BATCH;
+        after = page.last().map(|(slot, _)| slot.clone());
+        let mut deliveries = JoinSet::new();
+        for (_, bytes) in page {
+            let Ok(record) = postcard::from_bytes::<HintRecord>(&bytes) else {
+                tracing::error!("skipping a corrupt hint");
+                continue;
+            };
+            if unreachable.contains(&record.owner) {
+                continue;
+            }
+            let client = client.clone();
+            deliveries.spawn(async move {
+                let request = MergeRequest {
+                    key: record.key.clone(),
+                    siblings: record.siblings.clone(),
+                    hint_for: None,
+                };
+                let result = match messages::to_param(&request) {
+                    Ok(param) => client
+                        .call(&record.owner, messages::MERGE, vec![param], HANDOFF_TIMEOUT)
+                        .await
+                        .map_err(|error| error.to_string()),
+                    Err(error) => Err(error.to_string()),
+                };
+                (record, result)
+            });
+        }
+        while let Some(joined) = deliveries.join_next().await {
+            let Ok((record, result)) = joined else {
+                continue;
+            };
+            match result {
+                Ok(_) => match node.drop_delivered_hint(&record) {
+                    Ok(true) => delivered += 1,
+                    Ok(false) => {}
+                    Err(error) => tracing::error!(%error, "cannot drop a delivered hint"),
+                },
+                Err(error) => {
+                    tracing::debug!(owner = record.owner, %error, "hint owner unreachable");
+                    if !unreachable.contains(&record.owner) {
+                        unreachable.push(record.owner);
+                    }
+                }
+            }
+        }
+        if !full_page {
+            break;
+        }
+    }
+    if delivered > 0 {
+        tracing::info!(delivered, "handed hints over to their owners");
+    }
+    delivered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_group_by_owner_and_stay_within_the_engine_limit() {
+        let short = slot("127.0.0.1:1", "key");
+        assert!(short.starts_with(b"127.0.0.1:1\0"));
+        let long_key = "k".repeat(storage::MAX_KEY_BYTES);
+        let long = slot("127.0.0.1:1", &long_key);
+        assert!(long.len() <= storage::MAX_KEY_BYTES);
+        assert!(long.starts_with(b"127.0.0.1:1\x01"));
+        assert_ne!(slot("a:1", "k"), slot("a:2", "k"));
+    }
+}
