@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{
-    BalancerConfig, BalancerFlags, ConfigError, DEFAULT_MAX_REQUEST_BYTES, NodeConfig,
+    BalancerConfig, BalancerFlags, ConfigError, DEFAULT_MAX_REQUEST_BYTES, NodeConfig, NodeRing,
     validate_address,
 };
 use crate::storage::StorageConfig;
@@ -36,6 +36,22 @@ pub struct NodeArgs {
     /// Largest HTTP body accepted; larger ones get HTTP 413.
     #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
+    /// This node's HOST:PORT as balancers and peers name it [default: 127.0.0.1:PORT, or
+    /// --bind's address:PORT when that is a specific address].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Positions of each server on the ring; must match the balancers'.
+    #[arg(long, default_value_t = crate::ring::DEFAULT_VNODES)]
+    pub vnodes: usize,
+    /// Replicas per key; must match the balancers' [default: 3, or the number of nodes if fewer].
+    #[arg(short = 'N', long = "replicas")]
+    pub replicas: Option<usize>,
+    /// Time between anti-entropy rounds with the -s peers.
+    #[arg(long, default_value_t = 5000)]
+    pub aae_interval_ms: u64,
+    /// Most keys one anti-entropy exchange with a peer repairs.
+    #[arg(long, default_value_t = 20_000)]
+    pub aae_max_keys: usize,
 }
 
 impl NodeArgs {
@@ -51,6 +67,26 @@ impl NodeArgs {
                 "--max-request-bytes must be at least 1024".into(),
             ));
         }
+        if self.aae_interval_ms == 0 || self.aae_max_keys == 0 {
+            return Err(ConfigError(
+                "--aae-interval-ms and --aae-max-keys must be at least 1".into(),
+            ));
+        }
+        let advertise = match self.advertise {
+            Some(address) => validate_address(&address)?,
+            None if self.bind.is_unspecified() => format!("127.0.0.1:{}", self.port),
+            None => std::net::SocketAddr::new(self.bind, self.port).to_string(),
+        };
+        let ring = if peers.is_empty() {
+            None
+        } else {
+            Some(NodeRing::new(
+                advertise,
+                &peers,
+                self.vnodes,
+                self.replicas,
+            )?)
+        };
         let storage = if self.in_memory {
             StorageConfig::InMemory
         } else {
@@ -65,6 +101,9 @@ impl NodeArgs {
             storage,
             log_requests: !self.quiet,
             max_request_bytes: self.max_request_bytes,
+            ring,
+            aae_interval: std::time::Duration::from_millis(self.aae_interval_ms),
+            aae_max_keys: self.aae_max_keys,
         })
     }
 }

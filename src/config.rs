@@ -20,6 +20,54 @@ pub struct NodeConfig {
     /// Print a line per request served, so a person can watch keys being spread.
     pub log_requests: bool,
     pub max_request_bytes: usize,
+    /// The ring this node shares with its peers, for anti-entropy; `None` without peers.
+    pub ring: Option<NodeRing>,
+    /// Time between anti-entropy rounds (one exchange with each peer).
+    pub aae_interval: Duration,
+    /// Most keys one anti-entropy exchange repairs: the rate bound.
+    pub aae_max_keys: usize,
+}
+
+/// The ring as a storage node sees it: itself and its `-s` peers, placed exactly as the
+/// balancers place them, so it knows which keys it shares with which peer.
+#[derive(Debug, Clone)]
+pub struct NodeRing {
+    /// This node's address as the balancers and peers name it (`--advertise`).
+    pub me: String,
+    /// Every storage node, this one included, deduplicated and sorted.
+    pub servers: Vec<String>,
+    pub vnodes: usize,
+    pub replicas: usize,
+}
+
+impl NodeRing {
+    pub fn new(
+        me: String,
+        peers: &[String],
+        vnodes: usize,
+        replicas: Option<usize>,
+    ) -> Result<Self, ConfigError> {
+        let mut servers: Vec<String> = peers.to_vec();
+        servers.push(me.clone());
+        servers.sort();
+        servers.dedup();
+        let replicas = replicas.unwrap_or(servers.len().min(3));
+        if replicas == 0 || replicas > servers.len() {
+            return Err(ConfigError(format!(
+                "-N {replicas} is impossible with {} storage node(s) (this one and its -s peers)",
+                servers.len()
+            )));
+        }
+        if vnodes == 0 || vnodes > 65_536 {
+            return Err(ConfigError("--vnodes must be 1..=65536".into()));
+        }
+        Ok(NodeRing {
+            me,
+            servers,
+            vnodes,
+            replicas,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]

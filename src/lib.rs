@@ -19,6 +19,7 @@ pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod merkle;
 pub mod node;
 pub mod quorum;
 pub mod ring;

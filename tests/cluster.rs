@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -250,6 +250,43 @@ fn each_key_lives_on_exactly_n_nodes() {
         per_node.iter().all(|&k| k > 0),
         "keys per node: {per_node:?}"
     );
+}
+
+#[test]
+fn many_clients_at_once_over_kept_alive_connections() {
+    let cluster = Cluster::builder().nodes(3).in_memory().start();
+    let port = cluster.balancer_port(0);
+
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            std::thread::spawn(move || {
+                let lb = Rpc::new(port);
+                let key = |i: usize| format!("client-{client}-{i}");
+                for i in 0..50 {
+                    assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
+                }
+                for i in 0..50 {
+                    assert_eq!(lb.get(&key(i)), Ok(value(i)), "get {}", key(i));
+                }
+                lb.connections_opened()
+            })
+        })
+        .collect();
+    for (client, handle) in clients.into_iter().enumerate() {
+        let connections = handle.join().expect("client thread panicked");
+        assert_eq!(
+            connections, 1,
+            "client {client}: 100 calls needed {connections} connections"
+        );
+    }
+
+    // Every client's writes are visible to everyone.
+    let lb = cluster.client();
+    for client in 0..4 {
+        for i in 0..50 {
+            assert_eq!(lb.get(&format!("client-{client}-{i}")), Ok(value(i)));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -858,6 +895,40 @@ fn writes_and_reads_go_on_while_one_of_three_nodes_is_dead() {
     );
 }
 
+/// Checks a "quorum not met" fault: code 503, a string that names the quorum (`W` or
+/// "write", `R` or "read") and counts the replicas that answered: at most `alive`, fewer if
+/// the balancer gave up as soon as the quorum became impossible.
+fn assert_quorum_fault(
+    what: &str,
+    result: RpcResult,
+    (letter, word): (&str, &str),
+    alive: u64,
+    servers: &[String],
+) {
+    let text = match result {
+        Err((503, text)) => text,
+        other => panic!("{what}: expected fault 503, got {other:?}"),
+    };
+    // Addresses are full of digits; they do not count.
+    let mut scrubbed = text.clone();
+    for server in servers {
+        scrubbed = scrubbed.replace(server.as_str(), " ");
+    }
+    scrubbed = scrubbed.replace("127.0.0.1", " ");
+    assert!(
+        scrubbed.contains(letter) || scrubbed.to_lowercase().contains(word),
+        "{what}: the fault does not name the {word} quorum: {text:?}"
+    );
+    let numbers: Vec<u64> = scrubbed
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|digits| digits.parse().ok())
+        .collect();
+    assert!(
+        numbers.iter().any(|&n| n <= alive),
+        "{what}: the fault does not say how many replicas answered: {text:?}"
+    );
+}
+
 #[test]
 fn with_two_of_three_nodes_dead_quorums_fail_with_503() {
     let mut cluster = Cluster::builder()
@@ -874,38 +945,137 @@ fn with_two_of_three_nodes_dead_quorums_fail_with_503() {
     cluster.nodes[0].kill();
     cluster.nodes[2].kill();
 
-    match lb.put("after", s("the crash")) {
-        Err((503, text)) => {
-            let lower = text.to_lowercase();
-            assert!(
-                text.contains('W') || lower.contains("write"),
-                "the fault does not name the write quorum: {text:?}"
-            );
-            assert!(
-                text.contains('1'),
-                "the fault does not say 1 replica answered: {text:?}"
-            );
-        }
-        other => panic!("put with 1 of 3 replicas alive: expected fault 503, got {other:?}"),
-    }
-    match lb.get("before") {
-        Err((503, text)) => {
-            let lower = text.to_lowercase();
-            assert!(
-                text.contains('R') || lower.contains("read"),
-                "the fault does not name the read quorum: {text:?}"
-            );
-            assert!(
-                text.contains('1'),
-                "the fault does not say 1 replica answered: {text:?}"
-            );
-        }
-        other => panic!("get with 1 of 3 replicas alive: expected fault 503, got {other:?}"),
-    }
+    let servers = cluster.servers();
+    let put = lb.put("after", s("the crash"));
+    assert_quorum_fault(
+        "put with 1 of 3 replicas alive",
+        put,
+        ("W", "write"),
+        1,
+        &servers,
+    );
+    let get = lb.get("before");
+    assert_quorum_fault(
+        "get with 1 of 3 replicas alive",
+        get,
+        ("R", "read"),
+        1,
+        &servers,
+    );
     assert_eq!(
         health(cluster.balancer_port(0)),
         Some(200),
         "the balancer itself is fine"
+    );
+}
+
+#[test]
+fn a_hung_node_costs_at_most_the_timeout() {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .in_memory()
+        .replicas(3)
+        .write_quorum(2)
+        .read_quorum(3)
+        .timeout_ms(1000)
+        .start();
+    let lb = cluster.client();
+    // 1 s of replica timeout, plus room for a slow, busy CI machine.
+    let bound = Duration::from_secs(6);
+
+    // SIGSTOP: the node's sockets still accept connections, but nothing answers.
+    cluster.nodes[2].stop();
+
+    for i in 0..20 {
+        let started = Instant::now();
+        assert_eq!(
+            lb.put(&key(i), value(i)),
+            ok200(),
+            "put {} with a hung node",
+            key(i)
+        );
+        let took = started.elapsed();
+        assert!(
+            took < bound,
+            "put {} took {took:?} with a hung node",
+            key(i)
+        );
+    }
+
+    // R = 3 cannot be met while one replica hangs: a 503 once it timed out, not a hang.
+    let started = Instant::now();
+    let get = lb.get(&key(0));
+    let took = started.elapsed();
+    assert!(took < bound, "get with a hung node took {took:?}");
+    assert_quorum_fault(
+        "get with a hung node",
+        get,
+        ("R", "read"),
+        2,
+        &cluster.servers(),
+    );
+
+    // Resumed, the node counts again, and every write is readable from all three.
+    cluster.nodes[2].cont();
+    wait_until(
+        FAILURE_DETECTION_TIMEOUT,
+        "reads with R = 3 succeed again after SIGCONT",
+        || lb.get(&key(0)) == Ok(value(0)),
+    );
+    for i in 0..20 {
+        assert_eq!(
+            lb.get(&key(i)),
+            Ok(value(i)),
+            "get {} after SIGCONT",
+            key(i)
+        );
+    }
+}
+
+#[test]
+fn a_node_that_lost_its_data_is_repaired_by_reads() {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .in_memory()
+        .replicas(3)
+        .write_quorum(3)
+        .read_quorum(3)
+        .start();
+    let lb = cluster.client();
+    for i in 0..50 {
+        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
+    }
+
+    // In memory, a restart is a node whose disk was replaced: it comes back empty.
+    cluster.nodes[0].restart();
+    let node = cluster.node_client(0);
+    for i in 0..50 {
+        assert_eq!(
+            node.get(&key(i)),
+            Ok(Value::Nil),
+            "{} survived an in-memory restart",
+            key(i)
+        );
+    }
+
+    wait_until(
+        FAILURE_DETECTION_TIMEOUT,
+        "reads with R = 3 succeed with the restarted node",
+        || lb.get(&key(0)) == Ok(value(0)),
+    );
+    for i in 0..50 {
+        assert_eq!(
+            lb.get(&key(i)),
+            Ok(value(i)),
+            "get {} after the restart",
+            key(i)
+        );
+    }
+    // Read repair runs after the answer; it reaches the stale node soon after.
+    wait_until(
+        FAILURE_DETECTION_TIMEOUT,
+        "read repair gives the restarted node back every key that was read",
+        || (0..50).all(|i| node.get(&key(i)) == Ok(value(i))),
     );
 }
 

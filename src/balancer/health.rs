@@ -8,10 +8,17 @@
 //!
 //! A fault from a node (it answered, but refused the call) says nothing about its health and
 //! does not mark it down.
+//!
+//! The prober also checks, once per node and again whenever a node comes back, that a node
+//! with `-s` peers built the same ring as this balancer (its `stats()` shows the fingerprint).
+//! A node on another ring would run anti-entropy towards the wrong replicas; it is reported
+//! and left out ("mismatch") until it is restarted with matching flags.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
+
+use dxr::Value;
 
 use crate::rpc::client::{CallError, RpcClient};
 
@@ -20,9 +27,15 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// Longest a probe may take; a node slower than that to say it is healthy stays down.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
+const UP: u8 = 0;
+const DOWN: u8 = 1;
+const MISMATCH: u8 = 2;
+
 pub struct Health {
     addresses: Vec<String>,
-    up: Vec<AtomicBool>,
+    state: Vec<AtomicU8>,
+    /// Has the node's ring been compared with ours since it was last seen coming up?
+    ring_checked: Vec<AtomicBool>,
     last_error: Vec<Mutex<Option<String>>>,
 }
 
@@ -30,34 +43,51 @@ impl Health {
     pub fn new(addresses: &[String]) -> Self {
         Health {
             addresses: addresses.to_vec(),
-            up: addresses.iter().map(|_| AtomicBool::new(true)).collect(),
+            state: addresses.iter().map(|_| AtomicU8::new(UP)).collect(),
+            ring_checked: addresses.iter().map(|_| AtomicBool::new(false)).collect(),
             last_error: addresses.iter().map(|_| Mutex::new(None)).collect(),
         }
     }
 
     pub fn is_up(&self, server: usize) -> bool {
-        self.up[server].load(Ordering::Relaxed)
+        self.state[server].load(Ordering::Relaxed) == UP
     }
 
     pub fn mark_up(&self, server: usize) {
-        if !self.up[server].swap(true, Ordering::Relaxed) {
+        if self.state[server]
+            .compare_exchange(DOWN, UP, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
             tracing::info!(server = self.addresses[server], "storage node is up again");
         }
     }
 
     /// Records a failed call; only failures that say the node is unreachable mark it down.
     pub fn record_failure(&self, server: usize, error: &CallError) {
-        if let Ok(mut last) = self.last_error[server].lock() {
-            *last = Some(error.to_string());
-        }
+        self.set_last_error(server, error.to_string());
         let unreachable = matches!(error, CallError::Timeout | CallError::Transport(_));
-        if unreachable && self.up[server].swap(false, Ordering::Relaxed) {
+        if unreachable
+            && self.state[server]
+                .compare_exchange(UP, DOWN, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.ring_checked[server].store(false, Ordering::Relaxed);
             tracing::warn!(server = self.addresses[server], %error, "storage node is down");
         }
     }
 
+    fn set_last_error(&self, server: usize, error: String) {
+        if let Ok(mut last) = self.last_error[server].lock() {
+            *last = Some(error);
+        }
+    }
+
     pub fn state(&self, server: usize) -> &'static str {
-        if self.is_up(server) { "up" } else { "down" }
+        match self.state[server].load(Ordering::Relaxed) {
+            UP => "up",
+            MISMATCH => "mismatch",
+            _ => "down",
+        }
     }
 
     pub fn last_error(&self, server: usize) -> Option<String> {
@@ -68,21 +98,71 @@ impl Health {
     }
 
     pub fn up_count(&self) -> usize {
-        (0..self.up.len())
+        (0..self.addresses.len())
             .filter(|&server| self.is_up(server))
             .count()
     }
 
-    /// Probes the down nodes, concurrently, once.
-    pub async fn probe_down_nodes(&self, client: &RpcClient) {
+    /// One prober round: probe down nodes, check the ring of nodes not checked yet.
+    pub async fn probe(&self, client: &RpcClient, fingerprint: &str) {
         let mut probes = tokio::task::JoinSet::new();
-        for server in (0..self.up.len()).filter(|&server| !self.is_up(server)) {
+        for server in 0..self.addresses.len() {
+            let state = self.state[server].load(Ordering::Relaxed);
+            let check_ring = state == MISMATCH
+                || (state == UP && !self.ring_checked[server].load(Ordering::Relaxed));
+            if state != DOWN && !check_ring {
+                continue;
+            }
             let (client, address) = (client.clone(), self.addresses[server].clone());
-            probes.spawn(async move { (server, client.probe(&address, PROBE_TIMEOUT).await) });
+            probes.spawn(async move {
+                if check_ring {
+                    let stats = client.call(&address, "stats", vec![], PROBE_TIMEOUT).await;
+                    (server, check_ring, stats.ok())
+                } else {
+                    let healthy = client.probe(&address, PROBE_TIMEOUT).await;
+                    (server, check_ring, healthy.then_some(Value::Boolean(true)))
+                }
+            });
         }
         while let Some(probed) = probes.join_next().await {
-            if let Ok((server, true)) = probed {
-                self.mark_up(server);
+            match probed {
+                Ok((server, false, Some(_))) => self.mark_up(server),
+                Ok((server, true, Some(stats))) => self.compare_ring(server, &stats, fingerprint),
+                _ => {}
+            }
+        }
+    }
+
+    /// Leaves out a node whose ring differs from ours; takes back one that now agrees.
+    fn compare_ring(&self, server: usize, stats: &Value, fingerprint: &str) {
+        let theirs = match stats {
+            Value::Struct(fields) => match fields.get("ring") {
+                Some(Value::String(ring)) => Some(ring.as_str()),
+                _ => None, // a node without -s peers runs no anti-entropy: nothing to agree on
+            },
+            _ => None,
+        };
+        self.ring_checked[server].store(true, Ordering::Relaxed);
+        match theirs {
+            Some(ring) if ring != fingerprint => {
+                let message = format!(
+                    "ring mismatch: the node has ring {ring}, this balancer {fingerprint}; start every daemon with the same servers, --vnodes and -N"
+                );
+                if self.state[server].swap(MISMATCH, Ordering::Relaxed) != MISMATCH {
+                    tracing::error!(server = self.addresses[server], "{message}");
+                }
+                self.set_last_error(server, message);
+            }
+            _ => {
+                if self.state[server]
+                    .compare_exchange(MISMATCH, UP, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    tracing::info!(
+                        server = self.addresses[server],
+                        "storage node's ring now matches"
+                    );
+                }
             }
         }
     }

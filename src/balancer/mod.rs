@@ -91,6 +91,8 @@ pub struct Balancer {
 struct Shared {
     config: BalancerConfig,
     ring: Ring,
+    /// The ring's fingerprint with N, as storage nodes with peers report theirs.
+    fingerprint: String,
     client: RpcClient,
     health: Health,
     metrics: BalancerMetrics,
@@ -103,9 +105,11 @@ impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
         let ring = Ring::new(&config.servers, config.vnodes);
         let health = Health::new(ring.servers());
+        let fingerprint = crate::node::anti_entropy::fingerprint(&ring, config.replicas);
         Balancer {
             shared: Arc::new(Shared {
                 config,
+                fingerprint,
                 ring,
                 client: RpcClient::new(),
                 health,
@@ -114,14 +118,36 @@ impl Balancer {
         }
     }
 
-    /// The replicas for a key right now: the preference list with down nodes replaced by
-    /// fallbacks (see [`targets`]), and how many preferred replicas could not be placed.
-    fn targets(&self, key: &str) -> (Vec<Target>, usize) {
+    /// The replicas for a request needing `needed` of them: the preference list with down
+    /// nodes replaced by fallbacks (see [`targets`]). Down nodes with no fallback are left out
+    /// (and counted as failed in the returned tally) while the others can still meet the
+    /// quorum; when they cannot, the down nodes are tried after all, as a last resort: the
+    /// request would fail anyway, and the node may be back before the prober noticed.
+    fn targets(&self, key: &str, needed: usize) -> (Vec<Target>, Tally, Option<String>) {
         let shared = &self.shared;
         let walk: Vec<usize> = shared.ring.walk(key.as_bytes()).collect();
-        targets::choose(&walk, shared.config.replicas, |server| {
+        let (mut targets, missing) = targets::choose(&walk, shared.config.replicas, |server| {
             shared.health.is_up(server)
-        })
+        });
+        let mut tally = Tally::new(shared.config.replicas, needed);
+        let mut detail = None;
+        if targets.len() >= needed {
+            for _ in &missing {
+                tally.failure();
+            }
+            if !missing.is_empty() {
+                detail = Some(format!(
+                    "{} replica(s) down with no fallback",
+                    missing.len()
+                ));
+            }
+        } else {
+            targets.extend(missing.into_iter().map(|owner| Target {
+                server: owner,
+                owner,
+            }));
+        }
+        (targets, tally, detail)
     }
 
     fn address(&self, server: usize) -> &str {
@@ -208,16 +234,6 @@ impl Balancer {
         }
     }
 
-    /// A tally for N replicas of which `missing` are known down with no fallback.
-    fn tally(&self, needed: usize, missing: usize) -> (Tally, Option<String>) {
-        let mut tally = Tally::new(self.shared.config.replicas, needed);
-        for _ in 0..missing {
-            tally.failure();
-        }
-        let detail = (missing > 0).then(|| format!("{missing} replica(s) down with no fallback"));
-        (tally, detail)
-    }
-
     /// A put (`value` Some) or delete (`value` None) through a coordinating replica.
     pub async fn write(
         &self,
@@ -225,11 +241,8 @@ impl Balancer {
         value: Option<String>,
         context: Option<VClock>,
     ) -> Result<()> {
-        let (targets, missing) = self.targets(&key);
-        let (mut tally, mut first_failure) = self.tally(self.shared.config.write_quorum, missing);
-        if tally.outcome() == Outcome::Failed {
-            return Err(self.quorum_error(QuorumKind::Write, &tally, first_failure));
-        }
+        let (targets, mut tally, mut first_failure) =
+            self.targets(&key, self.shared.config.write_quorum);
 
         // The first replica that answers coordinates; the ones before it count as failed.
         let mut coordinated = None;
@@ -296,11 +309,8 @@ impl Balancer {
     /// Reads the key from R replicas and returns their merged sibling set; read repair (or
     /// reaping) follows in the background once the stragglers answered.
     pub async fn read(&self, key: String) -> Result<Siblings> {
-        let (targets, missing) = self.targets(&key);
-        let (mut tally, mut first_failure) = self.tally(self.shared.config.read_quorum, missing);
-        if tally.outcome() == Outcome::Failed {
-            return Err(self.quorum_error(QuorumKind::Read, &tally, first_failure));
-        }
+        let (targets, mut tally, mut first_failure) =
+            self.targets(&key, self.shared.config.read_quorum);
         let calls = self.calls(&targets, |hint_for| ReadRequest {
             key: key.clone(),
             hint_for,
@@ -501,7 +511,10 @@ impl Balancer {
                     "timeout_ms".to_string(),
                     int(config.replica_timeout.as_millis() as usize),
                 ),
-                ("ring".to_string(), Value::String(shared.ring.fingerprint())),
+                (
+                    "ring".to_string(),
+                    Value::String(shared.fingerprint.clone()),
+                ),
                 ("counters".to_string(), Value::Struct(counters)),
             ]
             .into(),
@@ -665,6 +678,9 @@ async fn probe_periodically(balancer: Arc<Balancer>) {
     loop {
         ticks.tick().await;
         let shared = &balancer.shared;
-        shared.health.probe_down_nodes(&shared.client).await;
+        shared
+            .health
+            .probe(&shared.client, &shared.fingerprint)
+            .await;
     }
 }

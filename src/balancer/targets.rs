@@ -22,18 +22,18 @@ impl Target {
     }
 }
 
-/// The replicas for a key whose ring walk is `walk`, and how many preferred replicas are down
+/// The replicas for a key whose ring walk is `walk`, and the preferred replicas that are down
 /// with no fallback to take their place.
 pub fn choose(
     walk: &[usize],
     replicas: usize,
     is_up: impl Fn(usize) -> bool,
-) -> (Vec<Target>, usize) {
+) -> (Vec<Target>, Vec<usize>) {
     let split = replicas.min(walk.len());
     let (preferred, beyond) = walk.split_at(split);
     let mut spares = beyond.iter().copied().filter(|&server| is_up(server));
     let mut targets = Vec::with_capacity(split);
-    let mut missing = 0;
+    let mut missing = Vec::new();
     for &owner in preferred {
         if is_up(owner) {
             targets.push(Target {
@@ -43,7 +43,7 @@ pub fn choose(
         } else if let Some(server) = spares.next() {
             targets.push(Target { server, owner });
         } else {
-            missing += 1;
+            missing.push(owner);
         }
     }
     (targets, missing)
@@ -61,14 +61,14 @@ mod tests {
     fn choice_table() {
         let walk = [3, 1, 4, 0, 2];
         // (servers down, N, expected targets, expected missing)
-        let cases: Vec<(&[usize], usize, Vec<Target>, usize)> = vec![
-            (&[], 3, vec![t(3, 3), t(1, 1), t(4, 4)], 0),
-            (&[1], 3, vec![t(3, 3), t(0, 1), t(4, 4)], 0),
-            (&[3, 4], 3, vec![t(0, 3), t(1, 1), t(2, 4)], 0),
-            (&[3, 0], 3, vec![t(2, 3), t(1, 1), t(4, 4)], 0),
-            (&[3, 1, 4, 0], 3, vec![t(2, 3)], 2),
-            (&[0, 1, 2, 3, 4], 3, vec![], 3),
-            (&[1], 5, vec![t(3, 3), t(4, 4), t(0, 0), t(2, 2)], 1),
+        let cases: Vec<(&[usize], usize, Vec<Target>, Vec<usize>)> = vec![
+            (&[], 3, vec![t(3, 3), t(1, 1), t(4, 4)], vec![]),
+            (&[1], 3, vec![t(3, 3), t(0, 1), t(4, 4)], vec![]),
+            (&[3, 4], 3, vec![t(0, 3), t(1, 1), t(2, 4)], vec![]),
+            (&[3, 0], 3, vec![t(2, 3), t(1, 1), t(4, 4)], vec![]),
+            (&[3, 1, 4, 0], 3, vec![t(2, 3)], vec![1, 4]),
+            (&[0, 1, 2, 3, 4], 3, vec![], vec![3, 1, 4]),
+            (&[1], 5, vec![t(3, 3), t(4, 4), t(0, 0), t(2, 2)], vec![1]),
         ];
         for (down, n, expected, missing) in cases {
             let (targets, unplaced) = choose(&walk, n, |s| !down.contains(&s));

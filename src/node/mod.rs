@@ -9,6 +9,7 @@
 //!
 //! For people, it also answers `get(key)` with its own copy of a key and `stats()`.
 
+pub mod anti_entropy;
 pub mod hints;
 mod key_locks;
 
@@ -24,12 +25,14 @@ use crate::error::{Error, Result};
 use crate::rpc::client::RpcClient;
 use crate::rpc::codec;
 use crate::rpc::messages::{
-    self, CoordinateRequest, MergeRequest, ReadRequest, ReapRequest, check_key,
+    self, CoordinateRequest, MergeManyRequest, MergeRequest, ReadManyRequest, ReadRequest,
+    ReapRequest, check_key,
 };
 use crate::rpc::server::{self, Handler, ServerLimits, expect_params};
 use crate::storage::{self, Engine, Tree, WriteOp};
 use crate::telemetry::{Counter, Exposition};
 use crate::version::{ActorId, Siblings};
+use anti_entropy::AntiEntropy;
 use hints::HintRecord;
 use key_locks::KeyLocks;
 
@@ -84,6 +87,8 @@ pub struct StorageNode {
     tombstone_keys: AtomicI64,
     /// Hints held for other nodes.
     hints: AtomicI64,
+    /// Background convergence with the `-s` peers; `None` for a node without peers.
+    aae: Option<AntiEntropy>,
     log_requests: bool,
     metrics: NodeMetrics,
 }
@@ -94,7 +99,15 @@ impl StorageNode {
     pub fn open(config: &NodeConfig) -> Result<Self> {
         let engine = storage::open(&config.storage)?;
         let actor = load_or_create_actor(&*engine)?;
-        let (live_keys, tombstone_keys) = count_keys(&*engine)?;
+        let aae = match &config.ring {
+            Some(ring) => Some(AntiEntropy::new(
+                ring,
+                config.aae_interval,
+                config.aae_max_keys,
+            )?),
+            None => None,
+        };
+        let (live_keys, tombstone_keys) = scan_data(&*engine, aae.as_ref())?;
         let hints = count_entries(&*engine, Tree::Hints)?;
         Ok(StorageNode {
             engine,
@@ -103,6 +116,7 @@ impl StorageNode {
             live_keys: AtomicI64::new(live_keys),
             tombstone_keys: AtomicI64::new(tombstone_keys),
             hints: AtomicI64::new(hints),
+            aae,
             log_requests: config.log_requests,
             metrics: NodeMetrics::default(),
         })
@@ -117,17 +131,25 @@ impl StorageNode {
     }
 
     fn load(&self, key: &str) -> Result<Siblings> {
+        Ok(self.load_raw(key)?.1)
+    }
+
+    /// The stored bytes of a key's own copy, and the sibling set they hold.
+    fn load_raw(&self, key: &str) -> Result<(Option<Vec<u8>>, Siblings)> {
         match self.engine.get(Tree::Data, key.as_bytes())? {
-            None => Ok(Siblings::new()),
-            Some(bytes) => Siblings::decode(&bytes)
-                .ok_or_else(|| Error::Internal("stored sibling set is corrupt".into())),
+            None => Ok((None, Siblings::new())),
+            Some(bytes) => {
+                let siblings = Siblings::decode(&bytes)
+                    .ok_or_else(|| Error::Internal("stored sibling set is corrupt".into()))?;
+                Ok((Some(bytes), siblings))
+            }
         }
     }
 
     /// Read-modify-write of one key of this node's own data, under the key's lock.
     fn update(&self, key: &str, change: impl FnOnce(&mut Siblings)) -> Result<Siblings> {
         let _guard = self.locks.lock(key.as_bytes());
-        let mut siblings = self.load(key)?;
+        let (old_bytes, mut siblings) = self.load_raw(key)?;
         let before = siblings.clone();
         change(&mut siblings);
         if siblings != before {
@@ -135,8 +157,11 @@ impl StorageNode {
             self.engine.write(vec![WriteOp {
                 tree: Tree::Data,
                 key: key.as_bytes().to_vec(),
-                value: stored,
+                value: stored.clone(),
             }])?;
+            if let Some(aae) = &self.aae {
+                aae.record(key.as_bytes(), old_bytes.as_deref(), stored.as_deref());
+            }
             let live = i64::from(siblings.is_live()) - i64::from(before.is_live());
             self.live_keys.fetch_add(live, Ordering::Relaxed);
             let dead = i64::from(siblings.is_tombstoned()) - i64::from(before.is_tombstoned());
@@ -209,6 +234,17 @@ impl StorageNode {
         }])?;
         self.hints.fetch_sub(1, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// The node's own copy of a key (anti-entropy push).
+    pub fn read_own(&self, key: &str) -> Result<Siblings> {
+        self.load(key)
+    }
+
+    /// Merges a sibling set into the node's own copy (anti-entropy pull).
+    pub fn merge_own(&self, key: &str, incoming: &Siblings) -> Result<Siblings> {
+        check_key(key)?;
+        self.update(key, |siblings| siblings.merge(incoming))
     }
 
     /// Applies `change` to the key's own copy, or to the hint held for `hint_for`.
@@ -290,30 +326,40 @@ impl StorageNode {
     }
 
     fn stats_xml(&self) -> Result<String> {
-        let keys = self.live_keys.load(Ordering::Relaxed).max(0);
-        let stats = Value::Struct(
-            [
-                ("keys".to_string(), Value::Integer(clamp_i32(keys))),
-                (
-                    "hints".to_string(),
-                    Value::Integer(clamp_i32(self.hints.load(Ordering::Relaxed))),
-                ),
-                (
-                    "tombstones".to_string(),
-                    Value::Integer(clamp_i32(self.tombstone_keys.load(Ordering::Relaxed))),
-                ),
-                (
-                    "engine".to_string(),
-                    Value::String(self.engine.name().into()),
-                ),
-                (
-                    "actor".to_string(),
-                    Value::String(format!("{:016x}", self.actor)),
-                ),
-            ]
-            .into(),
-        );
-        codec::value_to_xml(&stats)
+        let count = |n: &AtomicI64| Value::Integer(clamp_i32(n.load(Ordering::Relaxed).max(0)));
+        let counter = |c: &Counter| Value::Integer(clamp_i32(c.get() as i64));
+        let mut stats: std::collections::BTreeMap<String, Value> = [
+            ("keys".to_string(), count(&self.live_keys)),
+            ("hints".to_string(), count(&self.hints)),
+            ("tombstones".to_string(), count(&self.tombstone_keys)),
+            (
+                "engine".to_string(),
+                Value::String(self.engine.name().into()),
+            ),
+            (
+                "actor".to_string(),
+                Value::String(format!("{:016x}", self.actor)),
+            ),
+        ]
+        .into();
+        if let Some(aae) = &self.aae {
+            let m = &aae.metrics;
+            stats.insert("ring".into(), Value::String(aae.fingerprint().to_owned()));
+            let aae_stats = [
+                ("rounds", counter(&m.rounds)),
+                ("in_sync", counter(&m.in_sync)),
+                ("keys_pushed", counter(&m.keys_pushed)),
+                ("keys_pulled", counter(&m.keys_pulled)),
+                ("bytes", counter(&m.bytes)),
+                ("failures", counter(&m.failures)),
+            ];
+            let aae_stats = aae_stats
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            stats.insert("anti_entropy".into(), Value::Struct(aae_stats));
+        }
+        codec::value_to_xml(&Value::Struct(stats))
     }
 }
 
@@ -384,6 +430,36 @@ impl StorageNode {
                 }
                 .to_owned())
             }
+            messages::AAE => {
+                let aae = self.aae.as_ref().ok_or_else(|| {
+                    Error::invalid("anti-entropy is off on this node (started without -s peers)")
+                })?;
+                let request = messages::from_params(&params)?;
+                let reply = tokio::task::block_in_place(|| aae.answer(self, request))?;
+                messages::reply_xml(&reply)
+            }
+            messages::MERGE_MANY => {
+                let request: MergeManyRequest = messages::from_params(&params)?;
+                let merged = tokio::task::block_in_place(|| {
+                    for (key, siblings) in &request.entries {
+                        self.merge_own(key, siblings)?;
+                    }
+                    Ok::<_, Error>(request.entries.len() as u64)
+                })?;
+                messages::reply_xml(&merged)
+            }
+            messages::READ_MANY => {
+                let request: ReadManyRequest = messages::from_params(&params)?;
+                let sets = request
+                    .keys
+                    .iter()
+                    .map(|key| {
+                        check_key(key)?;
+                        self.load(key)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                messages::reply_xml(&sets)
+            }
             messages::READ => {
                 self.metrics.reads.inc();
                 let siblings = self.read(&messages::from_params(&params)?)?;
@@ -427,14 +503,32 @@ pub async fn run(
     );
     let syncer = tokio::spawn(sync_periodically(node.engine.clone()));
     let handoff = tokio::spawn(hints::handoff_periodically(node.clone(), RpcClient::new()));
+    let anti_entropy = tokio::spawn(anti_entropy_periodically(node.clone(), RpcClient::new()));
     let limits = ServerLimits {
         max_request_bytes: config.max_request_bytes,
     };
     server::serve(listener, node.clone(), limits, shutdown).await;
     syncer.abort();
     handoff.abort();
+    anti_entropy.abort();
     node.engine.sync()?;
     Ok(())
+}
+
+/// Runs anti-entropy rounds until the task is dropped (returns at once without peers).
+async fn anti_entropy_periodically(node: Arc<StorageNode>, client: RpcClient) {
+    let Some(interval) = node.aae.as_ref().map(|aae| aae.interval) else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate; let the cluster come up first
+    loop {
+        ticks.tick().await;
+        if let Some(aae) = &node.aae {
+            aae.round(&node, &client).await;
+        }
+    }
 }
 
 async fn sync_periodically(engine: Arc<dyn Engine>) {
@@ -481,13 +575,16 @@ fn count_entries(engine: &dyn Engine, tree: Tree) -> Result<i64> {
     }
 }
 
-/// Live and tombstoned keys, counted once at start.
-fn count_keys(engine: &dyn Engine) -> Result<(i64, i64)> {
+/// Counts live and tombstoned keys, and fills the anti-entropy trees, once at start.
+fn scan_data(engine: &dyn Engine, aae: Option<&AntiEntropy>) -> Result<(i64, i64)> {
     let (mut live, mut tombstoned) = (0, 0);
     let mut after: Option<Vec<u8>> = None;
     loop {
         let page = engine.scan(Tree::Data, after.as_deref(), SCAN_PAGE)?;
-        for (_, bytes) in &page {
+        for (key, bytes) in &page {
+            if let Some(aae) = aae {
+                aae.record(key, None, Some(bytes));
+            }
             if let Some(siblings) = Siblings::decode(bytes) {
                 live += i64::from(siblings.is_live());
                 tombstoned += i64::from(siblings.is_tombstoned());
@@ -551,6 +648,9 @@ mod tests {
             storage: StorageConfig::InMemory,
             log_requests: false,
             max_request_bytes: 1 << 20,
+            ring: None,
+            aae_interval: Duration::from_secs(1),
+            aae_max_keys: 1000,
         };
         StorageNode::open(&config).expect("in-memory node opens")
     }

@@ -19,6 +19,12 @@ pub const MERGE: &str = "node.merge";
 pub const READ: &str = "node.read";
 /// Drop a key whose tombstones every replica holds.
 pub const REAP: &str = "node.reap";
+/// Anti-entropy: a question about the tree a node keeps for the asking peer.
+pub const AAE: &str = "node.aae";
+/// Merge many keys' sibling sets at once (anti-entropy push).
+pub const MERGE_MANY: &str = "node.merge_many";
+/// Read many keys' sibling sets at once (anti-entropy pull).
+pub const READ_MANY: &str = "node.read_many";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CoordinateRequest {
@@ -53,6 +59,48 @@ pub struct ReapRequest {
     /// The tombstones' dots the balancer saw on every replica; the node reaps only if it holds
     /// exactly these.
     pub dots: Vec<Dot>,
+}
+
+/// Anti-entropy questions, asked top-down (see [`crate::merkle`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AaeQuery {
+    /// The root hash.
+    Root,
+    /// The hashes of the children of `parents`, nodes of `level`.
+    Children { level: usize, parents: Vec<usize> },
+    /// The keys in these leaves, each with its entry hash.
+    Keys { leaves: Vec<usize> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AaeRequest {
+    /// The asking node's address: the answer concerns the keys the two share.
+    pub from: String,
+    /// The asker's ring fingerprint; an answer from a node with another ring would be nonsense.
+    pub ring: String,
+    pub query: AaeQuery,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AaeReply {
+    Root(u128),
+    Children(Vec<u128>),
+    /// Keys with their entry hashes, and the leaves they cover completely (a bounded answer
+    /// may stop early; the asker compares only within complete leaves).
+    Keys {
+        entries: Vec<(String, u128)>,
+        complete_leaves: Vec<usize>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MergeManyRequest {
+    pub entries: Vec<(String, Siblings)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadManyRequest {
+    pub keys: Vec<String>,
 }
 
 /// Largest key accepted, in bytes of UTF-8 (SPEC.md: 64 KiB).

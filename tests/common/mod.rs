@@ -49,10 +49,95 @@ pub type RpcResult = Result<Value, (i32, String)>;
 // Small helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A port that was free a moment ago: bind 127.0.0.1:0, read the port, drop the listener.
+/// Lowest port [`free_port`] hands out.
+const FIRST_TEST_PORT: u16 = 10_000;
+
+/// A port on 127.0.0.1 that was free a moment ago, never handed out before by this process.
+///
+/// Two traps make the plain "bind 127.0.0.1:0, read the port, drop" unreliable here: the
+/// kernel may hand the same port to two consecutive calls (seen: two daemons of one cluster
+/// got the same port, and the second one's health check was answered by the first), and a
+/// port from the ephemeral range can be taken, while its daemon is down for a restart, as the
+/// source port of some outgoing connection. So ports
+/// come from below the ephemeral range (`ip_local_port_range`), from a per-process starting
+/// point, each checked with a bind and remembered. Where that range is too small, it falls
+/// back to port 0, still never repeating a port.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static HANDED_OUT: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let span = u32::from(ephemeral_range_start().saturating_sub(FIRST_TEST_PORT));
+    if span >= 1000 {
+        let start = std::process::id().wrapping_mul(7919) % span;
+        for _ in 0..span {
+            let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            let port = FIRST_TEST_PORT + offset as u16;
+            if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                handed_out.insert(port);
+                return port;
+            }
+        }
+    }
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local_addr").port();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
+}
+
+/// First port of the kernel's ephemeral range (Linux), or the usual 32768.
+fn ephemeral_range_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+/// Whether process `pid` holds a TCP socket listening on `port`, from `/proc` (Linux);
+/// `None` where that cannot be told. Guards against taking another process's answer on a
+/// port for our daemon's.
+fn pid_listens_on(pid: u32, port: u16) -> Option<bool> {
+    let mut inodes = Vec::new();
+    let mut any_table = false;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        any_table = true;
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() <= 9 || fields[3] != "0A" {
+                continue; // not LISTEN
+            }
+            let local_port = fields[1]
+                .rsplit_once(':')
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok());
+            if local_port == Some(port) {
+                inodes.push(format!("socket:[{}]", fields[9]));
+            }
+        }
+    }
+    if !any_table {
+        return None;
+    }
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    let listens = fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .map(|link| {
+                inodes
+                    .iter()
+                    .any(|inode| link.as_os_str() == inode.as_str())
+            })
+            .unwrap_or(false)
+    });
+    Some(listens)
 }
 
 /// `HOST:PORT` of a daemon on 127.0.0.1, as given to `-s`.
@@ -315,7 +400,9 @@ impl Daemon {
                     self.logs()
                 );
             }
-            if health(self.port) == Some(200) {
+            // Healthy, and really this process answering, not another one on the port.
+            let pid = child.id();
+            if health(self.port) == Some(200) && pid_listens_on(pid, self.port) != Some(false) {
                 return;
             }
             if Instant::now() >= deadline {
@@ -440,6 +527,7 @@ pub struct ClusterBuilder {
     w: Option<usize>,
     timeout_ms: Option<u64>,
     balancer_args: Vec<String>,
+    node_args: Vec<String>,
 }
 
 impl Cluster {
@@ -455,6 +543,7 @@ impl Cluster {
             w: None,
             timeout_ms: None,
             balancer_args: Vec::new(),
+            node_args: Vec::new(),
         }
     }
 
@@ -568,6 +657,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// Extra flags for every storage node (e.g. `--aae-interval-ms 200`).
+    pub fn node_arg(mut self, arg: &str) -> Self {
+        self.node_args.push(arg.to_owned());
+        self
+    }
+
     /// Extra flags for every balancer (e.g. `--max-request-bytes 1024`).
     pub fn balancer_arg(mut self, arg: &str) -> Self {
         self.balancer_args.push(arg.to_owned());
@@ -620,6 +715,12 @@ impl ClusterBuilder {
                     args.push(peer.clone());
                 }
             }
+            // Nodes with peers build the balancers' ring for anti-entropy: same N.
+            if let Some(n) = self.n {
+                args.push("-N".to_owned());
+                args.push(n.to_string());
+            }
+            args.extend(self.node_args.iter().cloned());
             nodes.push(Daemon::storage_node(
                 dir.path(),
                 &format!("node-{i}"),
@@ -851,6 +952,7 @@ pub struct Rpc {
     path: String,
     timeout: Duration,
     conn: RefCell<Option<BufReader<TcpStream>>>,
+    connections_opened: std::cell::Cell<u32>,
 }
 
 impl Rpc {
@@ -861,7 +963,14 @@ impl Rpc {
             path: "/".to_owned(),
             timeout: RPC_TIMEOUT,
             conn: RefCell::new(None),
+            connections_opened: std::cell::Cell::new(0),
         }
+    }
+
+    /// How many TCP connections this client has opened so far: 1 for any number of calls
+    /// while the server keeps the connection alive.
+    pub fn connections_opened(&self) -> u32 {
+        self.connections_opened.get()
     }
 
     /// The same client posting to another path (`/RPC2`).
@@ -954,6 +1063,8 @@ impl Rpc {
             stream.set_read_timeout(Some(self.timeout))?;
             stream.set_write_timeout(Some(self.timeout))?;
             stream.set_nodelay(true)?;
+            self.connections_opened
+                .set(self.connections_opened.get() + 1);
             *conn = Some(BufReader::new(stream));
         }
         let reader = conn.as_mut().expect("connected above");

@@ -1,0 +1,402 @@
+//! Anti-entropy: replicas converge in the background, without client reads.
+//!
+//! Read repair mends what is read and hinted handoff mends short outages; anything else that
+//! drifts (a hint lost with its holder, a wiped disk, a node down for days) is found here, as
+//! in Dynamo §4.7. A node with `-s` peers builds the same ring the balancers build (the peers
+//! and itself, `--vnodes`, `-N`), so it knows, for every key it stores, which peers replicate
+//! it too. For each peer it keeps a [`merkle::Tree`] over exactly the keys the two share,
+//! updated in place on every write, and periodically compares it with the peer's tree for it,
+//! top down: one hash when in sync, and only the differing leaves' key lists otherwise. Keys
+//! that differ are pushed to and pulled from the peer in batches and merged by vector clock
+//! on each side (tombstones included, so a delete is never undone), so one exchange repairs
+//! both replicas.
+//!
+//! Both ends check that they share a ring: an exchange between nodes configured with
+//! different rings is refused with a clear error rather than "repairing" keys into the wrong
+//! places. The cost per round is bounded by `--aae-max-keys`.
+//!
+//! The trees live in memory (16 bytes × 4369 nodes per peer) and are rebuilt from a scan of
+//! the data when the node starts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dxr::Value;
+
+use crate::config::NodeRing;
+use crate::error::{Error, Result};
+use crate::merkle::{self, EntryHash, LEAVES, LEVELS};
+use crate::ring::Ring;
+use crate::rpc::client::RpcClient;
+use crate::rpc::messages::{
+    self, AaeQuery, AaeReply, AaeRequest, MergeManyRequest, ReadManyRequest,
+};
+use crate::storage::Tree;
+use crate::telemetry::Counter;
+
+use super::StorageNode;
+
+/// Keys per push or pull batch.
+const BATCH_KEYS: usize = 256;
+/// How long a peer may take to answer one anti-entropy call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Entries read per page when listing keys.
+const SCAN_PAGE: usize = 1024;
+
+#[derive(Debug, Default)]
+pub struct AaeMetrics {
+    /// Exchanges started.
+    pub rounds: Counter,
+    /// Exchanges that found the two trees equal.
+    pub in_sync: Counter,
+    pub keys_pushed: Counter,
+    pub keys_pulled: Counter,
+    /// Payload bytes sent and received by exchanges this node started.
+    pub bytes: Counter,
+    pub failures: Counter,
+}
+
+/// What one exchange did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Exchange {
+    pub pushed: usize,
+    pub pulled: usize,
+}
+
+pub struct AntiEntropy {
+    ring: Ring,
+    me: usize,
+    me_address: String,
+    replicas: usize,
+    /// Ring fingerprint and N: what two daemons must agree on.
+    fingerprint: String,
+    /// One tree per server (the entry for this node stays empty).
+    trees: Vec<Mutex<merkle::Tree>>,
+    /// Per peer: has a ring mismatch already been reported? (Once is clear enough.)
+    mismatch_reported: Vec<AtomicBool>,
+    pub interval: Duration,
+    max_keys: usize,
+    pub metrics: AaeMetrics,
+}
+
+impl AntiEntropy {
+    pub fn new(config: &NodeRing, interval: Duration, max_keys: usize) -> Result<Self> {
+        let ring = Ring::new(&config.servers, config.vnodes);
+        let me = ring
+            .servers()
+            .iter()
+            .position(|server| *server == config.me)
+            .ok_or_else(|| Error::Internal("this node is missing from its own ring".into()))?;
+        let servers = ring.servers().len();
+        Ok(AntiEntropy {
+            fingerprint: fingerprint(&ring, config.replicas),
+            ring,
+            me,
+            me_address: config.me.clone(),
+            replicas: config.replicas,
+            trees: (0..servers)
+                .map(|_| Mutex::new(merkle::Tree::new()))
+                .collect(),
+            mismatch_reported: (0..servers).map(|_| AtomicBool::new(false)).collect(),
+            interval,
+            max_keys,
+            metrics: AaeMetrics::default(),
+        })
+    }
+
+    /// What this node and any balancer or peer must agree on; shown in `stats()`.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The peers that replicate `key` together with this node; none if it is not a replica.
+    fn sharing(&self, key: &[u8]) -> Vec<usize> {
+        let preference = self.ring.preference_list(key, self.replicas);
+        if !preference.contains(&self.me) {
+            return Vec::new();
+        }
+        preference
+            .into_iter()
+            .filter(|&server| server != self.me)
+            .collect()
+    }
+
+    /// Updates the trees for a key whose stored bytes changed from `old` to `new`.
+    pub fn record(&self, key: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) {
+        let peers = self.sharing(key);
+        if peers.is_empty() {
+            return;
+        }
+        let bucket = merkle::bucket(key);
+        let old = old.map(|bytes| merkle::entry_hash(key, bytes));
+        let new = new.map(|bytes| merkle::entry_hash(key, bytes));
+        for peer in peers {
+            let mut tree = self.trees[peer]
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            tree.update(bucket, old, new);
+        }
+    }
+
+    fn tree(&self, peer: usize) -> merkle::Tree {
+        self.trees[peer]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Answers a peer's question about the tree kept for it.
+    pub fn answer(&self, node: &StorageNode, request: AaeRequest) -> Result<AaeReply> {
+        if request.ring != self.fingerprint {
+            return Err(Error::invalid(format!(
+                "ring mismatch: this node has ring {}, the asking node {} (check -s, --vnodes and -N)",
+                self.fingerprint, request.ring
+            )));
+        }
+        let peer = self
+            .ring
+            .servers()
+            .iter()
+            .position(|server| *server == request.from)
+            .filter(|&peer| peer != self.me)
+            .ok_or_else(|| Error::invalid("the asking node is not a peer on this ring"))?;
+        match request.query {
+            AaeQuery::Root => Ok(AaeReply::Root(self.tree(peer).root())),
+            AaeQuery::Children { level, parents } => {
+                if parents.len() > LEAVES {
+                    return Err(Error::invalid("too many tree nodes asked for"));
+                }
+                Ok(AaeReply::Children(
+                    self.tree(peer).children(level, &parents),
+                ))
+            }
+            AaeQuery::Keys { leaves } => {
+                let leaves: BTreeSet<usize> = leaves.into_iter().filter(|&l| l < LEAVES).collect();
+                let (listed, complete) = self.list_keys(node, peer, &leaves, self.max_keys)?;
+                let entries = listed.into_values().flatten().collect();
+                Ok(AaeReply::Keys {
+                    entries,
+                    complete_leaves: complete,
+                })
+            }
+        }
+    }
+
+    /// The keys this node shares with `peer` in `leaves`, with their entry hashes, grouped by
+    /// leaf; whole leaves only, as many as fit in `max_keys` (at least one).
+    #[allow(clippy::type_complexity)]
+    fn list_keys(
+        &self,
+        node: &StorageNode,
+        peer: usize,
+        leaves: &BTreeSet<usize>,
+        max_keys: usize,
+    ) -> Result<(BTreeMap<usize, Vec<(String, EntryHash)>>, Vec<usize>)> {
+        let mut by_leaf: BTreeMap<usize, Vec<(String, EntryHash)>> = BTreeMap::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = node
+                .engine()
+                .scan(Tree::Data, after.as_deref(), SCAN_PAGE)?;
+            let full_page = page.len() == SCAN_PAGE;
+            for (key, bytes) in &page {
+                let leaf = merkle::bucket(key);
+                if !leaves.contains(&leaf) || !self.sharing(key).contains(&peer) {
+                    continue;
+                }
+                let Ok(text) = std::str::from_utf8(key) else {
+                    continue;
+                };
+                by_leaf
+                    .entry(leaf)
+                    .or_default()
+                    .push((text.to_owned(), merkle::entry_hash(key, bytes)));
+            }
+            after = page.into_iter().last().map(|(key, _)| key);
+            if !full_page {
+                break;
+            }
+        }
+        // Leaves with no keys are complete too; keep whole leaves within the bound.
+        let mut complete = Vec::new();
+        let mut total = 0;
+        let mut kept = BTreeMap::new();
+        for &leaf in leaves {
+            let entries = by_leaf.remove(&leaf).unwrap_or_default();
+            if total > 0 && total + entries.len() > max_keys {
+                break;
+            }
+            total += entries.len();
+            complete.push(leaf);
+            kept.insert(leaf, entries);
+        }
+        Ok((kept, complete))
+    }
+
+    /// One exchange with `peer`: compare trees top down, then push and pull the keys that differ.
+    pub async fn exchange(
+        &self,
+        node: &StorageNode,
+        client: &RpcClient,
+        peer: usize,
+    ) -> Result<Exchange> {
+        self.metrics.rounds.inc();
+        let address = self.ring.servers()[peer].clone();
+        let tree = self.tree(peer);
+        let ask = |query: AaeQuery| {
+            let request = AaeRequest {
+                from: self.me_address.clone(),
+                ring: self.fingerprint.clone(),
+                query,
+            };
+            self.call::<AaeReply>(client, &address, messages::AAE, request)
+        };
+        let AaeReply::Root(root) = ask(AaeQuery::Root).await? else {
+            return Err(Error::Internal("peer answered another question".into()));
+        };
+        if root == tree.root() {
+            self.metrics.in_sync.inc();
+            return Ok(Exchange::default());
+        }
+        let mut frontier = vec![0];
+        for level in 0..LEVELS {
+            let AaeReply::Children(theirs) = ask(AaeQuery::Children {
+                level,
+                parents: frontier.clone(),
+            })
+            .await?
+            else {
+                return Err(Error::Internal("peer answered another question".into()));
+            };
+            frontier = tree.differing_children(level, &frontier, &theirs);
+            if frontier.is_empty() {
+                self.metrics.in_sync.inc();
+                return Ok(Exchange::default());
+            }
+        }
+        let AaeReply::Keys {
+            entries,
+            complete_leaves,
+        } = ask(AaeQuery::Keys { leaves: frontier }).await?
+        else {
+            return Err(Error::Internal("peer answered another question".into()));
+        };
+        let complete: BTreeSet<usize> = complete_leaves.into_iter().collect();
+        let theirs: BTreeMap<String, EntryHash> = entries.into_iter().collect();
+        let (ours, _) =
+            tokio::task::block_in_place(|| self.list_keys(node, peer, &complete, usize::MAX))?;
+        let ours: BTreeMap<String, EntryHash> = ours.into_values().flatten().collect();
+
+        let mut push: Vec<String> = ours
+            .iter()
+            .filter(|(k, h)| theirs.get(*k) != Some(h))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut pull: Vec<String> = theirs
+            .iter()
+            .filter(|(k, h)| {
+                ours.get(*k) != Some(h) && complete.contains(&merkle::bucket(k.as_bytes()))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        push.truncate(self.max_keys);
+        pull.truncate(self.max_keys.saturating_sub(push.len()).max(1));
+
+        for chunk in push.chunks(BATCH_KEYS) {
+            let entries = chunk
+                .iter()
+                .map(|key| Ok((key.clone(), node.read_own(key)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let _merged: u64 = self
+                .call(
+                    client,
+                    &address,
+                    messages::MERGE_MANY,
+                    MergeManyRequest { entries },
+                )
+                .await?;
+            self.metrics.keys_pushed.add(chunk.len() as u64);
+        }
+        for chunk in pull.chunks(BATCH_KEYS) {
+            let request = ReadManyRequest {
+                keys: chunk.to_vec(),
+            };
+            let sets: Vec<crate::version::Siblings> = self
+                .call(client, &address, messages::READ_MANY, request)
+                .await?;
+            for (key, siblings) in chunk.iter().zip(sets) {
+                tokio::task::block_in_place(|| node.merge_own(key, &siblings))?;
+            }
+            self.metrics.keys_pulled.add(chunk.len() as u64);
+        }
+        Ok(Exchange {
+            pushed: push.len(),
+            pulled: pull.len(),
+        })
+    }
+
+    /// An internal call whose message and reply are both binary; counts the bytes moved.
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        client: &RpcClient,
+        address: &str,
+        method: &str,
+        message: impl serde::Serialize,
+    ) -> Result<T> {
+        let param = messages::to_param(&message)?;
+        self.metrics.bytes.add(payload_len(&param));
+        let reply = client
+            .call(address, method, vec![param], CALL_TIMEOUT)
+            .await
+            .map_err(|error| Error::Remote {
+                addr: address.to_owned(),
+                message: error.to_string(),
+            })?;
+        self.metrics.bytes.add(payload_len(&reply));
+        messages::from_value(&reply)
+    }
+
+    /// Exchanges with every peer, once.
+    pub async fn round(&self, node: &StorageNode, client: &RpcClient) {
+        for peer in 0..self.ring.servers().len() {
+            if peer == self.me {
+                continue;
+            }
+            match self.exchange(node, client, peer).await {
+                Ok(exchange) if exchange != Exchange::default() => {
+                    self.mismatch_reported[peer].store(false, Ordering::Relaxed);
+                    tracing::info!(
+                        peer = self.ring.servers()[peer],
+                        pushed = exchange.pushed,
+                        pulled = exchange.pulled,
+                        "anti-entropy repaired keys"
+                    );
+                }
+                Ok(_) => self.mismatch_reported[peer].store(false, Ordering::Relaxed),
+                Err(error) => {
+                    self.metrics.failures.inc();
+                    let mismatch = error.to_string().contains("ring mismatch");
+                    if mismatch && !self.mismatch_reported[peer].swap(true, Ordering::Relaxed) {
+                        tracing::error!(peer = self.ring.servers()[peer], %error, "anti-entropy refused");
+                    } else {
+                        tracing::debug!(peer = self.ring.servers()[peer], %error, "anti-entropy exchange failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The fingerprint two daemons compare: the ring's (servers, vnodes, hash) and N.
+pub fn fingerprint(ring: &Ring, replicas: usize) -> String {
+    format!("{}/N{replicas}", ring.fingerprint())
+}
+
+fn payload_len(value: &Value) -> u64 {
+    match value {
+        Value::Base64(bytes) => bytes.len() as u64,
+        _ => 0,
+    }
+}
