@@ -61,7 +61,8 @@ mod tests {
     fn choice_table() {
         let walk = [3, 1, 4, 0, 2];
         // (servers down, N, expected targets, expected missing)
-        let cases: Vec<(&[usize], usize, Vec<Target>, Vec<usize>)> = vec![
+        type Case = (&'static [usize], usize, Vec<Target>, Vec<usize>);
+        let cases: Vec<Case> = vec![
             (&[], 3, vec![t(3, 3), t(1, 1), t(4, 4)], vec![]),
             (&[1], 3, vec![t(3, 3), t(0, 1), t(4, 4)], vec![]),
             (&[3, 4], 3, vec![t(0, 3), t(1, 1), t(2, 4)], vec![]),
