@@ -1108,3 +1108,27 @@ fn acknowledged_writes_survive_sigkill_of_every_process() {
         );
     }
 }
+
+#[test]
+fn the_balancer_reaches_nodes_over_pooled_connections() {
+    // Hundreds of requests through one balancer must reuse a few keep-alive connections per
+    // node, not open one per replica call.
+    let cluster = Cluster::builder().in_memory().start();
+    let client = cluster.client();
+    const REQUESTS: usize = 300;
+    for i in 0..REQUESTS {
+        assert_eq!(client.put(&key(i), value(i)), ok200(), "put {}", key(i));
+        assert_eq!(client.get(&key(i)), Ok(value(i)), "get {}", key(i));
+    }
+    for i in 0..cluster.nodes.len() {
+        let stats = cluster.node_client(i).stats();
+        let connections = int(member(&stats, "connections"));
+        // Each node served ~REQUESTS * 2 internal calls; a handful of connections carry them
+        // (the test's own stats connection included).
+        assert!(
+            connections < 20,
+            "node {i} accepted {connections} connections for {} requests",
+            REQUESTS * 2
+        );
+    }
+}

@@ -340,6 +340,10 @@ impl StorageNode {
                 "actor".to_string(),
                 Value::String(format!("{:016x}", self.actor)),
             ),
+            (
+                "connections".to_string(),
+                counter(&server::CONNECTIONS_ACCEPTED),
+            ),
         ]
         .into();
         if let Some(aae) = &self.aae {

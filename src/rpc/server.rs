@@ -32,6 +32,10 @@ pub trait Handler: Send + Sync + 'static {
     fn metrics(&self) -> String;
 }
 
+/// TCP connections this process has accepted: with keep-alive clients and a pooling balancer
+/// it stays near the number of concurrent clients, whatever the request count.
+pub static CONNECTIONS_ACCEPTED: crate::telemetry::Counter = crate::telemetry::Counter::new();
+
 /// Server settings shared by both daemons.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
@@ -62,6 +66,7 @@ pub async fn serve<H: Handler>(
                 continue;
             }
         };
+        CONNECTIONS_ACCEPTED.inc();
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let service = hyper::service::service_fn(move |request| {
@@ -90,7 +95,12 @@ async fn respond<H: Handler>(
     match (request.method(), path) {
         (&Method::GET, "/health") => plain(StatusCode::OK, "ok\n".into()),
         (&Method::GET, "/metrics") => {
-            let mut response = plain(StatusCode::OK, handler.metrics());
+            let mut exposition = handler.metrics();
+            exposition.push_str(&format!(
+                "# HELP dynamite_connections_accepted_total TCP connections accepted.\n# TYPE dynamite_connections_accepted_total counter\ndynamite_connections_accepted_total {}\n",
+                CONNECTIONS_ACCEPTED.get()
+            ));
+            let mut response = plain(StatusCode::OK, exposition);
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4"),
