@@ -28,6 +28,7 @@ use crate::rpc::messages::{
     self, CoordinateRequest, MergeManyRequest, MergeRequest, ReadManyRequest, ReadRequest,
     ReapRequest, check_key,
 };
+use crate::rpc::params;
 use crate::rpc::server::{self, Handler, ServerLimits, expect_params};
 use crate::storage::{self, Engine, Tree, WriteOp};
 use crate::telemetry::{Counter, Exposition};
@@ -48,6 +49,10 @@ const METHODS: &[(&str, &str)] = &[
     (
         "get",
         "get(key) -> this node's own copy of the key's value, or nil",
+    ),
+    (
+        "put",
+        "put(key, value[, context]) -> \"200\": writes this node's copy only, no replication",
     ),
     (
         "stats",
@@ -73,6 +78,7 @@ struct NodeMetrics {
     merges: Counter,
     reads: Counter,
     local_gets: Counter,
+    local_puts: Counter,
     reaps: Counter,
     errors: Counter,
 }
@@ -392,6 +398,7 @@ impl Handler for StorageNode {
                 ("merge", m.merges.get()),
                 ("read", m.reads.get()),
                 ("get", m.local_gets.get()),
+                ("put", m.local_puts.get()),
                 ("reap", m.reaps.get()),
             ],
         )
@@ -469,14 +476,23 @@ impl StorageNode {
                 let siblings = self.read(&messages::from_params(&params)?)?;
                 messages::reply_xml(&siblings)
             }
+            "put" => {
+                self.metrics.local_puts.inc();
+                let (key, value, context) = params::put_params(params)?;
+                let hint_for = None;
+                self.coordinate(CoordinateRequest {
+                    key,
+                    value: Some(value),
+                    context,
+                    hint_for,
+                })?;
+                Ok(codec::string_xml("200"))
+            }
             "get" => {
                 self.metrics.local_gets.inc();
-                expect_params(&params, 1)?;
-                let Value::String(key) = &params[0] else {
-                    return Err(Error::invalid("the key must be a string"));
-                };
+                let key = params::key_param(params)?;
                 let siblings = self.read(&ReadRequest {
-                    key: key.clone(),
+                    key,
                     hint_for: None,
                 })?;
                 Ok(siblings

@@ -5,4 +5,5 @@
 pub mod client;
 pub mod codec;
 pub mod messages;
+pub mod params;
 pub mod server;
