@@ -31,9 +31,12 @@ use crate::config::BalancerConfig;
 use crate::error::{Error, QuorumKind, Result};
 use crate::quorum::{Outcome, Tally};
 use crate::ring::Ring;
+use crate::rpc::batch::NodeQueue;
 use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::codec;
-use crate::rpc::messages::{self, CoordinateRequest, MergeRequest, ReadRequest, ReapRequest};
+use crate::rpc::messages::{
+    CoordinateRequest, MergeRequest, Op, OpReply, ReadRequest, ReapRequest,
+};
 use crate::rpc::params::{delete_params, key_param, put_params};
 use crate::rpc::server::{self, Handler, ServerLimits};
 use crate::telemetry::{Counter, Exposition};
@@ -93,24 +96,44 @@ struct Shared {
     /// The ring's fingerprint with N, as storage nodes with peers report theirs.
     fingerprint: String,
     client: RpcClient,
+    /// One batching queue per storage node, indexed like `ring.servers()`.
+    nodes: Vec<NodeQueue>,
     health: Health,
     metrics: BalancerMetrics,
 }
 
 /// One replica's reply, tagged with the target it came from.
-type Reply = (Target, std::result::Result<Value, CallError>);
+type Reply = (Target, std::result::Result<OpReply, CallError>);
+
+/// The sibling set a replica answered, or why it did not.
+fn siblings_of(
+    reply: std::result::Result<OpReply, CallError>,
+) -> std::result::Result<Siblings, String> {
+    match reply {
+        Ok(OpReply::Siblings(siblings)) => Ok(siblings),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(error) => Err(error.to_string()),
+    }
+}
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
         let ring = Ring::new(&config.servers, config.vnodes);
         let health = Health::new(ring.servers());
         let fingerprint = crate::node::anti_entropy::fingerprint(&ring, config.replicas);
+        let client = RpcClient::new();
+        let nodes = ring
+            .servers()
+            .iter()
+            .map(|address| NodeQueue::new(address.clone(), client.clone(), config.replica_timeout))
+            .collect();
         Balancer {
             shared: Arc::new(Shared {
                 config,
                 fingerprint,
                 ring,
-                client: RpcClient::new(),
+                client,
+                nodes,
                 health,
                 metrics: BalancerMetrics::default(),
             }),
@@ -164,41 +187,32 @@ impl Balancer {
         format!("{}: {error}", self.address(target.server))
     }
 
-    /// One call to one replica, bounded by the replica timeout; records the outcome in `health`.
-    async fn call_replica(
-        &self,
-        server: usize,
-        method: &str,
-        param: Value,
-    ) -> std::result::Result<Value, CallError> {
+    /// One operation on one replica, bounded by the replica timeout; records the outcome in
+    /// `health`. Operations travel in batches per node (see [`crate::rpc::batch`]).
+    async fn call_replica(&self, server: usize, op: Op) -> std::result::Result<OpReply, CallError> {
         let shared = &self.shared;
-        let result = shared
-            .client
-            .call(
-                self.address(server),
-                method,
-                vec![param],
-                shared.config.replica_timeout,
-            )
+        let result = shared.nodes[server]
+            .call(op, shared.config.replica_timeout)
             .await;
         match &result {
             Ok(_) => shared.health.mark_up(server),
             Err(error) => {
                 shared.metrics.replica_failures.inc();
-                tracing::debug!(server = self.address(server), %error, method, "replica call failed");
+                tracing::debug!(server = self.address(server), %error, "replica call failed");
                 shared.health.record_failure(server, error);
             }
         }
         result
     }
 
-    /// Sends each target its call at once, each in its own task; replies arrive on the channel.
-    fn fan_out(&self, calls: Vec<(Target, Value)>, method: &'static str) -> mpsc::Receiver<Reply> {
+    /// Sends each target its operation at once, each in its own task; replies arrive on the
+    /// channel.
+    fn fan_out(&self, calls: Vec<(Target, Op)>) -> mpsc::Receiver<Reply> {
         let (sender, receiver) = mpsc::channel(calls.len().max(1));
-        for (target, param) in calls {
+        for (target, op) in calls {
             let (this, sender) = (self.clone(), sender.clone());
             tokio::spawn(async move {
-                let result = this.call_replica(target.server, method, param).await;
+                let result = this.call_replica(target.server, op).await;
                 // The receiver is gone once the client has its answer: that is fine.
                 let _ = sender.send((target, result)).await;
             });
@@ -206,15 +220,11 @@ impl Balancer {
         receiver
     }
 
-    /// Builds one call per target from a message that differs only in its hint.
-    fn calls<T: serde::Serialize>(
-        &self,
-        targets: &[Target],
-        message: impl Fn(Option<String>) -> T,
-    ) -> Result<Vec<(Target, Value)>> {
+    /// Builds one operation per target from one that differs only in its hint.
+    fn calls(&self, targets: &[Target], op: impl Fn(Option<String>) -> Op) -> Vec<(Target, Op)> {
         targets
             .iter()
-            .map(|&target| Ok((target, messages::to_param(&message(self.hint_for(target)))?)))
+            .map(|&target| (target, op(self.hint_for(target))))
             .collect()
     }
 
@@ -253,15 +263,9 @@ impl Balancer {
                 hint_for: self.hint_for(target),
             };
             let reply = self
-                .call_replica(
-                    target.server,
-                    messages::COORDINATE,
-                    messages::to_param(&request)?,
-                )
+                .call_replica(target.server, Op::Coordinate(request))
                 .await;
-            match reply.map_err(|e| e.to_string()).and_then(|value| {
-                messages::from_value::<Siblings>(&value).map_err(|e| e.to_string())
-            }) {
+            match siblings_of(reply) {
                 Ok(siblings) => {
                     coordinated = Some((position, siblings));
                     break;
@@ -279,12 +283,14 @@ impl Balancer {
         };
         let outcome = tally.success();
         let rest = &targets[position + 1..];
-        let calls = self.calls(rest, |hint_for| MergeRequest {
-            key: key.clone(),
-            siblings: siblings.clone(),
-            hint_for,
-        })?;
-        let mut replies = self.fan_out(calls, messages::MERGE);
+        let calls = self.calls(rest, |hint_for| {
+            Op::Merge(MergeRequest {
+                key: key.clone(),
+                siblings: siblings.clone(),
+                hint_for,
+            })
+        });
+        let mut replies = self.fan_out(calls);
         if outcome == Outcome::Met {
             return Ok(());
         }
@@ -310,11 +316,13 @@ impl Balancer {
     pub async fn read(&self, key: String) -> Result<Siblings> {
         let (targets, mut tally, mut first_failure) =
             self.targets(&key, self.shared.config.read_quorum);
-        let calls = self.calls(&targets, |hint_for| ReadRequest {
-            key: key.clone(),
-            hint_for,
-        })?;
-        let mut replies = self.fan_out(calls, messages::READ);
+        let calls = self.calls(&targets, |hint_for| {
+            Op::Read(ReadRequest {
+                key: key.clone(),
+                hint_for,
+            })
+        });
+        let mut replies = self.fan_out(calls);
         let (answer, answered) = oneshot::channel::<Result<Siblings>>();
         let this = self.clone();
         tokio::spawn(async move {
@@ -322,10 +330,7 @@ impl Balancer {
             let mut merged = Siblings::new();
             let mut seen: Vec<(Target, Siblings)> = Vec::with_capacity(targets.len());
             while let Some((target, reply)) = replies.recv().await {
-                let decoded = reply.map_err(|e| e.to_string()).and_then(|value| {
-                    messages::from_value::<Siblings>(&value).map_err(|e| e.to_string())
-                });
-                let outcome = match decoded {
+                let outcome = match siblings_of(reply) {
                     Ok(siblings) => {
                         merged.merge(&siblings);
                         seen.push((target, siblings));
@@ -378,10 +383,7 @@ impl Balancer {
             key,
             dots: tombstones.dots().collect(),
         };
-        match self.calls(replicas, |_| request.clone()) {
-            Ok(calls) => drop(self.fan_out(calls, messages::REAP)),
-            Err(error) => tracing::warn!(%error, "reap could not be encoded"),
-        }
+        drop(self.fan_out(self.calls(replicas, |_| Op::Reap(request.clone()))));
     }
 
     /// A delete's tombstones can go once the grace period is over and every replica has
@@ -406,16 +408,15 @@ impl Balancer {
             return;
         }
         self.shared.metrics.read_repairs.add(stale.len() as u64);
-        let calls = self.calls(&stale, |hint_for| MergeRequest {
-            key: key.clone(),
-            siblings: merged.clone(),
-            hint_for,
+        let calls = self.calls(&stale, |hint_for| {
+            Op::Merge(MergeRequest {
+                key: key.clone(),
+                siblings: merged.clone(),
+                hint_for,
+            })
         });
-        match calls {
-            // Nobody waits for these replies; the tasks end with their calls.
-            Ok(calls) => drop(self.fan_out(calls, messages::MERGE)),
-            Err(error) => tracing::warn!(%error, "read repair could not be encoded"),
-        }
+        // Nobody waits for these replies; the tasks end with their calls.
+        drop(self.fan_out(calls));
     }
 
     async fn handle(&self, method: &str, params: Vec<Value>) -> Result<String> {

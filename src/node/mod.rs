@@ -25,8 +25,8 @@ use crate::error::{Error, Result};
 use crate::rpc::client::RpcClient;
 use crate::rpc::codec;
 use crate::rpc::messages::{
-    self, CoordinateRequest, MergeManyRequest, MergeRequest, ReadManyRequest, ReadRequest,
-    ReapRequest, check_key,
+    self, CoordinateRequest, MergeManyRequest, MergeRequest, Op, OpReply, ReadManyRequest,
+    ReadRequest, ReapRequest, check_key,
 };
 use crate::rpc::params;
 use crate::rpc::server::{self, Handler, ServerLimits, expect_params};
@@ -80,6 +80,7 @@ struct NodeMetrics {
     local_gets: Counter,
     local_puts: Counter,
     reaps: Counter,
+    batches: Counter,
     errors: Counter,
 }
 
@@ -386,6 +387,15 @@ impl Handler for StorageNode {
         METHODS
     }
 
+    async fn batch(&self, body: bytes::Bytes) -> Result<Vec<u8>> {
+        let ops: Vec<Op> = postcard::from_bytes(&body)
+            .map_err(|_| Error::invalid("batch could not be decoded"))?;
+        self.metrics.batches.inc();
+        let replies: Vec<OpReply> = ops.into_iter().map(|op| self.apply(op)).collect();
+        postcard::to_allocvec(&replies)
+            .map_err(|_| Error::Internal("batch reply could not be encoded".into()))
+    }
+
     fn metrics(&self) -> String {
         let m = &self.metrics;
         let mut out = Exposition::default();
@@ -407,6 +417,11 @@ impl Handler for StorageNode {
             "Requests answered with a fault.",
             m.errors.get(),
         )
+        .counter(
+            "dynamite_node_batches_total",
+            "Binary batches of replica operations served.",
+            m.batches.get(),
+        )
         .gauge(
             "dynamite_node_keys",
             "Live keys stored here.",
@@ -417,6 +432,35 @@ impl Handler for StorageNode {
 }
 
 impl StorageNode {
+    /// Runs one operation of a batch; a refusal becomes that operation's fault, not the batch's.
+    fn apply(&self, op: Op) -> OpReply {
+        let result = match op {
+            Op::Coordinate(request) => {
+                self.metrics.coordinates.inc();
+                self.coordinate(request).map(OpReply::Siblings)
+            }
+            Op::Merge(request) => {
+                self.metrics.merges.inc();
+                self.merge(request).map(OpReply::Siblings)
+            }
+            Op::Read(request) => {
+                self.metrics.reads.inc();
+                self.read(&request).map(OpReply::Siblings)
+            }
+            Op::Reap(request) => {
+                self.metrics.reaps.inc();
+                self.reap(&request).map(OpReply::Reaped)
+            }
+        };
+        result.unwrap_or_else(|error| {
+            self.metrics.errors.inc();
+            OpReply::Fault {
+                code: error.fault_code(),
+                message: error.fault_string(),
+            }
+        })
+    }
+
     /// The handlers themselves are synchronous: the engine's writes are short appends to the
     /// journal, and the lock per key is a std mutex never held across an `.await`.
     fn call_sync(&self, method: &str, params: Vec<Value>) -> Result<String> {

@@ -79,6 +79,51 @@ impl RpcClient {
         }
     }
 
+    /// POSTs a binary body to `path` on the daemon at `address`; the reply body, within `timeout`.
+    pub async fn post_bytes(
+        &self,
+        address: &str,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, CallError> {
+        let exchange = async {
+            let request = Request::post(format!("http://{address}{path}"))
+                .header(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                )
+                .body(Full::new(body))
+                .map_err(|error| CallError::Transport(error.to_string()))?;
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|error| CallError::Transport(error.to_string()))?;
+            let status = response.status();
+            let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|error| CallError::Transport(error.to_string()))?
+                .to_bytes();
+            if status.is_success() {
+                Ok(bytes)
+            } else if status.is_client_error() {
+                let message = String::from_utf8_lossy(&bytes).trim().to_owned();
+                Err(CallError::Fault {
+                    code: crate::error::FAULT_INVALID_PARAMS,
+                    message,
+                })
+            } else {
+                Err(CallError::Status(status.as_u16()))
+            }
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
     /// Is the daemon at `address` serving? `GET /health` within `timeout`.
     pub async fn probe(&self, address: &str, timeout: Duration) -> bool {
         let Ok(request) =

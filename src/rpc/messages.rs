@@ -61,6 +61,32 @@ pub struct ReapRequest {
     pub dots: Vec<Dot>,
 }
 
+/// Path of the binary batch endpoint balancers use on storage nodes (see [`Op`]).
+pub const BATCH_PATH: &str = "/internal/batch";
+
+/// One replica operation inside a batch. The balancer's hot path sends these, many per HTTP
+/// request, as one postcard-encoded `Vec<Op>` to [`BATCH_PATH`]; the node answers a
+/// `Vec<OpReply>` in the same order. Batching concurrent operations to one node amortises the
+/// HTTP exchange and the syscalls over all of them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Op {
+    Coordinate(CoordinateRequest),
+    Merge(MergeRequest),
+    Read(ReadRequest),
+    Reap(ReapRequest),
+}
+
+/// The answer to one [`Op`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OpReply {
+    /// The key's sibling set after the operation (coordinate, merge) or as held (read).
+    Siblings(Siblings),
+    /// Whether a reap removed the key.
+    Reaped(bool),
+    /// The operation was refused; the XML-RPC fault it would have been.
+    Fault { code: i32, message: String },
+}
+
 /// Anti-entropy questions, asked top-down (see [`crate::merkle`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum AaeQuery {
@@ -160,6 +186,35 @@ pub fn reply_xml<T: Serialize>(message: &T) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_round_trip() {
+        let ops = vec![
+            Op::Read(ReadRequest {
+                key: "a".into(),
+                hint_for: None,
+            }),
+            Op::Reap(ReapRequest {
+                key: "b".into(),
+                dots: vec![],
+            }),
+        ];
+        let bytes = postcard::to_allocvec(&ops).expect("encodes");
+        let back: Vec<Op> = postcard::from_bytes(&bytes).expect("decodes");
+        assert_eq!(back.len(), 2);
+        let replies = vec![
+            OpReply::Reaped(true),
+            OpReply::Fault {
+                code: -32602,
+                message: "x".into(),
+            },
+        ];
+        let bytes = postcard::to_allocvec(&replies).expect("encodes");
+        assert_eq!(
+            postcard::from_bytes::<Vec<OpReply>>(&bytes).expect("decodes"),
+            replies
+        );
+    }
 
     #[test]
     fn messages_round_trip_as_parameters() {

@@ -2,6 +2,7 @@
 //! storage nodes, the codec between bodies and values, and the internal messages nodes and
 //! balancers exchange.
 
+pub mod batch;
 pub mod client;
 pub mod codec;
 pub mod messages;

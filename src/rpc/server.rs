@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::error::{Error, Result};
 use crate::rpc::codec::{self, Call};
+use crate::rpc::messages;
 
 /// What a daemon serves. Replies are a value's XML text (see [`codec`]).
 pub trait Handler: Send + Sync + 'static {
@@ -30,7 +31,16 @@ pub trait Handler: Send + Sync + 'static {
     fn methods(&self) -> &'static [(&'static str, &'static str)];
     /// The Prometheus text exposition of the daemon's metrics.
     fn metrics(&self) -> String;
+    /// Answers a binary batch posted to [`messages::BATCH_PATH`]; only storage nodes serve it.
+    fn batch(&self, body: Bytes) -> impl Future<Output = Result<Vec<u8>>> + Send {
+        let _ = body;
+        std::future::ready(Err(Error::UnknownMethod("internal batches".into())))
+    }
 }
+
+/// Largest batch body accepted from a balancer: many operations, each up to a client's
+/// largest value, so well above `--max-request-bytes`; only cluster members send these.
+const MAX_BATCH_BYTES: usize = 512 * 1024 * 1024;
 
 /// TCP connections this process has accepted: with keep-alive clients and a pooling balancer
 /// it stays near the number of concurrent clients, whatever the request count.
@@ -106,6 +116,26 @@ async fn respond<H: Handler>(
                 HeaderValue::from_static("text/plain; version=0.0.4"),
             );
             response
+        }
+        (&Method::POST, messages::BATCH_PATH) => {
+            let body = match read_body(request, MAX_BATCH_BYTES).await {
+                Ok(body) => body,
+                Err(status) => return plain(status, format!("{status}\n")),
+            };
+            match handler.batch(body).await {
+                Ok(reply) => {
+                    let mut response = Response::new(Full::new(Bytes::from(reply)));
+                    response.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
+                    response
+                }
+                Err(error) => plain(
+                    StatusCode::BAD_REQUEST,
+                    format!("{}\n", error.fault_string()),
+                ),
+            }
         }
         (&Method::POST, "/" | "/RPC2") => {
             let body = match read_body(request, limits.max_request_bytes).await {
