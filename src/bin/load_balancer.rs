@@ -3,6 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+/// mimalloc: the profile showed glibc malloc's locking among the top costs under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use dynamite::cli::BalancerArgs;
 
 fn main() -> ExitCode {
