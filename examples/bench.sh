@@ -1,0 +1,312 @@
+#!/usr/bin/env bash
+# Reproduces the README's performance figures: XML-RPC throughput and latency of
+#
+#   ceiling   examples/ceiling.rs, an HTTP server that does nothing: the bound for one hop
+#   node      one durable storage node, called directly (put = node.coordinate, get = get)
+#   balancer  a load balancer over three durable storage nodes, N=3 R=2 W=2
+#
+# each measured RUNS times for DURATION seconds by examples/loadgen.rs (64 keep-alive
+# connections, 100k keys, 100-byte values; gets after a preload of every key), then a table of
+# medians, with each throughput as a fraction of the ceiling's for the same operation, the CPU
+# time each side spent per request (from /proc: the daemon loadgen talks to, the storage nodes
+# behind a balancer, loadgen itself), and the memory (VmRSS) of the daemons after their runs.
+# It first checks that loadgen's bodies are byte for byte Python xmlrpc.client's. Everything
+# it starts is stopped on exit. Daemons listen on 127.0.0.1, ports PORT_BASE..PORT_BASE+5
+# (23700-23705: below Linux's ephemeral range, so outgoing connections cannot take them).
+#
+#   examples/bench.sh                      # RUNS=3 DURATION=10: about 4 minutes, plus the build
+#   RUNS=3 DURATION=5 examples/bench.sh
+#
+# Settings (environment): RUNS DURATION WARMUP CONNECTIONS KEYS VALUE_BYTES PORT_BASE
+# LOADGEN_THREADS CARGO_TARGET_DIR, PARTS (default "ceiling node balancer") to run only some of
+# the three set-ups, BUILD=0 to use the binaries already built. The load generator shares the
+# machine with the daemons it measures: on a 2-core machine the figures are what both sides
+# together can do, and any other work on the machine lowers them (the CPU time per request
+# is the steadier figure).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-1}
+CONNECTIONS=${CONNECTIONS:-64}
+KEYS=${KEYS:-100000}
+VALUE_BYTES=${VALUE_BYTES:-100}
+PORT_BASE=${PORT_BASE:-23700}
+LOADGEN_THREADS=${LOADGEN_THREADS:-1}
+PARTS=${PARTS:-ceiling node balancer}
+BUILD=${BUILD:-1}
+target_dir=${CARGO_TARGET_DIR:-target}
+
+if [[ $BUILD != 0 ]]; then
+    cargo build --release --bins --examples
+fi
+bin=$target_dir/release
+loadgen=$bin/examples/loadgen
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/dynamite-bench.XXXXXX")
+results=$work/results.jsonl
+: >"$results"
+pids=()
+stop_all() {
+    trap - EXIT INT TERM
+    if ((${#pids[@]})); then
+        kill "${pids[@]}" 2>/dev/null || true
+        wait "${pids[@]}" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
+# Stops the daemons started so far (SIGTERM, so durable nodes close their storage cleanly).
+stop_daemons() {
+    if ((${#pids[@]})); then
+        kill "${pids[@]}" 2>/dev/null || true
+        wait "${pids[@]}" 2>/dev/null || true
+    fi
+    pids=()
+}
+
+# wait_up PORT PID: waits for the daemon to answer; stops if it died (a port in use, say).
+wait_up() {
+    local port=$1 pid=$2
+    for _ in $(seq 1 200); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "bench: the daemon for port $port did not start:" >&2
+            cat "$work"/*.log >&2 2>/dev/null || true
+            exit 1
+        fi
+        if curl -fsS -o /dev/null "http://127.0.0.1:$port/health" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "bench: nothing answers on port $port" >&2
+    exit 1
+}
+
+part() {
+    [[ " $PARTS " == *" $1 "* ]]
+}
+
+rss() {
+    awk '/^VmRSS/ { printf "%.1f MiB", $2 / 1024 }' "/proc/$1/status"
+}
+
+# Checks that loadgen's bodies are byte for byte what Python's xmlrpc.client sends.
+check_bodies() {
+    command -v python3 >/dev/null || {
+        echo "bench: no python3; bodies not compared with xmlrpc.client"
+        return
+    }
+    python3 - "$work/py" "$VALUE_BYTES" <<'PY'
+import http.server, sys, threading, xmlrpc.client
+out, value_bytes = sys.argv[1], int(sys.argv[2])
+bodies = []
+class Capture(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        reply = b'<?xml version="1.0"?><methodResponse><params><param><value><string>200</string></value></param></params></methodResponse>'
+        self.send_response(200)
+        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Capture)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+proxy = xmlrpc.client.ServerProxy("http://127.0.0.1:%d" % server.server_address[1])
+letters = "".join(chr(ord("a") + i % 26) for i in range(value_bytes + 26))
+proxy.put("key-000123", letters[123 % 26 : 123 % 26 + value_bytes])
+proxy.get("key-000123")
+open(out + ".put", "wb").write(bodies[0])
+open(out + ".get", "wb").write(bodies[1])
+PY
+    for op in put get; do
+        "$loadgen" --target unused:1 --value-bytes "$VALUE_BYTES" --print-body "$op" >"$work/rust.$op"
+        if cmp -s "$work/py.$op" "$work/rust.$op"; then
+            echo "bench: $op body is byte-identical to Python's xmlrpc.client ($(wc -c <"$work/rust.$op") bytes)"
+        else
+            echo "bench: !!! $op body differs from Python's xmlrpc.client" >&2
+            exit 1
+        fi
+    done
+}
+
+# CPU time (user + system, in clock ticks of 10 ms) the given processes have used so far.
+cpu_ticks() {
+    local pid total=0
+    for pid in "$@"; do
+        total=$((total + $(awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
+
+# The daemons whose CPU time per request is reported: the one loadgen talks to ("front") and
+# the storage nodes behind a balancer ("behind").
+front_pids=()
+behind_pids=()
+
+# measure LABEL PORT MODE GET_RATIO: RUNS runs of loadgen, one line each, JSON kept for the table.
+measure() {
+    local label=$1 port=$2 mode=$3 ratio=$4 run out front behind
+    for run in $(seq 1 "$RUNS"); do
+        out=$work/$label.$run
+        front=$(cpu_ticks "${front_pids[@]}")
+        behind=$(cpu_ticks "${behind_pids[@]}")
+        if ! "$loadgen" --target "127.0.0.1:$port" --mode "$mode" --get-ratio "$ratio" \
+            --connections "$CONNECTIONS" --keys "$KEYS" --value-bytes "$VALUE_BYTES" \
+            --duration-secs "$DURATION" --warmup-secs "$WARMUP" --threads "$LOADGEN_THREADS" \
+            --seed "$run" --label "$label" --json >"$out.out" 2>"$out.err"; then
+            echo "bench: !!! $label run $run had errors:" >&2
+            grep -E 'ERROR|!!!|^ +[0-9]+ ' "$out.err" | head -20 >&2 || true
+        fi
+        if ! grep -q '^{' "$out.out"; then
+            echo "bench: !!! $label run $run gave no result:" >&2
+            tail -5 "$out.err" >&2
+            continue
+        fi
+        front=$(($(cpu_ticks "${front_pids[@]}") - front))
+        behind=$(($(cpu_ticks "${behind_pids[@]}") - behind))
+        # Each daemon's CPU time per request, over the warm-up and the measured time alike.
+        grep '^{' "$out.out" | python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read()); a = r["all"]
+n = max(r["answered_with_warmup"], 1)
+r["front_cpu_us_per_req"] = int(sys.argv[2]) * 1e4 / n
+r["behind_cpu_us_per_req"] = int(sys.argv[3]) * 1e4 / n if sys.argv[4] else None
+open(sys.argv[5], "a").write(json.dumps(r) + "\n")
+print("  %-14s run %s: %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms  errors %d" % (
+    r["label"], sys.argv[1], r["throughput"], a["p50_us"] / 1e3, a["p99_us"] / 1e3, r["errors"]))
+' "$run" "$front" "$behind" "${behind_pids[*]}" "$results"
+    done
+}
+
+# preload PORT MODE: puts every key once, so that gets find them.
+preload() {
+    local port=$1 mode=$2
+    if ! "$loadgen" --target "127.0.0.1:$port" --mode "$mode" --connections "$CONNECTIONS" \
+        --keys "$KEYS" --value-bytes "$VALUE_BYTES" --threads "$LOADGEN_THREADS" \
+        --preload --requests 0 >"$work/preload.out" 2>"$work/preload.err"; then
+        echo "bench: !!! preload had errors:" >&2
+        grep -E 'ERROR|!!!' "$work/preload.err" | head -20 >&2 || true
+    fi
+    grep '^preload' "$work/preload.err" | sed 's/^/  /' || true
+}
+
+check_bodies
+echo "bench: $RUNS runs x ${DURATION}s (+${WARMUP}s warm-up), $CONNECTIONS connections," \
+    "$KEYS keys, $VALUE_BYTES-byte values, loadgen on $LOADGEN_THREADS thread(s), $(nproc) cores;" \
+    "load average $(cut -d' ' -f1-3 /proc/loadavg)"
+
+ceiling_port=$PORT_BASE
+node_port=$((PORT_BASE + 1))
+balancer_port=$((PORT_BASE + 2))
+node_rss=- cluster_rss=(-) balancer_rss=-
+
+# 1. The ceiling.
+if part ceiling; then
+    "$bin/examples/ceiling" --bind 127.0.0.1 --port "$ceiling_port" >"$work/ceiling.log" 2>&1 &
+    pids+=($!)
+    front_pids=($!) behind_pids=()
+    wait_up "$ceiling_port" $!
+    echo "ceiling:"
+    measure ceiling-put "$ceiling_port" client 0
+    measure ceiling-get "$ceiling_port" client 1
+    stop_daemons
+fi
+
+# 2. One durable storage node, directly.
+if part node; then
+    "$bin/storage_node" --bind 127.0.0.1 -p "$node_port" --data-dir "$work/node" --quiet \
+        >"$work/node.log" 2>&1 &
+    node_pid=$!
+    pids+=("$node_pid")
+    front_pids=("$node_pid") behind_pids=()
+    wait_up "$node_port" "$node_pid"
+    echo "one storage node (durable):"
+    measure node-put "$node_port" node-put 0
+    preload "$node_port" node-put
+    measure node-get "$node_port" client 1
+    node_rss=$(rss "$node_pid")
+    stop_daemons
+fi
+
+# 3. Three durable storage nodes behind a balancer.
+if part balancer; then
+    servers=()
+    for i in 1 2 3; do
+        port=$((PORT_BASE + 2 + i))
+        "$bin/storage_node" --bind 127.0.0.1 -p "$port" --data-dir "$work/cluster-$i" --quiet \
+            >"$work/cluster-$i.log" 2>&1 &
+        pids+=($!)
+        servers+=(-s "127.0.0.1:$port")
+    done
+    cluster_node_pids=("${pids[@]}")
+    balancer_quiet=()
+    if "$bin/load_balancer" --help | grep -q -- '--quiet'; then
+        balancer_quiet=(--quiet)
+    fi
+    "$bin/load_balancer" --bind 127.0.0.1 -p "$balancer_port" "${servers[@]}" -N 3 -R 2 -W 2 \
+        "${balancer_quiet[@]}" >"$work/balancer.log" 2>&1 &
+    balancer_pid=$!
+    pids+=("$balancer_pid")
+    front_pids=("$balancer_pid") behind_pids=("${cluster_node_pids[@]}")
+    for i in 1 2 3; do wait_up $((PORT_BASE + 2 + i)) "${cluster_node_pids[i - 1]}"; done
+    wait_up "$balancer_port" "$balancer_pid"
+    echo "balancer over three storage nodes (N=3 R=2 W=2):"
+    measure balancer-put "$balancer_port" client 0
+    preload "$balancer_port" client
+    measure balancer-get "$balancer_port" client 1
+    cluster_rss=()
+    for pid in "${cluster_node_pids[@]}"; do cluster_rss+=("$(rss "$pid")"); done
+    balancer_rss=$(rss "$balancer_pid")
+    stop_daemons
+fi
+
+echo
+python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    rows.setdefault(r["label"], []).append(r)
+med = lambda xs: statistics.median(xs)
+def ceiling(label):
+    op = label.rsplit("-", 1)[1]
+    runs = rows.get("ceiling-" + op)
+    return med([r["throughput"] for r in runs]) if runs else None
+print("%-14s %4s %10s %9s %8s %8s %8s %7s %7s   %s" % (
+    "medians", "runs", "req/s", "/ceiling", "p50 ms", "p99 ms", "p999 ms", "errors", "nil",
+    "CPU us/request: front daemon + nodes behind + loadgen"))
+def cpu(runs, field):
+    values = [r.get(field) for r in runs]
+    return "%6.1f" % med(values) if None not in values else "     -"
+for label in ["ceiling-put", "ceiling-get", "node-put", "node-get", "balancer-put", "balancer-get"]:
+    runs = rows.get(label)
+    if not runs:
+        continue
+    tput = med([r["throughput"] for r in runs])
+    top = ceiling(label)
+    print("%-14s %4d %10.0f %9s %8.2f %8.2f %8.2f %7d %7d   %s + %s + %s" % (
+        label, len(runs), tput, "%.2f" % (tput / top) if top else "-",
+        med([r["all"]["p50_us"] for r in runs]) / 1e3,
+        med([r["all"]["p99_us"] for r in runs]) / 1e3,
+        med([r["all"]["p999_us"] for r in runs]) / 1e3,
+        sum(r["errors"] for r in runs), sum(r["all"]["nil"] for r in runs),
+        cpu(runs, "front_cpu_us_per_req"), cpu(runs, "behind_cpu_us_per_req"),
+        cpu(runs, "loadgen_cpu_us_per_req")))
+if any(r["errors"] for runs in rows.values() for r in runs):
+    print("\n!!! SOME RUNS HAD ERRORS: their figures are not valid !!!")
+if any(r["all"]["nil"] for label in ("node-get", "balancer-get") for r in rows.get(label, [])):
+    print("\n!!! some gets answered nil: the preload missed keys (see its errors above) !!!")
+PY
+echo
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
+echo "memory (VmRSS) after the runs:"
+echo "  single storage node ($KEYS keys):       $node_rss"
+echo "  cluster storage nodes:                 ${cluster_rss[*]}"
+echo "  load balancer:                         $balancer_rss"
