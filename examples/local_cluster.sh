@@ -18,8 +18,14 @@ stop() {
 }
 trap stop INT TERM EXIT
 
-for port in 20050 20051 20052; do
-    "$bin/storage_node" -p "$port" "${storage_args[@]}" &
+ports=(20050 20051 20052)
+for port in "${ports[@]}"; do
+    # Each node learns its peers (-s), so it can hand off hints and run anti-entropy.
+    peers=()
+    for other in "${ports[@]}"; do
+        [ "$other" = "$port" ] || peers+=(-s "127.0.0.1:$other")
+    done
+    "$bin/storage_node" -p "$port" "${peers[@]}" "${storage_args[@]}" &
     pids+=($!)
 done
 "$bin/load_balancer" -s 127.0.0.1:20050 -s 127.0.0.1:20051 -s 127.0.0.1:20052 -p 30000 &
