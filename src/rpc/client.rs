@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use dxr::Value;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::Request;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -73,13 +73,23 @@ impl RpcClient {
     ) -> Result<Value, CallError> {
         let body = codec::call_xml(method, params)
             .map_err(|error| CallError::BadResponse(error.to_string()))?;
-        match tokio::time::timeout(timeout, self.post(address, body)).await {
-            Ok(result) => result,
-            Err(_) => Err(CallError::Timeout),
-        }
+        let exchange = async {
+            let (status, bytes) = self
+                .post(address, "/RPC2", "text/xml", Bytes::from(body))
+                .await?;
+            if !status.is_success() {
+                return Err(CallError::Status(status.as_u16()));
+            }
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|_| CallError::BadResponse("response is not UTF-8".into()))?;
+            codec::parse_response(text)
+                .map_err(|(code, message)| CallError::Fault { code, message })
+        };
+        within(timeout, exchange).await
     }
 
     /// POSTs a binary body to `path` on the daemon at `address`; the reply body, within `timeout`.
+    /// A 4xx answer carries the node's reason and becomes a fault.
     pub async fn post_bytes(
         &self,
         address: &str,
@@ -88,24 +98,9 @@ impl RpcClient {
         timeout: Duration,
     ) -> Result<Bytes, CallError> {
         let exchange = async {
-            let request = Request::post(format!("http://{address}{path}"))
-                .header(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                )
-                .body(Full::new(body))
-                .map_err(|error| CallError::Transport(error.to_string()))?;
-            let response = self
-                .http
-                .request(request)
-                .await
-                .map_err(|error| CallError::Transport(error.to_string()))?;
-            let status = response.status();
-            let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map_err(|error| CallError::Transport(error.to_string()))?
-                .to_bytes();
+            let (status, bytes) = self
+                .post(address, path, "application/octet-stream", body)
+                .await?;
             if status.is_success() {
                 Ok(bytes)
             } else if status.is_client_error() {
@@ -118,10 +113,7 @@ impl RpcClient {
                 Err(CallError::Status(status.as_u16()))
             }
         };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(CallError::Timeout),
-        }
+        within(timeout, exchange).await
     }
 
     /// Is the daemon at `address` serving? `GET /health` within `timeout`.
@@ -144,26 +136,39 @@ impl RpcClient {
         )
     }
 
-    async fn post(&self, address: &str, body: String) -> Result<Value, CallError> {
-        let request = Request::post(format!("http://{address}/RPC2"))
-            .header(CONTENT_TYPE, HeaderValue::from_static("text/xml"))
-            .body(Full::new(Bytes::from(body)))
+    /// One POST on a pooled connection: the status and the whole (bounded) body.
+    async fn post(
+        &self,
+        address: &str,
+        path: &str,
+        content_type: &'static str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), CallError> {
+        let request = Request::post(format!("http://{address}{path}"))
+            .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
+            .body(Full::new(body))
             .map_err(|error| CallError::Transport(error.to_string()))?;
         let response = self
             .http
             .request(request)
             .await
             .map_err(|error| CallError::Transport(error.to_string()))?;
-        if !response.status().is_success() {
-            return Err(CallError::Status(response.status().as_u16()));
-        }
+        let status = response.status();
         let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
             .map_err(|error| CallError::Transport(error.to_string()))?
             .to_bytes();
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| CallError::BadResponse("response is not UTF-8".into()))?;
-        codec::parse_response(text).map_err(|(code, message)| CallError::Fault { code, message })
+        Ok((status, bytes))
     }
+}
+
+/// Runs `exchange`, or fails with [`CallError::Timeout`] once `timeout` has passed.
+async fn within<T>(
+    timeout: Duration,
+    exchange: impl std::future::Future<Output = Result<T, CallError>>,
+) -> Result<T, CallError> {
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or(Err(CallError::Timeout))
 }
