@@ -250,8 +250,12 @@ impl Balancer {
         value: Option<String>,
         context: Option<VClock>,
     ) -> Result<()> {
-        let (targets, mut tally, mut first_failure) =
+        let (mut targets, mut tally, mut first_failure) =
             self.targets(&key, self.shared.config.write_quorum);
+        // A preferred replica coordinates whenever one is up: it holds the key's history, so a
+        // blind write or delete supersedes what is there. A fallback holds only hints for the
+        // key, and a write it stamped would merely sit beside the old versions as a sibling.
+        targets.sort_by_key(Target::is_fallback);
 
         // The first replica that answers coordinates; the ones before it count as failed.
         let mut coordinated = None;

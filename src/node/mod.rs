@@ -12,6 +12,7 @@
 pub mod anti_entropy;
 pub mod hints;
 mod key_locks;
+mod reaped;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -36,6 +37,7 @@ use crate::version::{ActorId, Siblings};
 use anti_entropy::AntiEntropy;
 use hints::HintRecord;
 use key_locks::KeyLocks;
+use reaped::ReapedTombstones;
 
 /// How often the journal is forced to disk. Writes are acknowledged once the OS has them
 /// (they survive a crash of the process); this bounds what a power loss can take.
@@ -96,6 +98,8 @@ pub struct StorageNode {
     hints: AtomicI64,
     /// Background convergence with the `-s` peers; `None` for a node without peers.
     aae: Option<AntiEntropy>,
+    /// Tombstones reaped lately, refused if a replica sends them back.
+    reaped: ReapedTombstones,
     log_requests: bool,
     metrics: NodeMetrics,
 }
@@ -124,6 +128,7 @@ impl StorageNode {
             tombstone_keys: AtomicI64::new(tombstone_keys),
             hints: AtomicI64::new(hints),
             aae,
+            reaped: ReapedTombstones::default(),
             log_requests: config.log_requests,
             metrics: NodeMetrics::default(),
         })
@@ -251,6 +256,9 @@ impl StorageNode {
     /// Merges a sibling set into the node's own copy (anti-entropy pull).
     pub fn merge_own(&self, key: &str, incoming: &Siblings) -> Result<Siblings> {
         check_key(key)?;
+        if self.reaped.is_reaped(key, incoming) {
+            return self.load(key);
+        }
         self.update(key, |siblings| siblings.merge(incoming))
     }
 
@@ -281,6 +289,9 @@ impl StorageNode {
                 reaped = true;
             }
         })?;
+        if reaped {
+            self.reaped.remember(&request.key, request.dots.clone());
+        }
         Ok(reaped)
     }
 
@@ -307,6 +318,9 @@ impl StorageNode {
             siblings: incoming,
             hint_for,
         } = request;
+        if hint_for.is_none() && self.reaped.is_reaped(&key, &incoming) {
+            return self.load(&key);
+        }
         self.update_place(&key, hint_for.as_deref(), |siblings| {
             siblings.merge(&incoming)
         })

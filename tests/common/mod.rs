@@ -1098,3 +1098,63 @@ fn is_stale_connection(e: &io::Error) -> bool {
                 | io::ErrorKind::BrokenPipe
         )
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reading stats() and placement
+// ---------------------------------------------------------------------------------------------
+
+/// An integer member of a struct (`stats()["keys"]`...).
+pub fn int_member(value: &Value, name: &str) -> i64 {
+    int(member(value, name))
+}
+
+/// One of a balancer's `stats()["counters"]` (`puts`, `gets`, `read_repairs`, `reaps`...).
+pub fn balancer_counter(stats: &Value, name: &str) -> i64 {
+    int(member(member(stats, "counters"), name))
+}
+
+/// One of a storage node's `stats()["anti_entropy"]` counters (`rounds`, `in_sync`...).
+pub fn aae_counter(stats: &Value, name: &str) -> i64 {
+    int(member(member(stats, "anti_entropy"), name))
+}
+
+/// What a balancer's `stats()` says of one server: its state (`"up"`, `"down"`,
+/// `"mismatch"`) and its last error, if it reports one. Panics if the server is not listed.
+pub fn server_state(stats: &Value, address: &str) -> (String, Option<String>) {
+    let server = array(member(stats, "servers"))
+        .iter()
+        .find(|server| string(member(server, "address")) == address)
+        .unwrap_or_else(|| panic!("{address} missing from stats {stats:?}"));
+    let state = string(member(server, "state")).to_owned();
+    let last_error = match server {
+        Value::Struct(members) => members.get("last_error").map(|e| string(e).to_owned()),
+        _ => None,
+    };
+    (state, last_error)
+}
+
+/// The addresses of `key`'s N replicas, coordinator first, as every balancer over
+/// `servers` with the default `--vnodes` places it.
+pub fn replicas_of(servers: &[String], key: &str, n: usize) -> Vec<String> {
+    let ring = dynamite::ring::Ring::new(servers, dynamite::ring::DEFAULT_VNODES);
+    ring.preference_list(key.as_bytes(), n)
+        .into_iter()
+        .map(|i| ring.servers()[i].clone())
+        .collect()
+}
+
+/// Like [`wait_until`], for a check that explains itself: polls `check` until it returns
+/// `Ok`; panics naming `what` and the last `Err` (what was still wrong) after `timeout`.
+pub fn wait_until_ok(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match check() {
+            Ok(()) => return,
+            Err(last) => last,
+        };
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}; last seen: {last}");
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}

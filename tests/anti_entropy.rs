@@ -1,0 +1,293 @@
+//! Anti-entropy, told as stories against real processes: a node that lost its disk is
+//! rebuilt by its peers with no client read at all; replicas that agree exchange hashes and
+//! nothing else; a node configured with another ring is refused, loudly, by its peers and by
+//! the balancer, while the rest of the cluster goes on.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// How long anti-entropy may take to rebuild a node.
+const REBUILD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a handful of anti-entropy rounds (or a balancer's ring check) may take.
+const ROUNDS_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn key(i: usize) -> String {
+    format!("key-{i:04}")
+}
+
+fn value(i: usize) -> Value {
+    s(&format!("value-{i:04}"))
+}
+
+#[test]
+fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .replicas(3)
+        .write_quorum(2)
+        .node_arg("--aae-interval-ms")
+        .node_arg("300")
+        .start();
+    let lb = cluster.client();
+    const KEYS: usize = 500;
+    for i in 0..KEYS {
+        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
+    }
+
+    // C loses its disk: killed, its data directory removed, started again on nothing.
+    cluster.nodes[2].kill();
+    let data_dir = cluster.data_dir(2);
+    assert!(data_dir.exists(), "{data_dir:?} was never created");
+    std::fs::remove_dir_all(&data_dir).expect("remove C's data directory");
+    // Its peers are frozen while it starts, so that nothing reaches it before we looked.
+    cluster.nodes[0].stop();
+    cluster.nodes[1].stop();
+    cluster.nodes[2].restart();
+    let node_c = cluster.node_client(2);
+    let stats = node_c.stats();
+    assert_eq!(int_member(&stats, "keys"), 0, "C starts empty: {stats:?}");
+    assert_eq!(node_c.get(&key(0)), Ok(Value::Nil), "C starts empty");
+    cluster.nodes[0].cont();
+    cluster.nodes[1].cont();
+
+    wait_until(
+        REBUILD_TIMEOUT,
+        &format!("C holds all {KEYS} keys again"),
+        || int_member(&node_c.stats(), "keys") == KEYS as i64,
+    );
+    for i in (0..KEYS).step_by(7) {
+        assert_eq!(node_c.get(&key(i)), Ok(value(i)), "C's copy of {}", key(i));
+    }
+    let stats = lb.stats();
+    assert_eq!(balancer_counter(&stats, "gets"), 0, "no client read");
+    assert_eq!(
+        balancer_counter(&stats, "get_versions"),
+        0,
+        "no client read"
+    );
+    assert_eq!(balancer_counter(&stats, "read_repairs"), 0);
+}
+
+/// Per node: (rounds, in_sync, keys_pushed, keys_pulled, failures).
+fn aae_snapshot(nodes: &[Rpc]) -> Vec<[i64; 5]> {
+    nodes
+        .iter()
+        .map(|node| {
+            let stats = node.stats();
+            [
+                "rounds",
+                "in_sync",
+                "keys_pushed",
+                "keys_pulled",
+                "failures",
+            ]
+            .map(|name| aae_counter(&stats, name))
+        })
+        .collect()
+}
+
+/// Has every node started `rounds` more rounds (one exchange with each of its two peers)
+/// in `now` than in `since`?
+fn rounds_later(since: &[[i64; 5]], now: &[[i64; 5]], rounds: i64) -> bool {
+    const EXCHANGES_PER_ROUND: i64 = 2;
+    now.iter()
+        .zip(since)
+        .all(|(now, since)| now[0] >= since[0] + rounds * EXCHANGES_PER_ROUND)
+}
+
+#[test]
+fn replicas_in_sync_exchange_hashes_and_no_values() {
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .in_memory()
+        .replicas(3)
+        .write_quorum(3)
+        .node_arg("--aae-interval-ms")
+        .node_arg("200")
+        .start();
+    let lb = cluster.client();
+    let nodes: Vec<Rpc> = (0..3).map(|i| cluster.node_client(i)).collect();
+    // W = 3: every put is on every replica when it is acknowledged.
+    for i in 0..300 {
+        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
+    }
+    let after_writes = aae_snapshot(&nodes);
+    wait_until(
+        ROUNDS_TIMEOUT,
+        "every node ran 3 rounds after the writes",
+        || rounds_later(&after_writes, &aae_snapshot(&nodes), 3),
+    );
+
+    let before = aae_snapshot(&nodes);
+    let mut after = before.clone();
+    wait_until(ROUNDS_TIMEOUT, "every node ran 3 more rounds", || {
+        after = aae_snapshot(&nodes);
+        rounds_later(&before, &after, 3)
+    });
+    for (i, (before, after)) in before.iter().zip(&after).enumerate() {
+        let [_, in_sync_0, pushed_0, pulled_0, failures_0] = *before;
+        let [_, in_sync_1, pushed_1, pulled_1, failures_1] = *after;
+        assert_eq!(
+            (pushed_1, pulled_1),
+            (pushed_0, pulled_0),
+            "node {i} moved keys (pushed, pulled) between replicas in sync"
+        );
+        assert!(
+            in_sync_1 >= in_sync_0 + 3,
+            "node {i}: in_sync went from {in_sync_0} to {in_sync_1} over 3 rounds"
+        );
+        assert_eq!(failures_1, failures_0, "node {i}: exchanges failed");
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        assert_eq!(int_member(&node.stats(), "keys"), 300, "node {i}");
+    }
+}
+
+#[test]
+fn a_node_on_another_ring_is_refused_and_the_others_go_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let servers: Vec<String> = ports.iter().map(|&port| addr(port)).collect();
+    // Node 2 places the servers at 64 positions each; everyone else at the default 256.
+    let nodes: Vec<Daemon> = (0..3)
+        .map(|i| {
+            let mut args: Vec<String> = ["--in-memory", "-N", "3", "--aae-interval-ms", "200"]
+                .map(str::to_owned)
+                .to_vec();
+            for (j, peer) in servers.iter().enumerate() {
+                if j != i {
+                    args.extend(["-s".to_owned(), peer.clone()]);
+                }
+            }
+            if i == 2 {
+                args.extend(["--vnodes".to_owned(), "64".to_owned()]);
+            }
+            Daemon::storage_node(dir.path(), &format!("node-{i}"), ports[i], &args)
+        })
+        .collect();
+    let balancer = Daemon::load_balancer(
+        dir.path(),
+        "balancer",
+        free_port(),
+        &servers,
+        &["-N", "3", "-R", "2", "-W", "2"].map(str::to_owned),
+    );
+    let lb = balancer.rpc();
+    let clients: Vec<Rpc> = nodes.iter().map(Daemon::rpc).collect();
+
+    let rings: Vec<String> = clients
+        .iter()
+        .map(|node| string(member(&node.stats(), "ring")).to_owned())
+        .collect();
+    assert_eq!(rings[0], rings[1], "nodes 0 and 1 share a ring");
+    assert_ne!(rings[2], rings[0], "node 2 has another ring");
+
+    wait_until(
+        ROUNDS_TIMEOUT,
+        "the balancer shows node 2 as a ring mismatch",
+        || server_state(&lb.stats(), &servers[2]).0 == "mismatch",
+    );
+    let stats = lb.stats();
+    let (_, last_error) = server_state(&stats, &servers[2]);
+    assert!(
+        last_error.as_deref().is_some_and(|e| e.contains("ring")),
+        "the mismatch's last_error does not mention the ring: {stats:?}"
+    );
+    for address in &servers[..2] {
+        assert_eq!(
+            server_state(&stats, address).0,
+            "up",
+            "{address}: {stats:?}"
+        );
+    }
+
+    // Its peers refuse to exchange with it (and it with them), round after round.
+    wait_until(ROUNDS_TIMEOUT, "every node counts failed exchanges", || {
+        clients
+            .iter()
+            .all(|node| aae_counter(&node.stats(), "failures") >= 3)
+    });
+
+    // The two matching nodes still make W = 2 and R = 2; node 2 is left out.
+    for i in 0..50 {
+        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
+    }
+    for i in 0..50 {
+        assert_eq!(lb.get(&key(i)), Ok(value(i)), "get {}", key(i));
+    }
+    for (i, node) in clients.iter().enumerate() {
+        let expected = if i == 2 { 0 } else { 50 };
+        assert_eq!(
+            int_member(&node.stats(), "keys"),
+            expected,
+            "node {i}'s keys"
+        );
+    }
+    assert_eq!(
+        server_state(&lb.stats(), &servers[2]).0,
+        "mismatch",
+        "node 2 is still left out"
+    );
+}
+
+#[test]
+fn anti_entropy_does_not_bring_reaped_tombstones_back() {
+    // Deleted keys are reaped once every replica holds their tombstones. Anti-entropy runs
+    // all the while, and often, to give it every chance to interleave with the reaping: it
+    // must not copy a tombstone back to a replica that already reaped it (the tombstone
+    // would then sit on every replica with nothing left to reap it). Several rounds of
+    // deletes, each left to be reaped, make the interleaving likely.
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .in_memory()
+        .replicas(3)
+        .node_arg("--aae-interval-ms")
+        .node_arg("20")
+        .balancer_arg("--tombstone-grace-ms")
+        .balancer_arg("300")
+        .start();
+    let lb = cluster.client();
+    let nodes: Vec<Rpc> = (0..3).map(|i| cluster.node_client(i)).collect();
+    const CYCLES: usize = 5;
+    const KEYS: usize = 200;
+    for cycle in 0..CYCLES {
+        let keys: Vec<String> = (0..KEYS)
+            .map(|i| format!("cycle-{cycle}-{}", key(i)))
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(lb.put(k, value(i)), ok200(), "put {k}");
+        }
+        for k in &keys {
+            assert_eq!(lb.delete(k), ok200(), "delete {k}");
+        }
+        wait_until_ok(
+            ROUNDS_TIMEOUT,
+            &format!("every tombstone of cycle {cycle} is reaped from every node"),
+            || {
+                let held: Vec<(i64, i64)> = nodes
+                    .iter()
+                    .map(|node| {
+                        let stats = node.stats();
+                        (int_member(&stats, "keys"), int_member(&stats, "tombstones"))
+                    })
+                    .collect();
+                if held
+                    .iter()
+                    .all(|&(keys, tombstones)| keys == 0 && tombstones == 0)
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "nodes' (keys, tombstones): {held:?}; balancer reaps: {} of {} deletes",
+                        balancer_counter(&lb.stats(), "reaps"),
+                        (cycle + 1) * KEYS
+                    ))
+                }
+            },
+        );
+    }
+    assert_eq!(balancer_counter(&lb.stats(), "gets"), 0, "no client read");
+}

@@ -1,0 +1,300 @@
+//! Failures, told as stories against real processes: a balancer notices a dead node and
+//! notices it coming back; while a replica is down its writes go to a fallback with a hint
+//! (sloppy quorum) and reach it once it is back (hinted handoff); a cluster with no spare
+//! node heals by anti-entropy; a hung node costs one timeout, not one per request.
+//!
+//! (Every process of a cluster SIGKILLed and restarted is in `cluster.rs`.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// How long a node may take to be seen down, or up again, by a balancer.
+const DETECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a background mechanism (handoff, anti-entropy) may take to act.
+const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// An anti-entropy interval long enough that no round runs during a test.
+const AAE_OFF: &str = "3600000";
+
+fn key(i: usize) -> String {
+    format!("key-{i:04}")
+}
+
+fn value(i: usize) -> Value {
+    s(&format!("value-{i:04}"))
+}
+
+fn nodes_of(cluster: &Cluster) -> Vec<Rpc> {
+    (0..cluster.nodes.len())
+        .map(|i| cluster.node_client(i))
+        .collect()
+}
+
+fn state_of(lb: &Rpc, address: &str) -> String {
+    server_state(&lb.stats(), address).0
+}
+
+#[test]
+fn a_dead_node_is_marked_down_and_the_prober_sees_it_come_back() {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .in_memory()
+        .replicas(3)
+        .write_quorum(2)
+        .timeout_ms(500)
+        .start();
+    let lb = cluster.client();
+    let servers = cluster.servers();
+    for address in &servers {
+        assert_eq!(state_of(&lb, address), "up", "{address} before any failure");
+    }
+
+    cluster.nodes[1].kill();
+    for i in 0..5 {
+        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
+    }
+    wait_until(DETECTION_TIMEOUT, "the dead node is shown down", || {
+        state_of(&lb, &servers[1]) == "down"
+    });
+    let stats = lb.stats();
+    let (_, last_error) = server_state(&stats, &servers[1]);
+    assert!(
+        last_error.as_deref().is_some_and(|e| !e.trim().is_empty()),
+        "a down server comes with its last error: {stats:?}"
+    );
+    for live in [&servers[0], &servers[2]] {
+        assert_eq!(server_state(&stats, live).0, "up", "{live}: {stats:?}");
+    }
+
+    // Back, and found back by the prober alone: no client request in between.
+    let requests = |stats: &Value| {
+        ["puts", "gets", "get_versions", "deletes"]
+            .iter()
+            .map(|c| balancer_counter(stats, c))
+            .sum::<i64>()
+    };
+    let before = requests(&stats);
+    cluster.nodes[1].restart();
+    wait_until(DETECTION_TIMEOUT, "the restarted node is shown up", || {
+        state_of(&lb, &servers[1]) == "up"
+    });
+    assert_eq!(requests(&lb.stats()), before, "no client request was made");
+    for i in 0..5 {
+        assert_eq!(lb.get(&key(i)), Ok(value(i)));
+    }
+}
+
+#[test]
+fn writes_for_a_dead_node_are_hinted_and_handed_off_when_it_returns() {
+    let mut cluster = Cluster::builder()
+        .nodes(4)
+        .in_memory()
+        .replicas(3)
+        .write_quorum(2)
+        .node_arg("--aae-interval-ms")
+        .node_arg(AAE_OFF)
+        .start();
+    let lb = cluster.client();
+    let servers = cluster.servers();
+    let x = servers[1].clone();
+    const KEYS: usize = 200;
+    let owned_by_x: Vec<bool> = (0..KEYS)
+        .map(|i| replicas_of(&servers, &key(i), 3).contains(&x))
+        .collect();
+    let x_keys = owned_by_x.iter().filter(|&&owned| owned).count();
+    assert!(x_keys > 0, "X replicates none of {KEYS} keys");
+
+    cluster.nodes[1].kill();
+    // A read that involves X makes the balancer notice it is gone.
+    let probe = (0..)
+        .map(|i| format!("probe-{i}"))
+        .find(|k| replicas_of(&servers, k, 3).contains(&x))
+        .expect("some key lives on X");
+    assert_eq!(lb.get(&probe), Ok(Value::Nil));
+    wait_until(DETECTION_TIMEOUT, "X is shown down", || {
+        state_of(&lb, &x) == "down"
+    });
+
+    for i in 0..KEYS {
+        assert_eq!(
+            lb.put(&key(i), value(i)),
+            ok200(),
+            "put {} with X dead",
+            key(i)
+        );
+    }
+    let live: Vec<Rpc> = [0, 2, 3].iter().map(|&i| cluster.node_client(i)).collect();
+    let hints = || -> i64 {
+        live.iter()
+            .map(|node| int_member(&node.stats(), "hints"))
+            .sum()
+    };
+    // Every write X should have taken waits at a fallback, one hint per key.
+    wait_until(
+        CONVERGENCE_TIMEOUT,
+        &format!("the live nodes hold {x_keys} hints for X"),
+        || hints() == x_keys as i64,
+    );
+    for i in 0..KEYS {
+        assert_eq!(lb.get(&key(i)), Ok(value(i)), "get {} with X dead", key(i));
+    }
+
+    // X returns, empty: the fallbacks hand it what it missed.
+    cluster.nodes[1].restart();
+    let all = nodes_of(&cluster);
+    wait_until(CONVERGENCE_TIMEOUT, "every hint is handed off", || {
+        all.iter()
+            .all(|node| int_member(&node.stats(), "hints") == 0)
+    });
+    let node_x = cluster.node_client(1);
+    for (i, &owned) in owned_by_x.iter().enumerate() {
+        let expected = if owned { value(i) } else { Value::Nil };
+        assert_eq!(
+            node_x.get(&key(i)),
+            Ok(expected),
+            "X's own copy of {} (a replica: {owned})",
+            key(i)
+        );
+    }
+    assert_eq!(int_member(&node_x.stats(), "keys"), x_keys as i64);
+}
+
+#[test]
+fn with_no_spare_node_a_returning_node_is_healed_by_anti_entropy_without_reads() {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .in_memory()
+        .replicas(3)
+        .write_quorum(2)
+        .node_arg("--aae-interval-ms")
+        .node_arg("300")
+        .start();
+    let lb = cluster.client();
+
+    cluster.nodes[2].kill();
+    for i in 0..100 {
+        assert_eq!(
+            lb.put(&key(i), value(i)),
+            ok200(),
+            "put {} with C dead",
+            key(i)
+        );
+    }
+    // Every server is in every key's preference list: there is no fallback to hold hints.
+    for i in 0..2 {
+        let stats = cluster.node_client(i).stats();
+        assert_eq!(int_member(&stats, "hints"), 0, "node {i}: {stats:?}");
+        assert_eq!(int_member(&stats, "keys"), 100, "node {i}: {stats:?}");
+    }
+
+    cluster.nodes[2].restart();
+    let node_c = cluster.node_client(2);
+    wait_until(CONVERGENCE_TIMEOUT, "C holds all 100 keys again", || {
+        int_member(&node_c.stats(), "keys") == 100
+    });
+    for i in 0..100 {
+        assert_eq!(node_c.get(&key(i)), Ok(value(i)), "C's copy of {}", key(i));
+    }
+    let stats = lb.stats();
+    assert_eq!(balancer_counter(&stats, "gets"), 0, "no client read");
+    assert_eq!(
+        balancer_counter(&stats, "get_versions"),
+        0,
+        "no client read"
+    );
+    for node in nodes_of(&cluster) {
+        assert_eq!(int_member(&node.stats(), "hints"), 0);
+    }
+}
+
+#[test]
+fn a_hung_node_is_timed_out_once_and_then_left_alone() {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .in_memory()
+        .replicas(3)
+        .read_quorum(2)
+        .write_quorum(2)
+        .timeout_ms(2000)
+        .start();
+    let lb = cluster.client();
+    let servers = cluster.servers();
+    let c = servers[2].clone();
+    // The order of the puts makes the story the same on every run. First two puts that C
+    // does not coordinate: each meets W = 2 without C and sends C a copy that times out in
+    // the background; nobody can know yet that C hangs. Then a put that C coordinates: it
+    // waits out the timeout on C and goes on with the next replica. From then on C is
+    // known to hang, and no request may call it: three failed calls in all.
+    let coordinated_by_c = |i: &usize| replicas_of(&servers, &key(*i), 3)[0] == c;
+    let (by_c, not_by_c): (Vec<usize>, Vec<usize>) = (0..50).partition(coordinated_by_c);
+    assert!(
+        not_by_c.len() >= 2 && !by_c.is_empty(),
+        "C coordinates {} of 50 keys",
+        by_c.len()
+    );
+    let order: Vec<usize> = [not_by_c[0], not_by_c[1], by_c[0]]
+        .into_iter()
+        .chain(not_by_c[2..].iter().copied())
+        .chain(by_c[1..].iter().copied())
+        .collect();
+    let failures = || balancer_counter(&lb.stats(), "replica_failures");
+    let failures_before = failures();
+
+    // SIGSTOP: C's sockets still accept connections, but nothing answers.
+    cluster.nodes[2].stop();
+    for (n, &i) in order.iter().enumerate() {
+        assert_eq!(
+            lb.put(&key(i), value(i)),
+            ok200(),
+            "put {} with C hung",
+            key(i)
+        );
+        if n == 2 {
+            // That put waited for C to time out: C is down now.
+            let (state, last_error) = server_state(&lb.stats(), &c);
+            assert_eq!(state, "down", "C after a call to it timed out");
+            assert!(last_error.is_some(), "C is down without a last_error");
+        }
+    }
+    for i in 0..50 {
+        assert_eq!(lb.get(&key(i)), Ok(value(i)), "get {} with C hung", key(i));
+    }
+    assert_eq!(server_state(&lb.stats(), &c).0, "down");
+
+    // A call made to C ends, failed, within one timeout. To know that every call made so far
+    // has ended without sleeping, ask a second balancer, which has never heard from C, for a
+    // read that needs C (R = 3): it waits one whole timeout on C, then fails. When it
+    // answers, the first balancer's count of failed calls is final.
+    let watch = Daemon::load_balancer(
+        cluster.dir(),
+        "watch-balancer",
+        free_port(),
+        &servers,
+        &["-N", "3", "-R", "3", "-W", "2", "--timeout-ms", "2000"].map(str::to_owned),
+    );
+    match watch.rpc().get(&key(0)) {
+        Err((503, _)) => {}
+        other => panic!("a read needing hung C: expected fault 503, got {other:?}"),
+    }
+    let failed = failures() - failures_before;
+    assert!(
+        failed <= 3,
+        "{failed} calls to replicas failed over 100 requests with one hung node: \
+         requests went on calling C after it was found hung"
+    );
+
+    cluster.nodes[2].cont();
+    wait_until(DETECTION_TIMEOUT, "C is shown up after SIGCONT", || {
+        state_of(&lb, &c) == "up"
+    });
+    for i in 0..50 {
+        assert_eq!(
+            lb.get(&key(i)),
+            Ok(value(i)),
+            "get {} after SIGCONT",
+            key(i)
+        );
+    }
+}
