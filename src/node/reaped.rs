@@ -35,7 +35,10 @@ struct Memory {
 impl ReapedTombstones {
     pub fn remember(&self, key: &str, dots: Vec<Dot>) {
         let now = Instant::now();
-        let mut memory = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut memory = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         memory.forget_old(now);
         memory.by_key.insert(key.to_owned(), (dots, now));
         memory.order.push_back((key.to_owned(), now));
@@ -46,7 +49,10 @@ impl ReapedTombstones {
         if !incoming.is_tombstoned() {
             return false;
         }
-        let memory = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let memory = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match memory.by_key.get(key) {
             Some((dots, when)) if when.elapsed() < REMEMBER_FOR => {
                 incoming.dots().all(|dot| dots.contains(&dot))
@@ -89,10 +95,16 @@ mod tests {
         memory.remember("k", reaped.dots().collect());
         assert!(memory.is_reaped("k", &reaped));
         assert!(!memory.is_reaped("other", &reaped));
-        assert!(!memory.is_reaped("k", &tombstone(2)), "a new delete has other dots");
+        assert!(
+            !memory.is_reaped("k", &tombstone(2)),
+            "a new delete has other dots"
+        );
         let mut live = Siblings::new();
         live.write(1, None, Some("<value>v</value>".into()), 2);
-        assert!(!memory.is_reaped("k", &live), "a live value is never refused");
+        assert!(
+            !memory.is_reaped("k", &live),
+            "a live value is never refused"
+        );
     }
 
     #[test]
