@@ -2,8 +2,16 @@
 # Reproduces the README's performance figures: XML-RPC throughput and latency of
 #
 #   ceiling   examples/ceiling.rs, an HTTP server that does nothing: the bound for one hop
-#   node      one durable storage node, called directly (put = node.coordinate, get = get)
+#   node      one durable storage node, called directly (put(key, value) and get(key) as a
+#             Python client sends them; the node writes its own copy only)
 #   balancer  a load balancer over three durable storage nodes, N=3 R=2 W=2
+#   hung      (not in the default set) the balancer set-up again, healthy, then with one of the
+#             three nodes hung (SIGSTOP: it accepts TCP connections and never answers): put and
+#             get throughput and latency side by side, with the ratios hung/healthy, the
+#             latency of the first seconds after the hang (when the balancer still waits one
+#             --timeout-ms for the node), and how long the balancer takes to see the node up
+#             again after SIGCONT. With "balancer hung" both parts share one cluster and the
+#             balancer part's runs are the healthy figures.
 #
 # each measured RUNS times for DURATION seconds by examples/loadgen.rs (64 keep-alive
 # connections, 100k keys, 100-byte values; gets after a preload of every key), then a table of
@@ -13,13 +21,17 @@
 # It first checks that loadgen's bodies are byte for byte Python xmlrpc.client's. Everything
 # it starts is stopped on exit. Daemons listen on 127.0.0.1, ports PORT_BASE..PORT_BASE+5
 # (23700-23705: below Linux's ephemeral range, so outgoing connections cannot take them).
+# A stopped node is always sent SIGCONT before it is stopped for good.
 #
 #   examples/bench.sh                      # RUNS=3 DURATION=10: about 4 minutes, plus the build
 #   RUNS=3 DURATION=5 examples/bench.sh
+#   PARTS="balancer hung" examples/bench.sh  # about 2.5 minutes
 #
 # Settings (environment): RUNS DURATION WARMUP CONNECTIONS KEYS VALUE_BYTES PORT_BASE
-# LOADGEN_THREADS CARGO_TARGET_DIR, PARTS (default "ceiling node balancer") to run only some of
-# the three set-ups, BUILD=0 to use the binaries already built. The load generator shares the
+# LOADGEN_THREADS CARGO_TARGET_DIR, PARTS (default "ceiling node balancer"; "hung" also exists)
+# to run only some of the set-ups, BUILD=0 to use the binaries already built, TIMEOUT_MS (the
+# balancer's --timeout-ms, default 1000 as the daemon's), ONSET_SECS (default 3: the mixed
+# load measured right after the hang, with no warm-up). The load generator shares the
 # machine with the daemons it measures: on a 2-core machine the figures are what both sides
 # together can do, and any other work on the machine lowers them (the CPU time per request
 # is the steadier figure).
@@ -36,6 +48,8 @@ PORT_BASE=${PORT_BASE:-23700}
 LOADGEN_THREADS=${LOADGEN_THREADS:-1}
 PARTS=${PARTS:-ceiling node balancer}
 BUILD=${BUILD:-1}
+TIMEOUT_MS=${TIMEOUT_MS:-1000}
+ONSET_SECS=${ONSET_SECS:-3}
 target_dir=${CARGO_TARGET_DIR:-target}
 
 if [[ $BUILD != 0 ]]; then
@@ -51,6 +65,7 @@ pids=()
 stop_all() {
     trap - EXIT INT TERM
     if ((${#pids[@]})); then
+        kill -CONT "${pids[@]}" 2>/dev/null || true
         kill "${pids[@]}" 2>/dev/null || true
         wait "${pids[@]}" 2>/dev/null || true
     fi
@@ -62,6 +77,7 @@ trap 'exit 130' INT TERM
 # Stops the daemons started so far (SIGTERM, so durable nodes close their storage cleanly).
 stop_daemons() {
     if ((${#pids[@]})); then
+        kill -CONT "${pids[@]}" 2>/dev/null || true
         kill "${pids[@]}" 2>/dev/null || true
         wait "${pids[@]}" 2>/dev/null || true
     fi
@@ -84,6 +100,16 @@ wait_up() {
     done
     echo "bench: nothing answers on port $port" >&2
     exit 1
+}
+
+# The balancer's stats() as one JSON line: {"counters": {...}, "states": [...]}.
+balancer_stats() {
+    python3 - "$balancer_port" <<'PY'
+import json, socket, sys, xmlrpc.client
+socket.setdefaulttimeout(5)
+s = xmlrpc.client.ServerProxy("http://127.0.0.1:%s" % sys.argv[1]).stats()
+print(json.dumps({"counters": s["counters"], "states": [x["state"] for x in s["servers"]]}))
+PY
 }
 
 part() {
@@ -150,16 +176,18 @@ cpu_ticks() {
 front_pids=()
 behind_pids=()
 
-# measure LABEL PORT MODE GET_RATIO: RUNS runs of loadgen, one line each, JSON kept for the table.
+# measure LABEL PORT MODE GET_RATIO [RUNS DURATION WARMUP]: runs of loadgen (RUNS of them,
+# DURATION + WARMUP seconds each, unless given), one line each, JSON kept for the table.
 measure() {
-    local label=$1 port=$2 mode=$3 ratio=$4 run out front behind
-    for run in $(seq 1 "$RUNS"); do
+    local label=$1 port=$2 mode=$3 ratio=$4 runs=${5:-$RUNS} duration=${6:-$DURATION}
+    local warmup=${7:-$WARMUP} run out front behind
+    for run in $(seq 1 "$runs"); do
         out=$work/$label.$run
         front=$(cpu_ticks "${front_pids[@]}")
         behind=$(cpu_ticks "${behind_pids[@]}")
         if ! "$loadgen" --target "127.0.0.1:$port" --mode "$mode" --get-ratio "$ratio" \
             --connections "$CONNECTIONS" --keys "$KEYS" --value-bytes "$VALUE_BYTES" \
-            --duration-secs "$DURATION" --warmup-secs "$WARMUP" --threads "$LOADGEN_THREADS" \
+            --duration-secs "$duration" --warmup-secs "$warmup" --threads "$LOADGEN_THREADS" \
             --seed "$run" --label "$label" --json >"$out.out" 2>"$out.err"; then
             echo "bench: !!! $label run $run had errors:" >&2
             grep -E 'ERROR|!!!|^ +[0-9]+ ' "$out.err" | head -20 >&2 || true
@@ -179,8 +207,9 @@ n = max(r["answered_with_warmup"], 1)
 r["front_cpu_us_per_req"] = int(sys.argv[2]) * 1e4 / n
 r["behind_cpu_us_per_req"] = int(sys.argv[3]) * 1e4 / n if sys.argv[4] else None
 open(sys.argv[5], "a").write(json.dumps(r) + "\n")
-print("  %-14s run %s: %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms  errors %d" % (
-    r["label"], sys.argv[1], r["throughput"], a["p50_us"] / 1e3, a["p99_us"] / 1e3, r["errors"]))
+print("  %-14s run %s: %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  errors %d" % (
+    r["label"], sys.argv[1], r["throughput"], a["p50_us"] / 1e3, a["p99_us"] / 1e3,
+    a["max_us"] / 1e3, r["errors"]))
 ' "$run" "$front" "$behind" "${behind_pids[*]}" "$results"
     done
 }
@@ -228,42 +257,80 @@ if part node; then
     front_pids=("$node_pid") behind_pids=()
     wait_up "$node_port" "$node_pid"
     echo "one storage node (durable):"
-    measure node-put "$node_port" node-put 0
-    preload "$node_port" node-put
+    measure node-put "$node_port" client 0
+    preload "$node_port" client
     measure node-get "$node_port" client 1
     node_rss=$(rss "$node_pid")
     stop_daemons
 fi
 
-# 3. Three durable storage nodes behind a balancer.
-if part balancer; then
+# 3. Three durable storage nodes behind a balancer; with "hung", then one of them hung.
+if part balancer || part hung; then
     servers=()
+    cluster_node_pids=()
     for i in 1 2 3; do
         port=$((PORT_BASE + 2 + i))
         "$bin/storage_node" --bind 127.0.0.1 -p "$port" --data-dir "$work/cluster-$i" --quiet \
             >"$work/cluster-$i.log" 2>&1 &
         pids+=($!)
+        cluster_node_pids+=($!)
         servers+=(-s "127.0.0.1:$port")
     done
-    cluster_node_pids=("${pids[@]}")
     balancer_quiet=()
     if "$bin/load_balancer" --help | grep -q -- '--quiet'; then
         balancer_quiet=(--quiet)
     fi
     "$bin/load_balancer" --bind 127.0.0.1 -p "$balancer_port" "${servers[@]}" -N 3 -R 2 -W 2 \
-        "${balancer_quiet[@]}" >"$work/balancer.log" 2>&1 &
+        --timeout-ms "$TIMEOUT_MS" "${balancer_quiet[@]}" >"$work/balancer.log" 2>&1 &
     balancer_pid=$!
     pids+=("$balancer_pid")
     front_pids=("$balancer_pid") behind_pids=("${cluster_node_pids[@]}")
     for i in 1 2 3; do wait_up $((PORT_BASE + 2 + i)) "${cluster_node_pids[i - 1]}"; done
     wait_up "$balancer_port" "$balancer_pid"
-    echo "balancer over three storage nodes (N=3 R=2 W=2):"
+    echo "balancer over three storage nodes (N=3 R=2 W=2, --timeout-ms $TIMEOUT_MS):"
     measure balancer-put "$balancer_port" client 0
     preload "$balancer_port" client
     measure balancer-get "$balancer_port" client 1
     cluster_rss=()
     for pid in "${cluster_node_pids[@]}"; do cluster_rss+=("$(rss "$pid")"); done
     balancer_rss=$(rss "$balancer_pid")
+    if part hung; then
+        hung_pid=${cluster_node_pids[2]}
+        hung_port=$((PORT_BASE + 5))
+        balancer_stats >"$work/hung.stats.before"
+        echo "the same cluster with node 127.0.0.1:$hung_port hung (SIGSTOP; it accepts" \
+            "connections and never answers):"
+        kill -STOP "$hung_pid"
+        # The first seconds: the balancer has not yet seen the node fail.
+        measure hung-onset "$balancer_port" client 0.5 1 "$ONSET_SECS" 0
+        measure hung-put "$balancer_port" client 0
+        measure hung-get "$balancer_port" client 1
+        balancer_stats >"$work/hung.stats.after"
+        kill -CONT "$hung_pid"
+        # How long until the balancer's prober sees the node answer again.
+        cont_start=$(date +%s%N)
+        up_after=
+        for _ in $(seq 1 300); do
+            if balancer_stats | grep -q '"states": \["up", "up", "up"\]'; then
+                up_after=$((($(date +%s%N) - cont_start) / 1000000))
+                break
+            fi
+            sleep 0.05
+        done
+        python3 - "$work/hung.stats.before" "$work/hung.stats.after" "${up_after:-}" <<'PY'
+import json, sys
+before, after = (json.loads(open(f).read()) for f in sys.argv[1:3])
+delta = {k: after["counters"][k] - before["counters"][k] for k in after["counters"]}
+print("  balancer counters while the node was hung: " + ", ".join(
+    "%s +%d" % (k, delta[k]) for k in ("puts", "gets", "replica_failures",
+                                        "write_quorum_failures", "read_quorum_failures",
+                                        "read_repairs")))
+print("  node states while hung: %s" % after["states"])
+up = sys.argv[3]
+print("  after SIGCONT the balancer saw all three nodes up in " +
+      ("%.2f s" % (int(up) / 1e3) if up else "-- NOT within 15 s --"))
+PY
+    fi
     stop_daemons
 fi
 
@@ -285,7 +352,9 @@ print("%-14s %4s %10s %9s %8s %8s %8s %7s %7s   %s" % (
 def cpu(runs, field):
     values = [r.get(field) for r in runs]
     return "%6.1f" % med(values) if None not in values else "     -"
-for label in ["ceiling-put", "ceiling-get", "node-put", "node-get", "balancer-put", "balancer-get"]:
+labels = ["ceiling-put", "ceiling-get", "node-put", "node-get", "balancer-put", "balancer-get",
+          "hung-onset", "hung-put", "hung-get"]
+for label in labels:
     runs = rows.get(label)
     if not runs:
         continue
@@ -299,9 +368,35 @@ for label in ["ceiling-put", "ceiling-get", "node-put", "node-get", "balancer-pu
         sum(r["errors"] for r in runs), sum(r["all"]["nil"] for r in runs),
         cpu(runs, "front_cpu_us_per_req"), cpu(runs, "behind_cpu_us_per_req"),
         cpu(runs, "loadgen_cpu_us_per_req")))
-if any(r["errors"] for runs in rows.values() for r in runs):
+if "hung-put" in rows or "hung-get" in rows:
+    print()
+    print("one of three nodes hung (SIGSTOP), beside the healthy figures of the same cluster:")
+    print("%-4s %10s %10s %7s   %8s %8s %7s   %8s %8s %7s   %7s" % (
+        "op", "healthy/s", "hung/s", "ratio", "p50 ok", "p50 hung", "ratio",
+        "p99 ok", "p99 hung", "ratio", "errors"))
+    for op in ("put", "get"):
+        ok, hung = rows.get("balancer-" + op), rows.get("hung-" + op)
+        if not ok or not hung:
+            continue
+        figures = []
+        for pick in (lambda r: r["throughput"], lambda r: r["all"]["p50_us"] / 1e3,
+                     lambda r: r["all"]["p99_us"] / 1e3):
+            a, b = med([pick(r) for r in ok]), med([pick(r) for r in hung])
+            figures += [a, b, b / a if a else float("nan")]
+        print("%-4s %10.0f %10.0f %7.2f   %8.2f %8.2f %7.2f   %8.2f %8.2f %7.2f   %7d" % (
+            op, *figures, sum(r["errors"] for r in hung)))
+    print("(medians of %d runs each; p50/p99 in ms; ratio = hung / healthy)" % len(rows["hung-put"]))
+    for r in rows.get("hung-onset", []):
+        a = r["all"]
+        print("first %.0f s after the hang (50%% gets, no warm-up): %.0f req/s, p50 %.2f ms, "
+              "p99 %.2f ms, max %.2f ms, %d errors" % (
+                  r["elapsed_s"], r["throughput"], a["p50_us"] / 1e3, a["p99_us"] / 1e3,
+                  a["max_us"] / 1e3, r["errors"]))
+if any(r["errors"] for label, runs in rows.items() if label != "hung-onset" for r in runs):
     print("\n!!! SOME RUNS HAD ERRORS: their figures are not valid !!!")
-if any(r["all"]["nil"] for label in ("node-get", "balancer-get") for r in rows.get(label, [])):
+if any(r["errors"] for r in rows.get("hung-onset", [])):
+    print("\n!!! requests failed in the first seconds after the hang (see the errors above) !!!")
+if any(r["all"]["nil"] for label in ("node-get", "balancer-get", "hung-get") for r in rows.get(label, [])):
     print("\n!!! some gets answered nil: the preload missed keys (see its errors above) !!!")
 PY
 echo
