@@ -498,12 +498,12 @@ impl Balancer {
         .map(|(name, value)| {
             (
                 name.to_string(),
-                Value::Integer(i32::try_from(value).unwrap_or(i32::MAX)),
+                codec::int_value(i64::try_from(value).unwrap_or(i64::MAX)),
             )
         })
         .collect();
         let config = &shared.config;
-        let int = |n: usize| Value::Integer(i32::try_from(n).unwrap_or(i32::MAX));
+        let int = |n: usize| codec::int_value(i64::try_from(n).unwrap_or(i64::MAX));
         Value::Struct(
             [
                 ("servers".to_string(), Value::Array(servers)),

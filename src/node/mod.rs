@@ -347,8 +347,8 @@ impl StorageNode {
     }
 
     fn stats_xml(&self) -> Result<String> {
-        let count = |n: &AtomicI64| Value::Integer(clamp_i32(n.load(Ordering::Relaxed).max(0)));
-        let counter = |c: &Counter| Value::Integer(clamp_i32(c.get() as i64));
+        let count = |n: &AtomicI64| codec::int_value(n.load(Ordering::Relaxed).max(0));
+        let counter = |c: &Counter| codec::int_value(i64::try_from(c.get()).unwrap_or(i64::MAX));
         let mut stats: std::collections::BTreeMap<String, Value> = [
             ("keys".to_string(), count(&self.live_keys)),
             ("hints".to_string(), count(&self.hints)),
@@ -694,10 +694,6 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn clamp_i32(n: i64) -> i32 {
-    i32::try_from(n).unwrap_or(i32::MAX)
 }
 
 /// A key as it appears in the request log: cut short and with control characters escaped.

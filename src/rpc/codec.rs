@@ -109,6 +109,12 @@ pub fn value_from_xml(xml: &str) -> Result<Value> {
     Value::from_xml(xml).map_err(|_| Error::Internal("stored value could not be decoded".into()))
 }
 
+/// An integer as `i4` when it fits, else as the `i8` extension (which Python's client reads),
+/// so counters never saturate.
+pub fn int_value(n: i64) -> Value {
+    i32::try_from(n).map_or(Value::Long(n), Value::Integer)
+}
+
 /// `<value><nil/></value>`: what `get` returns for a key with no value.
 pub const NIL_XML: &str = "<value><nil/></value>";
 
