@@ -301,6 +301,15 @@ impl AntiEntropy {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        // When the bound bites, start at a varying place, so that two peers repairing the same
+        // node do not both send it the same first keys.
+        let start = usize::try_from(super::now_ms()).unwrap_or(0);
+        for keys in [&mut push, &mut pull] {
+            if keys.len() > self.max_keys {
+                let len = keys.len();
+                keys.rotate_left(start % len);
+            }
+        }
         push.truncate(self.max_keys);
         pull.truncate(self.max_keys.saturating_sub(push.len()).max(1));
 
