@@ -630,3 +630,34 @@ fn missing_and_deleted_keys_have_no_versions_and_garbage_contexts_are_refused() 
         vec![s("original")]
     );
 }
+
+#[test]
+fn siblings_stop_piling_up_until_a_write_resolves_them() {
+    // Every put from the same stale context (here: the empty context of a missing key) is
+    // concurrent with all the others, so each adds a sibling. Past the bound the store refuses
+    // with a fault that says how to resolve them, and a write with the full context does.
+    let cluster = Cluster::builder().in_memory().start();
+    let lb = cluster.client();
+    let (_, empty) = lb.get_versions("crowded").expect("get_versions");
+    assert_eq!(empty, "");
+    let mut accepted = 0;
+    let refusal = loop {
+        match lb.put_with_context("crowded", s(&format!("v{accepted}")), &empty) {
+            Ok(_) => accepted += 1,
+            Err(fault) => break fault,
+        }
+        assert!(accepted <= 1000, "siblings are never bounded");
+    };
+    assert_eq!(refusal.0, -32602, "{refusal:?}");
+    assert!(refusal.1.contains("siblings"), "{refusal:?}");
+    let (values, context) = lb.get_versions("crowded").expect("get_versions");
+    assert_eq!(values.len(), accepted);
+    assert_eq!(
+        lb.put_with_context("crowded", s("resolved"), &context),
+        ok200()
+    );
+    assert_eq!(
+        lb.get_versions("crowded").expect("get_versions").0,
+        vec![s("resolved")]
+    );
+}

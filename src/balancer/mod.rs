@@ -269,6 +269,16 @@ impl Balancer {
             let reply = self
                 .call_replica(target.server, Op::Coordinate(request))
                 .await;
+            // A replica refusing the write itself (too many siblings) is the client's to fix,
+            // and every other replica would refuse it too.
+            if let Err(CallError::Fault {
+                code: crate::error::FAULT_INVALID_PARAMS,
+                message,
+            }) = &reply
+            {
+                let reason = message.strip_prefix("invalid params: ").unwrap_or(message);
+                return Err(Error::InvalidParams(reason.to_owned()));
+            }
             match siblings_of(reply) {
                 Ok(siblings) => {
                     coordinated = Some((position, siblings));

@@ -43,6 +43,11 @@ use reaped::ReapedTombstones;
 /// (they survive a crash of the process); this bounds what a power loss can take.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Most versions one key may hold after a client's write. Writes from stale contexts pile up
+/// siblings (each one concurrent with the rest); past this bound a write must resolve them,
+/// so no key grows without limit and every merge stays cheap.
+pub const MAX_SIBLINGS: usize = 64;
+
 const ACTOR_ID_KEY: &[u8] = b"actor_id";
 /// Entries read per page when counting keys at start.
 const SCAN_PAGE: usize = 1024;
@@ -305,9 +310,22 @@ impl StorageNode {
             context,
             hint_for,
         } = request;
-        self.update_place(&key, hint_for.as_deref(), |siblings| {
-            siblings.write(self.actor, context.as_ref(), value, now);
-        })
+        let mut refused = None;
+        let stored = self.update_place(&key, hint_for.as_deref(), |siblings| {
+            let mut next = siblings.clone();
+            next.write(self.actor, context.as_ref(), value, now);
+            if next.versions().len() > MAX_SIBLINGS {
+                refused = Some(next.versions().len());
+            } else {
+                *siblings = next;
+            }
+        })?;
+        match refused {
+            None => Ok(stored),
+            Some(count) => Err(Error::invalid(format!(
+                "the key would have {count} siblings (at most {MAX_SIBLINGS}); write with the context from get_versions to resolve them"
+            ))),
+        }
     }
 
     pub fn merge(&self, request: MergeRequest) -> Result<Siblings> {
@@ -802,6 +820,34 @@ mod tests {
         assert_eq!(replica.merge(request.clone()).expect("merge"), set);
         assert_eq!(replica.merge(request).expect("merge again"), set);
         assert_eq!(counts(&replica), (1, 0));
+    }
+
+    #[test]
+    fn sibling_explosion_is_refused_until_resolved() {
+        let node = node();
+        let stale = Some(crate::version::VClock::new());
+        let write = |context: Option<crate::version::VClock>| {
+            node.coordinate(CoordinateRequest {
+                key: "k".into(),
+                value: Some("<value>v</value>".into()),
+                context,
+                hint_for: None,
+            })
+        };
+        for _ in 0..MAX_SIBLINGS {
+            write(stale.clone()).expect("siblings up to the bound");
+        }
+        let error = write(stale.clone()).expect_err("one more sibling");
+        assert_eq!(error.fault_code(), crate::error::FAULT_INVALID_PARAMS);
+        let held = node
+            .read(&ReadRequest {
+                key: "k".into(),
+                hint_for: None,
+            })
+            .expect("read");
+        assert_eq!(held.versions().len(), MAX_SIBLINGS);
+        let resolved = write(Some(held.context())).expect("a write with the full context");
+        assert_eq!(resolved.versions().len(), 1);
     }
 
     #[test]
