@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, USER_AGENT};
@@ -47,6 +48,8 @@ const RPC_PATH: &str = "/RPC2";
 const ERRORS_PRINTED: u64 = 10;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_DURATION_SECS: f64 = 10.0;
+/// Latencies are nanoseconds, reported within 0.1 %.
+const LATENCY_SIGFIGS: u8 = 3;
 
 #[derive(Debug, Parser)]
 #[command(about = "Load generator for Dynamite's XML-RPC daemons")]
@@ -572,7 +575,7 @@ async fn work(
             Ok(reply) => {
                 if measured {
                     let stats = summary.op_mut(op);
-                    stats.latency.record(duration_ns(end - start));
+                    record(&mut stats.latency, duration_ns(end - start));
                     if let Reply::Nil = reply {
                         stats.nils += 1;
                     }
@@ -657,12 +660,40 @@ async fn report_progress(shared: Arc<Shared>) {
 // ---------------------------------------------------------------------------------------------
 // Results
 
-#[derive(Default)]
 struct OpStats {
-    latency: Histogram,
+    /// Nanoseconds.
+    latency: Histogram<u64>,
     errors: u64,
     /// Answers that were nil (a get of a key the server does not hold).
     nils: u64,
+}
+
+impl Default for OpStats {
+    fn default() -> Self {
+        OpStats {
+            latency: latency_histogram(),
+            errors: 0,
+            nils: 0,
+        }
+    }
+}
+
+/// An empty latency histogram that grows to whatever it is given.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new(LATENCY_SIGFIGS).expect("3 significant figures is a valid precision")
+}
+
+/// Records `ns`; should the histogram fail to grow that far, the top it reaches stands in.
+fn record(h: &mut Histogram<u64>, ns: u64) {
+    if h.record(ns).is_err() {
+        h.saturating_record(ns);
+    }
+}
+
+/// Adds `other` into `h`. Both auto-resize, so `h` grows to take every value.
+fn merge(h: &mut Histogram<u64>, other: &Histogram<u64>) {
+    h.add(other)
+        .expect("auto-resizing histograms of equal precision merge");
 }
 
 #[derive(Default)]
@@ -681,16 +712,16 @@ impl Summary {
 
     fn merge(&mut self, other: &Summary) {
         for (mine, theirs) in [(&mut self.put, &other.put), (&mut self.get, &other.get)] {
-            mine.latency.merge(&theirs.latency);
+            merge(&mut mine.latency, &theirs.latency);
             mine.errors += theirs.errors;
             mine.nils += theirs.nils;
         }
     }
 
-    fn all(&self) -> Histogram {
-        let mut all = Histogram::default();
-        all.merge(&self.put.latency);
-        all.merge(&self.get.latency);
+    fn all(&self) -> Histogram<u64> {
+        let mut all = latency_histogram();
+        merge(&mut all, &self.put.latency);
+        merge(&mut all, &self.get.latency);
         all
     }
 }
@@ -736,7 +767,7 @@ fn print_summary(args: &Args, s: &Summary, run: &RunTotals) {
     let measured_errors = s.put.errors + s.get.errors;
     let secs = run.elapsed.as_secs_f64().max(1e-9);
     let (errors, preload_errors) = (run.errors, run.preload_errors);
-    if all.count() + measured_errors == 0 {
+    if all.len() + measured_errors == 0 {
         println!(
             "target {}: nothing measured ({errors} errors, preload {preload_errors})",
             args.target
@@ -749,14 +780,14 @@ fn print_summary(args: &Args, s: &Summary, run: &RunTotals) {
     );
     println!(
         "requests {}  ok {}  errors {} (measured) / {} (all, preload {})  in {:.2} s",
-        all.count() + measured_errors,
-        all.count(),
+        all.len() + measured_errors,
+        all.len(),
         measured_errors,
         errors,
         preload_errors,
         secs
     );
-    println!("throughput {:.0} req/s", all.count() as f64 / secs);
+    println!("throughput {:.0} req/s", all.len() as f64 / secs);
     if let Some(cpu) = run.cpu_us_per_request() {
         println!("loadgen's own CPU: {cpu:.1} us per request");
     }
@@ -764,8 +795,8 @@ fn print_summary(args: &Args, s: &Summary, run: &RunTotals) {
         "{:<5} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "op", "count", "req/s", "p50 ms", "p99 ms", "p999 ms", "max ms", "nil", "errors"
     );
-    let tried = |op: &OpStats| op.latency.count() + op.errors;
-    let rows: Vec<(&str, &Histogram, u64, u64)> = match (tried(&s.put), tried(&s.get)) {
+    let tried = |op: &OpStats| op.latency.len() + op.errors;
+    let rows: Vec<(&str, &Histogram<u64>, u64, u64)> = match (tried(&s.put), tried(&s.get)) {
         (0, _) => vec![("get", &s.get.latency, s.get.errors, s.get.nils)],
         (_, 0) => vec![("put", &s.put.latency, s.put.errors, s.put.nils)],
         _ => vec![
@@ -777,11 +808,11 @@ fn print_summary(args: &Args, s: &Summary, run: &RunTotals) {
     for (name, h, errors, nils) in rows {
         println!(
             "{name:<5} {:>10} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9} {errors:>9}",
-            h.count(),
-            h.count() as f64 / secs,
-            ms(h.quantile(0.5)),
-            ms(h.quantile(0.99)),
-            ms(h.quantile(0.999)),
+            h.len(),
+            h.len() as f64 / secs,
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99)),
+            ms(h.value_at_quantile(0.999)),
             ms(h.max()),
             nils
         );
@@ -807,14 +838,14 @@ fn json_line(args: &Args, s: &Summary, run: &RunTotals) -> String {
     let all = s.all();
     let secs = run.elapsed.as_secs_f64().max(1e-9);
     let errors = run.errors;
-    let op_json = |h: &Histogram, errors: u64, nils: u64| {
+    let op_json = |h: &Histogram<u64>, errors: u64, nils: u64| {
         format!(
             "{{\"count\":{},\"errors\":{errors},\"nil\":{nils},\"rps\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1}}}",
-            h.count(),
-            h.count() as f64 / secs,
-            h.quantile(0.5) as f64 / 1e3,
-            h.quantile(0.99) as f64 / 1e3,
-            h.quantile(0.999) as f64 / 1e3,
+            h.len(),
+            h.len() as f64 / secs,
+            h.value_at_quantile(0.5) as f64 / 1e3,
+            h.value_at_quantile(0.99) as f64 / 1e3,
+            h.value_at_quantile(0.999) as f64 / 1e3,
             h.max() as f64 / 1e3,
         )
     };
@@ -833,8 +864,8 @@ fn json_line(args: &Args, s: &Summary, run: &RunTotals) -> String {
         args.value_bytes,
         args.get_ratio,
         secs,
-        all.count() + s.put.errors + s.get.errors,
-        all.count() as f64 / secs,
+        all.len() + s.put.errors + s.get.errors,
+        all.len() as f64 / secs,
         run.answered,
         run.cpu_us_per_request()
             .map_or_else(|| "null".to_owned(), |us| format!("{us:.1}")),
@@ -845,119 +876,9 @@ fn json_line(args: &Args, s: &Summary, run: &RunTotals) -> String {
     line
 }
 
-/// A log-linear histogram of nanoseconds, in the manner of HdrHistogram: exact below 128 ns,
-/// then 64 buckets per power of two, so any recorded value is reported within 1/64 (1.6 %).
-/// 3,776 counters (30 KiB) cover the whole `u64` range; merging is adding counters.
-struct Histogram {
-    counts: Vec<u64>,
-    total: u64,
-    max: u64,
-}
-
-/// Values below `2^SUB_BUCKET_BITS` get a bucket each; above, each power of two is split in
-/// `2^(SUB_BUCKET_BITS - 1)` buckets.
-const SUB_BUCKET_BITS: u32 = 7;
-const HALF_SUB_BUCKETS: usize = 1 << (SUB_BUCKET_BITS - 1);
-const BUCKETS: usize = (64 - SUB_BUCKET_BITS as usize + 1) * HALF_SUB_BUCKETS + HALF_SUB_BUCKETS;
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            counts: vec![0; BUCKETS],
-            total: 0,
-            max: 0,
-        }
-    }
-}
-
-impl Histogram {
-    fn index(value: u64) -> usize {
-        if value < (1 << SUB_BUCKET_BITS) {
-            return value as usize;
-        }
-        let msb = 63 - value.leading_zeros();
-        let shift = msb - (SUB_BUCKET_BITS - 1);
-        // `value >> shift` is in [64, 128).
-        shift as usize * HALF_SUB_BUCKETS + (value >> shift) as usize
-    }
-
-    /// The largest value that falls in bucket `index`.
-    fn highest_in(index: usize) -> u64 {
-        if index < (1 << SUB_BUCKET_BITS) {
-            return index as u64;
-        }
-        let shift = (index / HALF_SUB_BUCKETS - 1) as u32;
-        let sub = (index - shift as usize * HALF_SUB_BUCKETS) as u64;
-        ((sub + 1) << shift) - 1
-    }
-
-    fn record(&mut self, value: u64) {
-        self.counts[Self::index(value)] += 1;
-        self.total += 1;
-        self.max = self.max.max(value);
-    }
-
-    fn merge(&mut self, other: &Histogram) {
-        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
-            *mine += theirs;
-        }
-        self.total += other.total;
-        self.max = self.max.max(other.max);
-    }
-
-    fn count(&self) -> u64 {
-        self.total
-    }
-
-    fn max(&self) -> u64 {
-        self.max
-    }
-
-    /// The value at quantile `q` (0..=1): the top of the bucket holding the q-th value.
-    fn quantile(&self, q: f64) -> u64 {
-        if self.total == 0 {
-            return 0;
-        }
-        let rank = ((q * self.total as f64).ceil() as u64).clamp(1, self.total);
-        let mut seen = 0;
-        for (index, &count) in self.counts.iter().enumerate() {
-            seen += count;
-            if seen >= rank {
-                return Self::highest_in(index).min(self.max);
-            }
-        }
-        self.max
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn buckets_are_contiguous_and_tight() {
-        for value in (0..100_000u64).chain([u64::MAX / 3, u64::MAX]) {
-            let index = Histogram::index(value);
-            assert!(index < BUCKETS);
-            assert!(Histogram::highest_in(index) >= value);
-            if index > 0 {
-                assert!(Histogram::highest_in(index - 1) < value);
-            }
-            let top = Histogram::highest_in(index);
-            assert!((top - value) as f64 <= value as f64 / 64.0 + 1.0);
-        }
-    }
-
-    #[test]
-    fn quantiles() {
-        let mut h = Histogram::default();
-        for v in 1..=1000u64 {
-            h.record(v * 1000);
-        }
-        let p50 = h.quantile(0.5);
-        assert!((500_000..=508_000).contains(&p50), "{p50}");
-        assert_eq!(h.quantile(1.0), 1_000_000);
-    }
 
     #[test]
     fn python_bodies() {
