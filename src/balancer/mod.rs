@@ -2,20 +2,22 @@
 //!
 //! It owns the ring and nothing else: no data, no state that must survive it, so any number of
 //! balancers run side by side over the same nodes. For each request it computes the key's
-//! preference list and drives the replicas:
+//! replicas (the preference list, with down nodes replaced by fallbacks: [`targets`], fed by
+//! the failure detector in `health`) and drives them:
 //!
-//! - **put / delete**: the first replica that answers *coordinates*: it stamps the write with
-//!   its dot and stores it (see [`crate::version`] for why the stamp is a node's). Its
-//!   reconciled sibling set then goes to the other replicas in parallel, and the client gets
-//!   `"200"` once W replicas have it in their journal.
-//! - **get**: all N replicas are asked in parallel; the answer goes out after R replies, merged.
+//! - **put / delete**: the first preferred replica that answers *coordinates*: it stamps the
+//!   write with its dot and stores it (see [`crate::version`] for why the stamp is a node's).
+//!   Its reconciled sibling set then goes to the other replicas in parallel (fallbacks keep it
+//!   as a hint), and the client gets `"200"` once W replicas have it in their journal.
+//! - **get**: every replica is asked in parallel; the answer goes out after R replies, merged.
 //!   The task that asked keeps listening for the stragglers (each bounded by the timeout) and
-//!   then writes the merged set back to every replica that answered with less: read repair,
-//!   off the client's critical path.
+//!   then writes the merged set back to every replica that answered with less (read repair),
+//!   or reaps the key when all N hold the same old tombstones; both off the client's path.
 //!
-//! Every replica call runs in its own task with the replica timeout, and reports on a channel;
-//! when the client has its answer the receiver may be gone, and the remaining tasks simply end
-//! when their call does. Nothing outlives the timeout.
+//! Every replica call runs in its own task with the replica timeout and travels in a batch to
+//! its node ([`crate::rpc::batch`]); it reports on a channel, and when the client has its
+//! answer the receiver may be gone: the remaining tasks simply end when their call does.
+//! Nothing outlives the timeout.
 
 mod health;
 pub mod targets;

@@ -41,7 +41,7 @@ pub struct HintRecord {
 
 /// The storage key of the hint for `key` held for `owner`: `owner \0 key`, grouping hints by
 /// owner; when that is too long for the engine, `owner \1 md5(key)`, and the record's own
-/// key field tells the rare digest collision apart (see [`StorageNode::update_hint`]).
+/// key field tells the rare digest collision apart (the node refuses such a write).
 pub fn slot(owner: &str, key: &str) -> Vec<u8> {
     let mut slot = Vec::with_capacity(owner.len() + 1 + key.len().min(16));
     slot.extend_from_slice(owner.as_bytes());
