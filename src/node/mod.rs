@@ -1,13 +1,16 @@
 //! The storage node: a replica that keeps sibling sets in a storage engine.
 //!
-//! A node never decides placement or quorums; balancers do. It answers three internal calls
-//! ([`crate::rpc::messages`]): `coordinate` stamps a new write with this node's actor id and
-//! stores it, `merge` folds in a sibling set another replica or a read repair sends, and `read`
-//! returns what the node holds. Each is a read-modify-write of one key, serialised per key by a
-//! striped lock so concurrent writes to a key merge instead of overwriting each other, and each
-//! is in the engine's journal before the node answers.
+//! A node never decides placement or quorums; balancers do. It applies replica operations
+//! that arrive in binary batches ([`crate::rpc::messages::Op`]): `coordinate` stamps a new
+//! write with this node's actor id and stores it, `merge` folds in a sibling set another
+//! replica or a read repair sends, `read` returns what the node holds, `reap` drops tombstones
+//! every replica holds. Each is a read-modify-write of one key, serialised per key by a
+//! striped lock so concurrent writes to a key merge instead of overwriting each other, and
+//! each is in the engine's journal before the node answers. Writes a node takes for an
+//! unreachable peer are kept apart as hints and handed over later ([`hints`]); nodes started
+//! with peers also converge in the background ([`anti_entropy`]).
 //!
-//! For people, it also answers `get(key)` with its own copy of a key and `stats()`.
+//! For people, it also answers `get(key)` and `put(key, value)` on its own copy, and `stats()`.
 
 pub mod anti_entropy;
 pub mod hints;
