@@ -109,6 +109,8 @@ pub struct StorageNode {
     /// Tombstones reaped lately, refused if a replica sends them back.
     reaped: ReapedTombstones,
     log_requests: bool,
+    /// Shown on each request line, so that nodes sharing a terminal can be told apart.
+    port: u16,
     metrics: NodeMetrics,
 }
 
@@ -138,6 +140,7 @@ impl StorageNode {
             aae,
             reaped: ReapedTombstones::default(),
             log_requests: config.log_requests,
+            port: config.listen.port(),
             metrics: NodeMetrics::default(),
         })
     }
@@ -363,7 +366,7 @@ impl StorageNode {
     fn log(&self, operation: &str, key: &str, delete: bool) {
         if self.log_requests {
             let operation = if delete { "delete" } else { operation };
-            tracing::info!("{operation} {}", printable_key(key));
+            tracing::info!("{} {operation} {}", self.port, printable_key(key));
         }
     }
 
