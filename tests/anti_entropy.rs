@@ -14,14 +14,6 @@ const REBUILD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a handful of anti-entropy rounds (or a balancer's ring check) may take.
 const ROUNDS_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn key(i: usize) -> String {
-    format!("key-{i:04}")
-}
-
-fn value(i: usize) -> Value {
-    s(&format!("value-{i:04}"))
-}
-
 #[test]
 fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
     let mut cluster = Cluster::builder()

@@ -13,14 +13,6 @@ use common::*;
 /// Seconds a cluster may take to notice that a node died and say so in `stats()`.
 const FAILURE_DETECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn key(i: usize) -> String {
-    format!("key-{i:04}")
-}
-
-fn value(i: usize) -> Value {
-    s(&format!("value-{i:04}"))
-}
-
 /// How many of the cluster's storage nodes hold `key` locally, and with what.
 fn local_copies(nodes: &[Rpc], key: &str) -> Vec<Value> {
     nodes

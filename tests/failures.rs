@@ -18,20 +18,6 @@ const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// An anti-entropy interval long enough that no round runs during a test.
 const AAE_OFF: &str = "3600000";
 
-fn key(i: usize) -> String {
-    format!("key-{i:04}")
-}
-
-fn value(i: usize) -> Value {
-    s(&format!("value-{i:04}"))
-}
-
-fn nodes_of(cluster: &Cluster) -> Vec<Rpc> {
-    (0..cluster.nodes.len())
-        .map(|i| cluster.node_client(i))
-        .collect()
-}
-
 fn state_of(lb: &Rpc, address: &str) -> String {
     server_state(&lb.stats(), address).0
 }

@@ -20,20 +20,6 @@ const AAE_OFF: &str = "3600000";
 /// A tombstone grace long enough that no tombstone is reaped during a test.
 const NEVER_REAP: &str = "3600000";
 
-fn key(i: usize) -> String {
-    format!("key-{i:04}")
-}
-
-fn value(i: usize) -> Value {
-    s(&format!("value-{i:04}"))
-}
-
-fn nodes_of(cluster: &Cluster) -> Vec<Rpc> {
-    (0..cluster.nodes.len())
-        .map(|i| cluster.node_client(i))
-        .collect()
-}
-
 /// Waits until the balancer behind `lb` sees `address` in `state`.
 fn wait_for_state(lb: &Rpc, address: &str, state: &str) {
     wait_until(

@@ -150,6 +150,23 @@ pub fn s(text: &str) -> Value {
     Value::String(text.to_owned())
 }
 
+/// The `i`-th key of a test's data set.
+pub fn key(i: usize) -> String {
+    format!("key-{i:04}")
+}
+
+/// The value stored under [`key`]`(i)`.
+pub fn value(i: usize) -> Value {
+    s(&format!("value-{i:04}"))
+}
+
+/// A client for every storage node of the cluster, in start order.
+pub fn nodes_of(cluster: &Cluster) -> Vec<Rpc> {
+    (0..cluster.nodes.len())
+        .map(|i| cluster.node_client(i))
+        .collect()
+}
+
 /// `"200"`, what `put` and `delete` answer.
 pub fn ok200() -> RpcResult {
     Ok(s("200"))
