@@ -534,7 +534,12 @@ impl Balancer {
                 ("counters".to_string(), Value::Struct(counters)),
                 // Tasks alive in the runtime: returns to its idle level once late replies are
                 // in, which is how a leak of per-request tasks would show.
-                ("tasks".to_string(), int(tokio::runtime::Handle::current().metrics().num_alive_tasks())),
+                (
+                    "tasks".to_string(),
+                    int(tokio::runtime::Handle::current()
+                        .metrics()
+                        .num_alive_tasks()),
+                ),
             ]
             .into(),
         )
