@@ -368,6 +368,14 @@ impl Balancer {
                     let _ = answer.send(result);
                 }
             }
+            // Every reply is in and neither outcome was reached (no replica to ask at all).
+            if let Some(answer) = answer.take() {
+                let _ = answer.send(Err(this.quorum_error(
+                    QuorumKind::Read,
+                    &tally,
+                    first_failure,
+                )));
+            }
             this.after_read(key, merged, seen);
         });
         answered
