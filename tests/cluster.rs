@@ -1115,3 +1115,53 @@ fn the_balancer_reaches_nodes_over_pooled_connections() {
         );
     }
 }
+
+#[test]
+fn metrics_count_what_happened_in_prometheus_text() {
+    let cluster = Cluster::builder().in_memory().start();
+    let lb = cluster.client();
+    assert_eq!(lb.put("m", s("v")), ok200());
+    assert_eq!(lb.get("m"), Ok(s("v")));
+    assert_eq!(lb.get("m"), Ok(s("v")));
+
+    let scrape = |port: u16| {
+        let response = http(port, "GET", "/metrics", b"").expect("GET /metrics");
+        assert_eq!(response.status, 200);
+        // Every sample line is `name{labels} value`; comments are HELP or TYPE.
+        let mut samples = BTreeMap::new();
+        for line in response.body.lines() {
+            if let Some(comment) = line.strip_prefix("# ") {
+                assert!(
+                    comment.starts_with("HELP ") || comment.starts_with("TYPE "),
+                    "{line}"
+                );
+                continue;
+            }
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            samples.insert(series.to_owned(), value);
+        }
+        samples
+    };
+    let balancer = scrape(cluster.balancer_port(0));
+    assert_eq!(
+        balancer[r#"dynamite_balancer_requests_total{method="put"}"#],
+        1.0
+    );
+    assert_eq!(
+        balancer[r#"dynamite_balancer_requests_total{method="get"}"#],
+        2.0
+    );
+    assert_eq!(balancer["dynamite_balancer_servers_up"], 3.0);
+    for port in cluster.node_ports() {
+        // W = 2: the third replica's copy may still be on its way when put answers.
+        wait_until(Duration::from_secs(10), "every node counts the key", || {
+            scrape(port)["dynamite_node_keys"] == 1.0
+        });
+        assert!(scrape(port)["dynamite_connections_accepted_total"] >= 1.0);
+    }
+}
