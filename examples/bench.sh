@@ -176,16 +176,16 @@ cpu_ticks() {
 front_pids=()
 behind_pids=()
 
-# measure LABEL PORT MODE GET_RATIO [RUNS DURATION WARMUP]: runs of loadgen (RUNS of them,
+# measure LABEL PORT GET_RATIO [RUNS DURATION WARMUP]: runs of loadgen (RUNS of them,
 # DURATION + WARMUP seconds each, unless given), one line each, JSON kept for the table.
 measure() {
-    local label=$1 port=$2 mode=$3 ratio=$4 runs=${5:-$RUNS} duration=${6:-$DURATION}
-    local warmup=${7:-$WARMUP} run out front behind
+    local label=$1 port=$2 ratio=$3 runs=${4:-$RUNS} duration=${5:-$DURATION}
+    local warmup=${6:-$WARMUP} run out front behind
     for run in $(seq 1 "$runs"); do
         out=$work/$label.$run
         front=$(cpu_ticks "${front_pids[@]}")
         behind=$(cpu_ticks "${behind_pids[@]}")
-        if ! "$loadgen" --target "127.0.0.1:$port" --mode "$mode" --get-ratio "$ratio" \
+        if ! "$loadgen" --target "127.0.0.1:$port" --get-ratio "$ratio" \
             --connections "$CONNECTIONS" --keys "$KEYS" --value-bytes "$VALUE_BYTES" \
             --duration-secs "$duration" --warmup-secs "$warmup" --threads "$LOADGEN_THREADS" \
             --seed "$run" --label "$label" --json >"$out.out" 2>"$out.err"; then
@@ -214,10 +214,10 @@ print("  %-14s run %s: %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  er
     done
 }
 
-# preload PORT MODE: puts every key once, so that gets find them.
+# preload PORT: puts every key once, so that gets find them.
 preload() {
-    local port=$1 mode=$2
-    if ! "$loadgen" --target "127.0.0.1:$port" --mode "$mode" --connections "$CONNECTIONS" \
+    local port=$1
+    if ! "$loadgen" --target "127.0.0.1:$port" --connections "$CONNECTIONS" \
         --keys "$KEYS" --value-bytes "$VALUE_BYTES" --threads "$LOADGEN_THREADS" \
         --preload --requests 0 >"$work/preload.out" 2>"$work/preload.err"; then
         echo "bench: !!! preload had errors:" >&2
@@ -243,8 +243,8 @@ if part ceiling; then
     front_pids=($!) behind_pids=()
     wait_up "$ceiling_port" $!
     echo "ceiling:"
-    measure ceiling-put "$ceiling_port" client 0
-    measure ceiling-get "$ceiling_port" client 1
+    measure ceiling-put "$ceiling_port" 0
+    measure ceiling-get "$ceiling_port" 1
     stop_daemons
 fi
 
@@ -257,9 +257,9 @@ if part node; then
     front_pids=("$node_pid") behind_pids=()
     wait_up "$node_port" "$node_pid"
     echo "one storage node (durable):"
-    measure node-put "$node_port" client 0
-    preload "$node_port" client
-    measure node-get "$node_port" client 1
+    measure node-put "$node_port" 0
+    preload "$node_port"
+    measure node-get "$node_port" 1
     node_rss=$(rss "$node_pid")
     stop_daemons
 fi
@@ -288,9 +288,9 @@ if part balancer || part hung; then
     for i in 1 2 3; do wait_up $((PORT_BASE + 2 + i)) "${cluster_node_pids[i - 1]}"; done
     wait_up "$balancer_port" "$balancer_pid"
     echo "balancer over three storage nodes (N=3 R=2 W=2, --timeout-ms $TIMEOUT_MS):"
-    measure balancer-put "$balancer_port" client 0
-    preload "$balancer_port" client
-    measure balancer-get "$balancer_port" client 1
+    measure balancer-put "$balancer_port" 0
+    preload "$balancer_port"
+    measure balancer-get "$balancer_port" 1
     cluster_rss=()
     for pid in "${cluster_node_pids[@]}"; do cluster_rss+=("$(rss "$pid")"); done
     balancer_rss=$(rss "$balancer_pid")
@@ -302,9 +302,9 @@ if part balancer || part hung; then
             "connections and never answers):"
         kill -STOP "$hung_pid"
         # The first seconds: the balancer has not yet seen the node fail.
-        measure hung-onset "$balancer_port" client 0.5 1 "$ONSET_SECS" 0
-        measure hung-put "$balancer_port" client 0
-        measure hung-get "$balancer_port" client 1
+        measure hung-onset "$balancer_port" 0.5 1 "$ONSET_SECS" 0
+        measure hung-put "$balancer_port" 0
+        measure hung-get "$balancer_port" 1
         balancer_stats >"$work/hung.stats.after"
         kill -CONT "$hung_pid"
         # How long until the balancer's prober sees the node answer again.

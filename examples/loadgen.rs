@@ -9,8 +9,8 @@
 //! Bodies are byte for byte what Python's `xmlrpc.client` sends for `put(key, value)` and
 //! `get(key)`, with its headers (`POST /RPC2`, `Content-Type: text/xml`, `User-Agent:
 //! Python-xmlrpc/3.11`), so the server does the same work as for the project's real clients.
-//! `--mode node-put` sends puts as the storage node's internal `node.coordinate` call instead
-//! (what a balancer sends to the first replica), for measuring a storage node on its own.
+//! A storage node answers the same `put` and `get` for its own copy, so one load generator
+//! measures a node on its own and a balancer over nodes.
 //!
 //! Every response is checked: HTTP 200, and no `<fault>` in the body. Errors are counted apart
 //! from the latencies and printed; a run with errors says so and exits with status 1.
@@ -38,7 +38,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use dynamite::rpc::{codec, messages};
+use dynamite::rpc::codec;
 
 /// What Python 3.11's `xmlrpc.client` says it is.
 const PYTHON_USER_AGENT: &str = "Python-xmlrpc/3.11";
@@ -84,10 +84,6 @@ struct Args {
     /// Also print the summary as one JSON line.
     #[arg(long)]
     json: bool,
-    /// What puts are: `client` = put(key, value) as Python sends it; `node-put` = the storage
-    /// node's internal node.coordinate call. Gets are get(key) in both.
-    #[arg(long, value_enum, default_value_t = Mode::Client)]
-    mode: Mode,
     /// Threads of the load generator's own runtime.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -100,12 +96,6 @@ struct Args {
     /// Print the body of this operation for key number 123 (raw, to stdout) and exit.
     #[arg(long, value_enum)]
     print_body: Option<Op>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    Client,
-    NodePut,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -124,7 +114,7 @@ fn main() -> ExitCode {
         eprintln!("loadgen: --connections and --keys must be at least 1");
         return ExitCode::from(2);
     }
-    let bodies = Bodies::new(args.mode, args.value_bytes);
+    let bodies = Bodies::new(args.value_bytes);
     if let Some(op) = args.print_body {
         use std::io::Write as _;
         let body = bodies.build(op, 123);
@@ -269,19 +259,17 @@ async fn run(args: Args, bodies: Bodies) -> ExitCode {
 
 /// Builds request bodies. Keys are `key-%06d`; a value is `--value-bytes` lowercase letters.
 struct Bodies {
-    mode: Mode,
     /// `a..z` repeated, 26 characters longer than a value, so a value is a slice of it.
     letters: String,
     value_bytes: usize,
 }
 
 impl Bodies {
-    fn new(mode: Mode, value_bytes: usize) -> Self {
+    fn new(value_bytes: usize) -> Self {
         let letters = (0..value_bytes + 26)
             .map(|i| char::from(b'a' + (i % 26) as u8))
             .collect();
         Bodies {
-            mode,
             letters,
             value_bytes,
         }
@@ -299,25 +287,10 @@ impl Bodies {
 
     fn build(&self, op: Op, index: u64) -> Bytes {
         let key = Self::key(index);
-        match (op, self.mode) {
-            (Op::Get, _) => python_call("get", &[&key]),
-            (Op::Put, Mode::Client) => python_call("put", &[&key, self.value(index)]),
-            (Op::Put, Mode::NodePut) => self.node_put(key, index),
+        match op {
+            Op::Get => python_call("get", &[&key]),
+            Op::Put => python_call("put", &[&key, self.value(index)]),
         }
-    }
-
-    /// `node.coordinate` with a blind write, as a balancer sends it to the first replica.
-    fn node_put(&self, key: String, index: u64) -> Bytes {
-        let value = dxr::Value::String(self.value(index).to_owned());
-        let request = messages::CoordinateRequest {
-            key,
-            value: Some(codec::value_to_xml(&value).expect("a string value encodes")),
-            context: None,
-            hint_for: None,
-        };
-        let param = messages::to_param(&request).expect("a coordinate request encodes");
-        let body = codec::call_xml(messages::COORDINATE, vec![param]).expect("the call encodes");
-        Bytes::from(body)
     }
 }
 
@@ -775,8 +748,8 @@ fn print_summary(args: &Args, s: &Summary, run: &RunTotals) {
         return;
     }
     println!(
-        "target {}  mode {:?}  connections {}  keys {}  value {} B  get ratio {}",
-        args.target, args.mode, args.connections, args.keys, args.value_bytes, args.get_ratio
+        "target {}  connections {}  keys {}  value {} B  get ratio {}",
+        args.target, args.connections, args.keys, args.value_bytes, args.get_ratio
     );
     println!(
         "requests {}  ok {}  errors {} (measured) / {} (all, preload {})  in {:.2} s",
@@ -852,13 +825,9 @@ fn json_line(args: &Args, s: &Summary, run: &RunTotals) -> String {
     let mut line = String::new();
     let _ = write!(
         line,
-        "{{\"label\":\"{}\",\"target\":\"{}\",\"mode\":\"{}\",\"connections\":{},\"keys\":{},\"value_bytes\":{},\"get_ratio\":{},\"elapsed_s\":{:.3},\"requests\":{},\"errors\":{errors},\"throughput\":{:.1},\"answered_with_warmup\":{},\"loadgen_cpu_us_per_req\":{},\"put\":{},\"get\":{},\"all\":{}}}",
+        "{{\"label\":\"{}\",\"target\":\"{}\",\"connections\":{},\"keys\":{},\"value_bytes\":{},\"get_ratio\":{},\"elapsed_s\":{:.3},\"requests\":{},\"errors\":{errors},\"throughput\":{:.1},\"answered_with_warmup\":{},\"loadgen_cpu_us_per_req\":{},\"put\":{},\"get\":{},\"all\":{}}}",
         args.label.replace(['"', '\\'], "_"),
         args.target,
-        match args.mode {
-            Mode::Client => "client",
-            Mode::NodePut => "node-put",
-        },
         args.connections,
         args.keys,
         args.value_bytes,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Memory of one durable storage node holding a million keys: starts a node on a fresh data
 # directory, puts KEYS keys (default 1,000,000) of VALUE_BYTES (default 100) into it directly
-# (node.coordinate, as a balancer would), then reads random keys for READ_SECS (default 10,
+# (its own put, with the bodies Python sends), then reads random keys for READ_SECS (default 10,
 # so caches that fill on reads count too), and prints its VmRSS (and peak, VmHWM) from /proc
 # at each step, with the size of its data directory. Everything it starts is stopped on exit.
 # A few minutes on a 2-core machine.
@@ -56,7 +56,7 @@ done
 echo "empty node:            $(memory)"
 
 status=0
-"$bin/examples/loadgen" --target "127.0.0.1:$PORT" --mode node-put --preload --requests 0 \
+"$bin/examples/loadgen" --target "127.0.0.1:$PORT" --preload --requests 0 \
     --keys "$KEYS" --value-bytes "$VALUE_BYTES" --connections "$CONNECTIONS" || status=$?
 echo "right after $KEYS puts: $(memory)"
 sleep "$SETTLE_SECS"

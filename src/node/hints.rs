@@ -16,8 +16,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
-use crate::rpc::client::RpcClient;
-use crate::rpc::messages::{self, MergeRequest};
+use std::collections::BTreeMap;
+
+use crate::rpc::batch;
+use crate::rpc::client::{CallError, RpcClient};
+use crate::rpc::messages::{MergeRequest, Op, OpReply};
 use crate::storage::{self, Tree};
 use crate::version::Siblings;
 
@@ -83,47 +86,50 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
         };
         let full_page = page.len() == HANDOFF_BATCH;
         after = page.last().map(|(slot, _)| slot.clone());
-        let mut deliveries = JoinSet::new();
+        // Hints are stored grouped by owner: each owner gets its page's hints in one batch,
+        // on the same endpoint balancers use.
+        let mut by_owner: BTreeMap<String, Vec<HintRecord>> = BTreeMap::new();
         for (_, bytes) in page {
-            let Ok(record) = postcard::from_bytes::<HintRecord>(&bytes) else {
-                tracing::error!("skipping a corrupt hint");
-                continue;
-            };
-            if unreachable.contains(&record.owner) {
-                continue;
+            match postcard::from_bytes::<HintRecord>(&bytes) {
+                Ok(record) if !unreachable.contains(&record.owner) => {
+                    by_owner
+                        .entry(record.owner.clone())
+                        .or_default()
+                        .push(record);
+                }
+                Ok(_) => {}
+                Err(_) => tracing::error!("skipping a corrupt hint"),
             }
+        }
+        let mut deliveries = JoinSet::new();
+        for (owner, records) in by_owner {
             let client = client.clone();
             deliveries.spawn(async move {
-                let request = MergeRequest {
-                    key: record.key.clone(),
-                    siblings: record.siblings.clone(),
-                    hint_for: None,
-                };
-                let result = match messages::to_param(&request) {
-                    Ok(param) => client
-                        .call(&record.owner, messages::MERGE, vec![param], HANDOFF_TIMEOUT)
-                        .await
-                        .map_err(|error| error.to_string()),
-                    Err(error) => Err(error.to_string()),
-                };
-                (record, result)
+                let outcome = deliver(&client, &owner, &records).await;
+                (owner, records, outcome)
             });
         }
         while let Some(joined) = deliveries.join_next().await {
-            let Ok((record, result)) = joined else {
+            let Ok((owner, records, outcome)) = joined else {
                 continue;
             };
-            match result {
-                Ok(_) => match node.drop_delivered_hint(&record) {
-                    Ok(true) => delivered += 1,
-                    Ok(false) => {}
-                    Err(error) => tracing::error!(%error, "cannot drop a delivered hint"),
-                },
-                Err(error) => {
-                    tracing::debug!(owner = record.owner, %error, "hint owner unreachable");
-                    if !unreachable.contains(&record.owner) {
-                        unreachable.push(record.owner);
+            match outcome {
+                Ok(replies) => {
+                    for (record, reply) in records.iter().zip(replies) {
+                        if !matches!(reply, OpReply::Siblings(_)) {
+                            tracing::warn!(owner, ?reply, "owner refused a hint");
+                            continue;
+                        }
+                        match node.drop_delivered_hint(record) {
+                            Ok(true) => delivered += 1,
+                            Ok(false) => {}
+                            Err(error) => tracing::error!(%error, "cannot drop a delivered hint"),
+                        }
                     }
+                }
+                Err(error) => {
+                    tracing::debug!(owner, %error, "hint owner unreachable");
+                    unreachable.push(owner);
                 }
             }
         }
@@ -135,6 +141,26 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
         tracing::info!(delivered, "handed hints over to their owners");
     }
     delivered
+}
+
+/// Sends `records` to their owner as one batch of merges; the owner's answer to each.
+async fn deliver(
+    client: &RpcClient,
+    owner: &str,
+    records: &[HintRecord],
+) -> Result<Vec<OpReply>, CallError> {
+    let ops: Vec<Op> = records
+        .iter()
+        .map(|record| {
+            let (key, siblings) = (record.key.clone(), record.siblings.clone());
+            Op::Merge(MergeRequest {
+                key,
+                siblings,
+                hint_for: None,
+            })
+        })
+        .collect();
+    batch::send_batch(client, owner, &ops, HANDOFF_TIMEOUT).await
 }
 
 #[cfg(test)]

@@ -69,16 +69,16 @@ const METHODS: &[(&str, &str)] = &[
         "stats() -> {keys, hints, ...}: what this node holds",
     ),
     (
-        messages::COORDINATE,
-        "internal: stamp and store a write, return the sibling set",
+        messages::AAE,
+        "internal: anti-entropy questions from a peer about the keys the two share",
     ),
     (
-        messages::MERGE,
-        "internal: merge a sibling set into this node's copy",
+        messages::MERGE_MANY,
+        "internal: merge many keys' sibling sets (anti-entropy)",
     ),
     (
-        messages::READ,
-        "internal: this node's sibling set for a key",
+        messages::READ_MANY,
+        "internal: many keys' sibling sets (anti-entropy)",
     ),
 ];
 
@@ -503,26 +503,6 @@ impl StorageNode {
     /// journal, and the lock per key is a std mutex never held across an `.await`.
     fn call_sync(&self, method: &str, params: Vec<Value>) -> Result<String> {
         match method {
-            messages::COORDINATE => {
-                self.metrics.coordinates.inc();
-                let siblings = self.coordinate(messages::from_params(&params)?)?;
-                messages::reply_xml(&siblings)
-            }
-            messages::MERGE => {
-                self.metrics.merges.inc();
-                self.merge(messages::from_params(&params)?)?;
-                Ok(codec::string_xml("200"))
-            }
-            messages::REAP => {
-                self.metrics.reaps.inc();
-                let reaped = self.reap(&messages::from_params(&params)?)?;
-                Ok(if reaped {
-                    "<value><boolean>1</boolean></value>"
-                } else {
-                    "<value><boolean>0</boolean></value>"
-                }
-                .to_owned())
-            }
             messages::AAE => {
                 let aae = self.aae.as_ref().ok_or_else(|| {
                     Error::invalid("anti-entropy is off on this node (started without -s peers)")
@@ -552,11 +532,6 @@ impl StorageNode {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 messages::reply_xml(&sets)
-            }
-            messages::READ => {
-                self.metrics.reads.inc();
-                let siblings = self.read(&messages::from_params(&params)?)?;
-                messages::reply_xml(&siblings)
             }
             "put" => {
                 self.metrics.local_puts.inc();

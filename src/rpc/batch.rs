@@ -105,25 +105,7 @@ async fn send(client: &RpcClient, address: &str, batch: Vec<Pending>, timeout: D
         return;
     }
     let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.reply)).unzip();
-    let outcome = match postcard::to_allocvec(&ops) {
-        Ok(body) => client
-            .post_bytes(address, messages::BATCH_PATH, Bytes::from(body), timeout)
-            .await
-            .and_then(|reply| {
-                postcard::from_bytes::<Vec<OpReply>>(&reply)
-                    .map_err(|_| CallError::BadResponse("batch reply could not be decoded".into()))
-            })
-            .and_then(|answers| {
-                if answers.len() == replies.len() {
-                    Ok(answers)
-                } else {
-                    Err(CallError::BadResponse(
-                        "batch reply has the wrong length".into(),
-                    ))
-                }
-            }),
-        Err(_) => Err(CallError::BadResponse("batch could not be encoded".into())),
-    };
+    let outcome = send_batch(client, address, &ops, timeout).await;
     match outcome {
         Ok(answers) => {
             for (reply, answer) in replies.into_iter().zip(answers) {
@@ -139,6 +121,29 @@ async fn send(client: &RpcClient, address: &str, batch: Vec<Pending>, timeout: D
                 let _ = reply.send(Err(error.clone()));
             }
         }
+    }
+}
+
+/// Sends `ops` to the node at `address` as one batch; the node's answer to each, in order.
+pub async fn send_batch(
+    client: &RpcClient,
+    address: &str,
+    ops: &[Op],
+    timeout: Duration,
+) -> Result<Vec<OpReply>, CallError> {
+    let body = postcard::to_allocvec(ops)
+        .map_err(|_| CallError::BadResponse("batch could not be encoded".into()))?;
+    let reply = client
+        .post_bytes(address, messages::BATCH_PATH, Bytes::from(body), timeout)
+        .await?;
+    let answers: Vec<OpReply> = postcard::from_bytes(&reply)
+        .map_err(|_| CallError::BadResponse("batch reply could not be decoded".into()))?;
+    if answers.len() == ops.len() {
+        Ok(answers)
+    } else {
+        Err(CallError::BadResponse(
+            "batch reply has the wrong length".into(),
+        ))
     }
 }
 

@@ -1,9 +1,10 @@
-//! The internal calls between balancers and storage nodes.
+//! The internal messages between balancers and storage nodes, and between nodes.
 //!
-//! They are XML-RPC methods like any other (so one server serves both worlds and `curl` can
-//! poke at them), but each carries a single base64 parameter holding a compact binary message.
-//! Keys and sibling sets travel byte-exact that way, with no XML escaping or whitespace rules
-//! in between, and a node never parses the values it stores.
+//! Replica operations ([`Op`]) travel in binary batches on [`BATCH_PATH`]: balancers send
+//! them, and so does a node handing hints to their owner. Anti-entropy questions are XML-RPC
+//! methods like any other (so `curl` can poke at them) carrying a single base64 parameter.
+//! Either way keys and sibling sets travel byte-exact as postcard, with no XML escaping or
+//! whitespace rules in between, and a node never parses the values it stores.
 
 use dxr::Value;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -11,14 +12,6 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::error::{Error, Result};
 use crate::version::{Dot, Siblings, VClock};
 
-/// Stamp and store a new write; the node answers with its whole reconciled sibling set.
-pub const COORDINATE: &str = "node.coordinate";
-/// Merge a sibling set into the node's copy (replication and read repair).
-pub const MERGE: &str = "node.merge";
-/// The node's sibling set for a key.
-pub const READ: &str = "node.read";
-/// Drop a key whose tombstones every replica holds.
-pub const REAP: &str = "node.reap";
 /// Anti-entropy: a question about the tree a node keeps for the asking peer.
 pub const AAE: &str = "node.aae";
 /// Merge many keys' sibling sets at once (anti-entropy push).
