@@ -31,6 +31,14 @@ const UP: u8 = 0;
 const DOWN: u8 = 1;
 const MISMATCH: u8 = 2;
 
+/// What a successful probe learned.
+enum Probed {
+    /// `GET /health` answered 200.
+    Healthy,
+    /// `stats()` answered, with the node's ring in it.
+    Stats(Value),
+}
+
 pub struct Health {
     addresses: Vec<String>,
     state: Vec<AtomicU8>,
@@ -115,19 +123,28 @@ impl Health {
             }
             let (client, address) = (client.clone(), self.addresses[server].clone());
             probes.spawn(async move {
-                if check_ring {
-                    let stats = client.call(&address, "stats", vec![], PROBE_TIMEOUT).await;
-                    (server, check_ring, stats.ok())
+                let probed = if check_ring {
+                    // The node's stats carry its ring; answering at all also means it is up.
+                    client
+                        .call(&address, "stats", vec![], PROBE_TIMEOUT)
+                        .await
+                        .ok()
+                        .map(Probed::Stats)
                 } else {
-                    let healthy = client.probe(&address, PROBE_TIMEOUT).await;
-                    (server, check_ring, healthy.then_some(Value::Boolean(true)))
-                }
+                    client
+                        .probe(&address, PROBE_TIMEOUT)
+                        .await
+                        .then_some(Probed::Healthy)
+                };
+                (server, probed)
             });
         }
-        while let Some(probed) = probes.join_next().await {
-            match probed {
-                Ok((server, false, Some(_))) => self.mark_up(server),
-                Ok((server, true, Some(stats))) => self.compare_ring(server, &stats, fingerprint),
+        while let Some(joined) = probes.join_next().await {
+            match joined {
+                Ok((server, Some(Probed::Healthy))) => self.mark_up(server),
+                Ok((server, Some(Probed::Stats(stats)))) => {
+                    self.compare_ring(server, &stats, fingerprint)
+                }
                 _ => {}
             }
         }

@@ -33,7 +33,7 @@ use crate::rpc::client::RpcClient;
 use crate::rpc::messages::{
     self, AaeQuery, AaeReply, AaeRequest, MergeManyRequest, ReadManyRequest,
 };
-use crate::storage::Tree;
+use crate::storage::{self, Tree};
 use crate::telemetry::Counter;
 
 use super::StorageNode;
@@ -42,8 +42,6 @@ use super::StorageNode;
 const BATCH_KEYS: usize = 256;
 /// How long a peer may take to answer one anti-entropy call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Entries read per page when listing keys.
-const SCAN_PAGE: usize = 1024;
 
 #[derive(Debug, Default)]
 pub struct AaeMetrics {
@@ -195,30 +193,16 @@ impl AntiEntropy {
         max_keys: usize,
     ) -> Result<(BTreeMap<usize, Vec<(String, EntryHash)>>, Vec<usize>)> {
         let mut by_leaf: BTreeMap<usize, Vec<(String, EntryHash)>> = BTreeMap::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = node
-                .engine()
-                .scan(Tree::Data, after.as_deref(), SCAN_PAGE)?;
-            let full_page = page.len() == SCAN_PAGE;
-            for (key, bytes) in &page {
-                let leaf = merkle::bucket(key);
-                if !leaves.contains(&leaf) || !self.sharing(key).contains(&peer) {
-                    continue;
-                }
-                let Ok(text) = std::str::from_utf8(key) else {
-                    continue;
-                };
-                by_leaf
-                    .entry(leaf)
-                    .or_default()
-                    .push((text.to_owned(), merkle::entry_hash(key, bytes)));
+        storage::for_each(&**node.engine(), Tree::Data, |key, bytes| {
+            let leaf = merkle::bucket(key);
+            if !leaves.contains(&leaf) || !self.sharing(key).contains(&peer) {
+                return;
             }
-            after = page.into_iter().last().map(|(key, _)| key);
-            if !full_page {
-                break;
+            if let Ok(text) = std::str::from_utf8(key) {
+                let entry = (text.to_owned(), merkle::entry_hash(key, bytes));
+                by_leaf.entry(leaf).or_default().push(entry);
             }
-        }
+        })?;
         // Leaves with no keys are complete too; keep whole leaves within the bound.
         let mut complete = Vec::new();
         let mut total = 0;

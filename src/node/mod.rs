@@ -36,7 +36,7 @@ use crate::rpc::params;
 use crate::rpc::server::{self, Handler, ServerLimits, expect_params};
 use crate::storage::{self, Engine, Tree, WriteOp};
 use crate::telemetry::{Counter, Exposition};
-use crate::version::{ActorId, Siblings};
+use crate::version::{ActorId, Dot, Siblings};
 use anti_entropy::AntiEntropy;
 use hints::HintRecord;
 use key_locks::KeyLocks;
@@ -52,8 +52,6 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_SIBLINGS: usize = 64;
 
 const ACTOR_ID_KEY: &[u8] = b"actor_id";
-/// Entries read per page when counting keys at start.
-const SCAN_PAGE: usize = 1024;
 
 const METHODS: &[(&str, &str)] = &[
     (
@@ -173,9 +171,12 @@ impl StorageNode {
     fn update(&self, key: &str, change: impl FnOnce(&mut Siblings)) -> Result<Siblings> {
         let _guard = self.locks.lock(key.as_bytes());
         let (old_bytes, mut siblings) = self.load_raw(key)?;
-        let before = siblings.clone();
+        // A version is identified by its dot, so comparing dots tells whether the set changed
+        // without copying the values.
+        let dots_before: Vec<Dot> = siblings.dots().collect();
+        let (was_live, was_tombstoned) = (siblings.is_live(), siblings.is_tombstoned());
         change(&mut siblings);
-        if siblings != before {
+        if !siblings.dots().eq(dots_before.iter().copied()) {
             let stored = (!siblings.is_empty()).then(|| siblings.encode());
             self.engine.write(vec![WriteOp {
                 tree: Tree::Data,
@@ -185,9 +186,9 @@ impl StorageNode {
             if let Some(aae) = &self.aae {
                 aae.record(key.as_bytes(), old_bytes.as_deref(), stored.as_deref());
             }
-            let live = i64::from(siblings.is_live()) - i64::from(before.is_live());
+            let live = i64::from(siblings.is_live()) - i64::from(was_live);
             self.live_keys.fetch_add(live, Ordering::Relaxed);
-            let dead = i64::from(siblings.is_tombstoned()) - i64::from(before.is_tombstoned());
+            let dead = i64::from(siblings.is_tombstoned()) - i64::from(was_tombstoned);
             self.tombstone_keys.fetch_add(dead, Ordering::Relaxed);
         }
         Ok(siblings)
@@ -641,38 +642,23 @@ fn load_or_create_actor(engine: &dyn Engine) -> Result<ActorId> {
 /// Entries of a tree, counted once at start.
 fn count_entries(engine: &dyn Engine, tree: Tree) -> Result<i64> {
     let mut count = 0;
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = engine.scan(tree, after.as_deref(), SCAN_PAGE)?;
-        count += page.len() as i64;
-        if page.len() < SCAN_PAGE {
-            return Ok(count);
-        }
-        after = page.into_iter().last().map(|(key, _)| key);
-    }
+    storage::for_each(engine, tree, |_, _| count += 1)?;
+    Ok(count)
 }
 
 /// Counts live and tombstoned keys, and fills the anti-entropy trees, once at start.
 fn scan_data(engine: &dyn Engine, aae: Option<&AntiEntropy>) -> Result<(i64, i64)> {
     let (mut live, mut tombstoned) = (0, 0);
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = engine.scan(Tree::Data, after.as_deref(), SCAN_PAGE)?;
-        for (key, bytes) in &page {
-            if let Some(aae) = aae {
-                aae.record(key, None, Some(bytes));
-            }
-            if let Some(siblings) = Siblings::decode(bytes) {
-                live += i64::from(siblings.is_live());
-                tombstoned += i64::from(siblings.is_tombstoned());
-            }
+    storage::for_each(engine, Tree::Data, |key, bytes| {
+        if let Some(aae) = aae {
+            aae.record(key, None, Some(bytes));
         }
-        let full_page = page.len() == SCAN_PAGE;
-        match page.into_iter().last() {
-            Some((key, _)) if full_page => after = Some(key),
-            _ => return Ok((live, tombstoned)),
+        if let Some(siblings) = Siblings::decode(bytes) {
+            live += i64::from(siblings.is_live());
+            tombstoned += i64::from(siblings.is_tombstoned());
         }
-    }
+    })?;
+    Ok((live, tombstoned))
 }
 
 /// A random 64-bit id from the standard library's per-process random hasher keys, mixed with

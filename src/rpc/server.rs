@@ -105,11 +105,13 @@ async fn respond<H: Handler>(
     match (request.method(), path) {
         (&Method::GET, "/health") => plain(StatusCode::OK, "ok\n".into()),
         (&Method::GET, "/metrics") => {
-            let mut exposition = handler.metrics();
-            exposition.push_str(&format!(
-                "# HELP dynamite_connections_accepted_total TCP connections accepted.\n# TYPE dynamite_connections_accepted_total counter\ndynamite_connections_accepted_total {}\n",
-                CONNECTIONS_ACCEPTED.get()
-            ));
+            let mut process = crate::telemetry::Exposition::default();
+            process.counter(
+                "dynamite_connections_accepted_total",
+                "TCP connections accepted.",
+                CONNECTIONS_ACCEPTED.get(),
+            );
+            let exposition = handler.metrics() + &process.finish();
             let mut response = plain(StatusCode::OK, exposition);
             response.headers_mut().insert(
                 CONTENT_TYPE,

@@ -214,6 +214,29 @@ pub enum StorageConfig {
     },
 }
 
+/// Entries read per page by [`for_each`].
+const SCAN_PAGE: usize = 1024;
+
+/// Calls `visit` with every entry of `tree`, in key order, a page at a time, so a whole tree
+/// is walked without being held in memory.
+pub fn for_each(
+    engine: &dyn Engine,
+    tree: Tree,
+    mut visit: impl FnMut(&[u8], &[u8]),
+) -> Result<(), StorageError> {
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = engine.scan(tree, after.as_deref(), SCAN_PAGE)?;
+        for (key, value) in &page {
+            visit(key, value);
+        }
+        if page.len() < SCAN_PAGE {
+            return Ok(());
+        }
+        after = page.into_iter().last().map(|(key, _)| key);
+    }
+}
+
 /// Opens the engine: creates the directory if missing, refuses with StorageError::Locked when
 /// another process has it open.
 pub fn open(config: &StorageConfig) -> Result<Arc<dyn Engine>, StorageError> {
