@@ -25,9 +25,7 @@ fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
         .start();
     let lb = cluster.client();
     const KEYS: usize = 500;
-    for i in 0..KEYS {
-        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
-    }
+    lb.put_keys(0..KEYS, "");
 
     // C loses its disk: killed, its data directory removed, started again on nothing.
     cluster.nodes[2].kill();
@@ -53,14 +51,8 @@ fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
     for i in (0..KEYS).step_by(7) {
         assert_eq!(node_c.get(&key(i)), Ok(value(i)), "C's copy of {}", key(i));
     }
-    let stats = lb.stats();
-    assert_eq!(balancer_counter(&stats, "gets"), 0, "no client read");
-    assert_eq!(
-        balancer_counter(&stats, "get_versions"),
-        0,
-        "no client read"
-    );
-    assert_eq!(balancer_counter(&stats, "read_repairs"), 0);
+    assert_no_client_reads(&lb);
+    assert_eq!(balancer_counter(&lb.stats(), "read_repairs"), 0);
 }
 
 /// Per node: (rounds, in_sync, keys_pushed, keys_pulled, failures).
@@ -103,9 +95,7 @@ fn replicas_in_sync_exchange_hashes_and_no_values() {
     let lb = cluster.client();
     let nodes: Vec<Rpc> = (0..3).map(|i| cluster.node_client(i)).collect();
     // W = 3: every put is on every replica when it is acknowledged.
-    for i in 0..300 {
-        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
-    }
+    lb.put_keys(0..300, "");
     let after_writes = aae_snapshot(&nodes);
     wait_until(
         ROUNDS_TIMEOUT,
@@ -204,9 +194,7 @@ fn a_node_on_another_ring_is_refused_and_the_others_go_on() {
     });
 
     // The two matching nodes still make W = 2 and R = 2; node 2 is left out.
-    for i in 0..50 {
-        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
-    }
+    lb.put_keys(0..50, "");
     for i in 0..50 {
         assert_eq!(lb.get(&key(i)), Ok(value(i)), "get {}", key(i));
     }

@@ -144,14 +144,7 @@ fn balancers_given_the_servers_in_any_order_agree_on_placement() {
     let b = cluster.add_balancer(&shuffled, &[]);
     let (a, b) = (cluster.balancers[a].rpc(), cluster.balancers[b].rpc());
 
-    for i in 0..200 {
-        assert_eq!(
-            a.put(&key(i), value(i)),
-            ok200(),
-            "put {} through A",
-            key(i)
-        );
-    }
+    a.put_keys(0..200, "through A");
     for i in 0..200 {
         assert_eq!(b.get(&key(i)), Ok(value(i)), "get {} through B", key(i));
     }
@@ -197,9 +190,7 @@ fn each_key_lives_on_exactly_n_nodes() {
         .write_quorum(3)
         .start();
     let lb = cluster.client();
-    for i in 0..200 {
-        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
-    }
+    lb.put_keys(0..200, "");
 
     // W = N: every replica acknowledged before put answered.
     let nodes: Vec<Rpc> = (0..5).map(|i| cluster.node_client(i)).collect();
@@ -839,14 +830,7 @@ fn writes_and_reads_go_on_while_one_of_three_nodes_is_dead() {
         .start();
     let lb = cluster.client();
 
-    for i in 0..100 {
-        assert_eq!(
-            lb.put(&key(i), value(i)),
-            ok200(),
-            "put {} with all nodes up",
-            key(i)
-        );
-    }
+    lb.put_keys(0..100, "with all nodes up");
 
     let dead = cluster.nodes[1].addr();
     cluster.nodes[1].kill();
@@ -979,14 +963,7 @@ fn a_hung_node_neither_blocks_writes_nor_hangs_reads() {
     // SIGSTOP: the node's sockets still accept connections, but nothing answers.
     cluster.nodes[2].stop();
 
-    for i in 0..20 {
-        assert_eq!(
-            lb.put(&key(i), value(i)),
-            ok200(),
-            "put {} with a hung node",
-            key(i)
-        );
-    }
+    lb.put_keys(0..20, "with a hung node");
 
     // R = 3 cannot be met while one replica hangs: a 503 once it timed out, not a hang.
     let get = lb.get(&key(0));
@@ -1025,9 +1002,7 @@ fn a_node_that_lost_its_data_is_repaired_by_reads() {
         .read_quorum(3)
         .start();
     let lb = cluster.client();
-    for i in 0..50 {
-        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
-    }
+    lb.put_keys(0..50, "");
 
     // In memory, a restart is a node whose disk was replaced: it comes back empty.
     cluster.nodes[0].restart();
@@ -1070,9 +1045,7 @@ fn acknowledged_writes_survive_sigkill_of_every_process() {
         .write_quorum(2)
         .start();
     let lb = cluster.client();
-    for i in 0..300 {
-        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
-    }
+    lb.put_keys(0..300, "");
     // Acknowledged deletes are data too.
     for i in (0..300).step_by(10) {
         assert_eq!(lb.delete(&key(i)), ok200(), "delete {}", key(i));

@@ -38,9 +38,7 @@ fn a_dead_node_is_marked_down_and_the_prober_sees_it_come_back() {
     }
 
     cluster.nodes[1].kill();
-    for i in 0..5 {
-        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
-    }
+    lb.put_keys(0..5, "");
     wait_until(DETECTION_TIMEOUT, "the dead node is shown down", || {
         state_of(&lb, &servers[1]) == "down"
     });
@@ -103,14 +101,7 @@ fn writes_for_a_dead_node_are_hinted_and_handed_off_when_it_returns() {
         state_of(&lb, &x) == "down"
     });
 
-    for i in 0..KEYS {
-        assert_eq!(
-            lb.put(&key(i), value(i)),
-            ok200(),
-            "put {} with X dead",
-            key(i)
-        );
-    }
+    lb.put_keys(0..KEYS, "with X dead");
     let live: Vec<Rpc> = [0, 2, 3].iter().map(|&i| cluster.node_client(i)).collect();
     let hints = || -> i64 {
         live.iter()
@@ -160,14 +151,7 @@ fn with_no_spare_node_a_returning_node_is_healed_by_anti_entropy_without_reads()
     let lb = cluster.client();
 
     cluster.nodes[2].kill();
-    for i in 0..100 {
-        assert_eq!(
-            lb.put(&key(i), value(i)),
-            ok200(),
-            "put {} with C dead",
-            key(i)
-        );
-    }
+    lb.put_keys(0..100, "with C dead");
     // Every server is in every key's preference list: there is no fallback to hold hints.
     for i in 0..2 {
         let stats = cluster.node_client(i).stats();
@@ -183,13 +167,7 @@ fn with_no_spare_node_a_returning_node_is_healed_by_anti_entropy_without_reads()
     for i in 0..100 {
         assert_eq!(node_c.get(&key(i)), Ok(value(i)), "C's copy of {}", key(i));
     }
-    let stats = lb.stats();
-    assert_eq!(balancer_counter(&stats, "gets"), 0, "no client read");
-    assert_eq!(
-        balancer_counter(&stats, "get_versions"),
-        0,
-        "no client read"
-    );
+    assert_no_client_reads(&lb);
     for node in nodes_of(&cluster) {
         assert_eq!(int_member(&node.stats(), "hints"), 0);
     }

@@ -167,14 +167,7 @@ fn a_get_repairs_a_replica_that_missed_the_writes() {
     let c = cluster.nodes[2].addr();
 
     cluster.nodes[2].kill();
-    for i in 0..50 {
-        assert_eq!(
-            lb.put(&key(i), value(i)),
-            ok200(),
-            "put {} with C dead",
-            key(i)
-        );
-    }
+    lb.put_keys(0..50, "with C dead");
 
     // C comes back with its disk, but it missed every write.
     cluster.nodes[2].restart();
@@ -330,9 +323,7 @@ fn tombstones_are_reaped_once_every_replica_has_them() {
     let lb = cluster.client();
     let nodes = nodes_of(&cluster);
 
-    for i in 0..20 {
-        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
-    }
+    lb.put_keys(0..20, "");
     for i in 0..20 {
         assert_eq!(lb.delete(&key(i)), ok200(), "delete {}", key(i));
     }
@@ -380,9 +371,7 @@ fn tombstones_are_kept_while_a_replica_that_needs_them_is_down() {
         "40 keys all on one side of X"
     );
 
-    for i in 0..40 {
-        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
-    }
+    lb.put_keys(0..40, "");
     cluster.nodes[0].kill();
     // A read that involves X makes the balancer notice it is gone.
     assert_eq!(lb.get(&key(blocked[0])), Ok(value(blocked[0])));

@@ -167,6 +167,18 @@ pub fn nodes_of(cluster: &Cluster) -> Vec<Rpc> {
         .collect()
 }
 
+/// Asserts that the balancer behind `lb` served no client read: what repaired the data was
+/// a background mechanism.
+pub fn assert_no_client_reads(lb: &Rpc) {
+    let stats = lb.stats();
+    assert_eq!(balancer_counter(&stats, "gets"), 0, "no client read");
+    assert_eq!(
+        balancer_counter(&stats, "get_versions"),
+        0,
+        "no client read"
+    );
+}
+
 /// `"200"`, what `put` and `delete` answer.
 pub fn ok200() -> RpcResult {
     Ok(s("200"))
@@ -1012,6 +1024,19 @@ impl Rpc {
     }
 
     /// `put(key, value)`.
+    /// Puts `value(i)` under `key(i)` for every `i` in `keys`, asserting each answers `"200"`;
+    /// `when` says under which circumstances, for the failure message.
+    pub fn put_keys(&self, keys: std::ops::Range<usize>, when: &str) {
+        for i in keys {
+            assert_eq!(
+                self.put(&key(i), value(i)),
+                ok200(),
+                "put {} {when}",
+                key(i)
+            );
+        }
+    }
+
     pub fn put(&self, key: &str, value: Value) -> RpcResult {
         self.call("put", vec![s(key), value])
     }
