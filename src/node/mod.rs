@@ -16,6 +16,7 @@ pub mod anti_entropy;
 pub mod hints;
 mod key_locks;
 mod reaped;
+mod transaction;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -41,6 +42,7 @@ use anti_entropy::AntiEntropy;
 use hints::HintRecord;
 use key_locks::KeyLocks;
 use reaped::ReapedTombstones;
+use transaction::{Place, Transaction};
 
 /// How often the journal is forced to disk. Writes are acknowledged once the OS has them
 /// (they survive a crash of the process); this bounds what a power loss can take.
@@ -152,46 +154,11 @@ impl StorageNode {
     }
 
     fn load(&self, key: &str) -> Result<Siblings> {
-        Ok(self.load_raw(key)?.1)
-    }
-
-    /// The stored bytes of a key's own copy, and the sibling set they hold.
-    fn load_raw(&self, key: &str) -> Result<(Option<Vec<u8>>, Siblings)> {
         match self.engine.get(Tree::Data, key.as_bytes())? {
-            None => Ok((None, Siblings::new())),
-            Some(bytes) => {
-                let siblings = Siblings::decode(&bytes)
-                    .ok_or_else(|| Error::Internal("stored sibling set is corrupt".into()))?;
-                Ok((Some(bytes), siblings))
-            }
+            None => Ok(Siblings::new()),
+            Some(bytes) => Siblings::decode(&bytes)
+                .ok_or_else(|| Error::Internal("stored sibling set is corrupt".into())),
         }
-    }
-
-    /// Read-modify-write of one key of this node's own data, under the key's lock.
-    fn update(&self, key: &str, change: impl FnOnce(&mut Siblings)) -> Result<Siblings> {
-        let _guard = self.locks.lock(key.as_bytes());
-        let (old_bytes, mut siblings) = self.load_raw(key)?;
-        // A version is identified by its dot, so comparing dots tells whether the set changed
-        // without copying the values.
-        let dots_before: Vec<Dot> = siblings.dots().collect();
-        let (was_live, was_tombstoned) = (siblings.is_live(), siblings.is_tombstoned());
-        change(&mut siblings);
-        if !siblings.dots().eq(dots_before.iter().copied()) {
-            let stored = (!siblings.is_empty()).then(|| siblings.encode());
-            self.engine.write(vec![WriteOp {
-                tree: Tree::Data,
-                key: key.as_bytes().to_vec(),
-                value: stored.clone(),
-            }])?;
-            if let Some(aae) = &self.aae {
-                aae.record(key.as_bytes(), old_bytes.as_deref(), stored.as_deref());
-            }
-            let live = i64::from(siblings.is_live()) - i64::from(was_live);
-            self.live_keys.fetch_add(live, Ordering::Relaxed);
-            let dead = i64::from(siblings.is_tombstoned()) - i64::from(was_tombstoned);
-            self.tombstone_keys.fetch_add(dead, Ordering::Relaxed);
-        }
-        Ok(siblings)
     }
 
     fn load_hint(&self, slot: &[u8], owner: &str, key: &str) -> Result<Option<HintRecord>> {
@@ -205,42 +172,6 @@ impl StorageNode {
             return Err(Error::Internal("hint slot holds another key".into()));
         }
         Ok(Some(record))
-    }
-
-    /// Read-modify-write of the hint held for `owner`, under the slot's lock.
-    fn update_hint(
-        &self,
-        owner: &str,
-        key: &str,
-        change: impl FnOnce(&mut Siblings),
-    ) -> Result<Siblings> {
-        let slot = hints::slot(owner, key);
-        let _guard = self.locks.lock(&slot);
-        let existing = self.load_hint(&slot, owner, key)?;
-        let mut siblings = existing
-            .as_ref()
-            .map(|r| r.siblings.clone())
-            .unwrap_or_default();
-        change(&mut siblings);
-        if existing.as_ref().map(|r| &r.siblings) != Some(&siblings) {
-            let record = HintRecord {
-                owner: owner.to_owned(),
-                key: key.to_owned(),
-                siblings,
-            };
-            let bytes = postcard::to_allocvec(&record)
-                .map_err(|_| Error::Internal("hint could not be encoded".into()))?;
-            self.engine.write(vec![WriteOp {
-                tree: Tree::Hints,
-                key: slot,
-                value: Some(bytes),
-            }])?;
-            if existing.is_none() {
-                self.hints.fetch_add(1, Ordering::Relaxed);
-            }
-            return Ok(record.siblings);
-        }
-        Ok(siblings)
     }
 
     /// Drops a hint its owner accepted, unless it changed since it was read for delivery.
@@ -267,88 +198,110 @@ impl StorageNode {
 
     /// Merges a sibling set into the node's own copy (anti-entropy pull).
     pub fn merge_own(&self, key: &str, incoming: &Siblings) -> Result<Siblings> {
-        check_key(key)?;
-        if self.reaped.is_reaped(key, incoming) {
-            return self.load(key);
-        }
-        self.update(key, |siblings| siblings.merge(incoming))
+        self.merge(MergeRequest {
+            key: key.to_owned(),
+            siblings: incoming.clone(),
+            hint_for: None,
+        })
     }
 
-    /// Applies `change` to the key's own copy, or to the hint held for `hint_for`.
-    fn update_place(
+    /// Runs one write in a transaction of its own; answers what `stage` returned and the
+    /// place's sibling set after the write.
+    fn write_one<T>(
         &self,
-        key: &str,
-        hint_for: Option<&str>,
-        change: impl FnOnce(&mut Siblings),
-    ) -> Result<Siblings> {
-        match hint_for {
-            None => self.update(key, change),
-            Some(owner) => self.update_hint(owner, key, change),
-        }
+        place: Place,
+        stage: impl FnOnce(&mut Transaction<'_>, &Place) -> Result<T>,
+    ) -> Result<(T, Siblings)> {
+        let mut transaction = Transaction::begin(self, [&place]);
+        let outcome = stage(&mut transaction, &place)?;
+        let mut committed = transaction.commit()?;
+        Ok((outcome, committed.take(&place)))
     }
 
     /// Removes a key whose tombstones every replica holds (the balancer checked), but only if
     /// this node still holds exactly those tombstones: anything written since keeps the key.
     pub fn reap(&self, request: &ReapRequest) -> Result<bool> {
         check_key(&request.key)?;
-        self.log("reap", &request.key, false);
-        let mut reaped = false;
-        self.update(&request.key, |siblings| {
-            let same: bool =
-                siblings.is_tombstoned() && siblings.dots().eq(request.dots.iter().copied());
-            if same {
-                *siblings = Siblings::new();
-                reaped = true;
-            }
-        })?;
-        if reaped {
-            self.reaped.remember(&request.key, request.dots.clone());
-        }
-        Ok(reaped)
+        let place = Place::own(&request.key);
+        Ok(self
+            .write_one(place, |tx, place| self.stage_reap(tx, place, &request.dots))?
+            .0)
     }
 
     pub fn coordinate(&self, request: CoordinateRequest) -> Result<Siblings> {
         check_key(&request.key)?;
-        self.log("put", &request.key, request.value.is_none());
-        let now = now_ms();
-        let CoordinateRequest {
-            key,
-            value,
-            context,
-            hint_for,
-        } = request;
-        let mut refused = None;
-        let stored = self.update_place(&key, hint_for.as_deref(), |siblings| {
-            let mut next = siblings.clone();
-            next.write(self.actor, context.as_ref(), value, now);
-            if next.versions().len() > MAX_SIBLINGS {
-                refused = Some(next.versions().len());
-            } else {
-                *siblings = next;
-            }
-        })?;
-        match refused {
-            None => Ok(stored),
-            Some(count) => Err(Error::invalid(format!(
-                "the key would have {count} siblings (at most {MAX_SIBLINGS}); write with the context from get_versions to resolve them"
-            ))),
-        }
+        let place = Place::new(&request.key, request.hint_for.as_deref());
+        Ok(self
+            .write_one(place, |tx, place| self.stage_coordinate(tx, place, request))?
+            .1)
     }
 
     pub fn merge(&self, request: MergeRequest) -> Result<Siblings> {
         check_key(&request.key)?;
-        self.log("store", &request.key, false);
-        let MergeRequest {
-            key,
-            siblings: incoming,
-            hint_for,
-        } = request;
-        if hint_for.is_none() && self.reaped.is_reaped(&key, &incoming) {
-            return self.load(&key);
+        let place = Place::new(&request.key, request.hint_for.as_deref());
+        Ok(self
+            .write_one(place, |tx, place| {
+                self.stage_merge(tx, place, &request.siblings)
+            })?
+            .1)
+    }
+
+    /// Stamps a client's write with this node's actor id against what the place holds.
+    fn stage_coordinate(
+        &self,
+        transaction: &mut Transaction<'_>,
+        place: &Place,
+        request: CoordinateRequest,
+    ) -> Result<()> {
+        self.log("put", place.key(), request.value.is_none());
+        let now = now_ms();
+        let siblings = transaction.siblings(place)?;
+        let mut next = siblings.clone();
+        next.write(self.actor, request.context.as_ref(), request.value, now);
+        let count = next.versions().len();
+        if count > MAX_SIBLINGS {
+            return Err(Error::invalid(format!(
+                "the key would have {count} siblings (at most {MAX_SIBLINGS}); write with the context from get_versions to resolve them"
+            )));
         }
-        self.update_place(&key, hint_for.as_deref(), |siblings| {
-            siblings.merge(&incoming)
-        })
+        *siblings = next;
+        Ok(())
+    }
+
+    /// Folds in a sibling set another replica or a read repair sent.
+    fn stage_merge(
+        &self,
+        transaction: &mut Transaction<'_>,
+        place: &Place,
+        incoming: &Siblings,
+    ) -> Result<()> {
+        self.log("store", place.key(), false);
+        let siblings = transaction.siblings(place)?;
+        if !place.is_hint() && self.reaped.is_reaped(place.key(), incoming) {
+            return Ok(());
+        }
+        siblings.merge(incoming);
+        Ok(())
+    }
+
+    /// Drops the place's tombstones if they are exactly `dots`; answers whether it did.
+    fn stage_reap(
+        &self,
+        transaction: &mut Transaction<'_>,
+        place: &Place,
+        dots: &[Dot],
+    ) -> Result<bool> {
+        self.log("reap", place.key(), false);
+        let siblings = transaction.siblings(place)?;
+        if !(siblings.is_tombstoned() && siblings.dots().eq(dots.iter().copied())) {
+            return Ok(false);
+        }
+        *siblings = Siblings::new();
+        // Remembered at once, so a merge later in the same batch cannot bring them back; if
+        // the commit fails the node still holds these tombstones and skipping their merge is
+        // a no-op.
+        self.reaped.remember(place.key(), dots.to_vec());
+        Ok(true)
     }
 
     pub fn read(&self, request: &ReadRequest) -> Result<Siblings> {
@@ -430,7 +383,7 @@ impl Handler for StorageNode {
         let ops: Vec<Op> = postcard::from_bytes(&body)
             .map_err(|_| Error::invalid("batch could not be decoded"))?;
         self.metrics.batches.inc();
-        let replies: Vec<OpReply> = ops.into_iter().map(|op| self.apply(op)).collect();
+        let replies = self.apply_batch(ops);
         postcard::to_allocvec(&replies)
             .map_err(|_| Error::Internal("batch reply could not be encoded".into()))
     }
@@ -471,33 +424,131 @@ impl Handler for StorageNode {
 }
 
 impl StorageNode {
-    /// Runs one operation of a batch; a refusal becomes that operation's fault, not the batch's.
-    fn apply(&self, op: Op) -> OpReply {
-        let result = match op {
-            Op::Coordinate(request) => {
-                self.metrics.coordinates.inc();
-                self.coordinate(request).map(OpReply::Siblings)
+    /// Runs a batch: its writes as one transaction, so one engine commit, then its reads. A
+    /// refused operation gets its own fault and the others go on; a failed commit fails every
+    /// write of the batch. Replies are in the order of `ops`.
+    pub fn apply_batch(&self, ops: Vec<Op>) -> Vec<OpReply> {
+        let mut replies: Vec<Option<OpReply>> = vec![None; ops.len()];
+        let mut reads = Vec::new();
+        let mut writes = Vec::new();
+        for (index, op) in ops.into_iter().enumerate() {
+            self.count(&op);
+            let key = match &op {
+                Op::Read(request) => {
+                    reads.push((index, request.clone()));
+                    continue;
+                }
+                Op::Coordinate(request) => &request.key,
+                Op::Merge(request) => &request.key,
+                Op::Reap(request) => &request.key,
+            };
+            match check_key(key) {
+                Ok(()) => writes.push((index, op_place(&op), op)),
+                Err(error) => replies[index] = Some(self.fault(&error)),
             }
-            Op::Merge(request) => {
-                self.metrics.merges.inc();
-                self.merge(request).map(OpReply::Siblings)
+        }
+        self.apply_writes(writes, &mut replies);
+        for (index, request) in reads {
+            let reply = self.read(&request).map(OpReply::Siblings);
+            replies[index] = Some(reply.unwrap_or_else(|error| self.fault(&error)));
+        }
+        replies
+            .into_iter()
+            .map(|reply| {
+                reply.unwrap_or_else(|| {
+                    self.fault(&Error::Internal("operation left unanswered".into()))
+                })
+            })
+            .collect()
+    }
+
+    fn apply_writes(&self, writes: Vec<(usize, Place, Op)>, replies: &mut [Option<OpReply>]) {
+        if writes.is_empty() {
+            return;
+        }
+        // A place written again later in the batch answers its state at that point (a copy);
+        // the last write to a place answers the committed state itself.
+        let mut last_write = std::collections::HashMap::new();
+        for (position, (_, place, _)) in writes.iter().enumerate() {
+            last_write.insert(place, position);
+        }
+        let is_last: Vec<bool> = (0..writes.len())
+            .map(|position| last_write.get(&writes[position].1) == Some(&position))
+            .collect();
+        drop(last_write);
+
+        let mut transaction = Transaction::begin(self, writes.iter().map(|(_, place, _)| place));
+        let mut finals = Vec::new();
+        let mut staged = Vec::new();
+        for ((index, place, op), is_last) in writes.into_iter().zip(is_last) {
+            let outcome = match op {
+                Op::Coordinate(request) => self
+                    .stage_coordinate(&mut transaction, &place, request)
+                    .map(|()| None),
+                Op::Merge(request) => self
+                    .stage_merge(&mut transaction, &place, &request.siblings)
+                    .map(|()| None),
+                Op::Reap(request) => self
+                    .stage_reap(&mut transaction, &place, &request.dots)
+                    .map(|reaped| Some(OpReply::Reaped(reaped))),
+                Op::Read(_) => Err(Error::Internal("a read among the writes".into())),
+            };
+            let reply = match outcome {
+                Err(error) => {
+                    replies[index] = Some(self.fault(&error));
+                    continue;
+                }
+                Ok(Some(reply)) => reply,
+                Ok(None) if is_last => {
+                    finals.push((index, place));
+                    continue;
+                }
+                Ok(None) => match transaction.siblings(&place) {
+                    Ok(siblings) => OpReply::Siblings(siblings.clone()),
+                    Err(error) => self.fault(&error),
+                },
+            };
+            staged.push((index, reply));
+        }
+        match transaction.commit() {
+            Ok(mut committed) => {
+                for (index, reply) in staged {
+                    replies[index] = Some(reply);
+                }
+                for (index, place) in finals {
+                    replies[index] = Some(OpReply::Siblings(committed.take(&place)));
+                }
             }
-            Op::Read(request) => {
-                self.metrics.reads.inc();
-                self.read(&request).map(OpReply::Siblings)
+            Err(error) => {
+                let fault = self.fault(&error);
+                for index in staged
+                    .iter()
+                    .map(|(i, _)| *i)
+                    .chain(finals.iter().map(|(i, _)| *i))
+                {
+                    replies[index] = Some(fault.clone());
+                }
             }
-            Op::Reap(request) => {
-                self.metrics.reaps.inc();
-                self.reap(&request).map(OpReply::Reaped)
-            }
+        }
+    }
+
+    fn count(&self, op: &Op) {
+        let counter = match op {
+            Op::Coordinate(_) => &self.metrics.coordinates,
+            Op::Merge(_) => &self.metrics.merges,
+            Op::Read(_) => &self.metrics.reads,
+            Op::Reap(_) => &self.metrics.reaps,
         };
-        result.unwrap_or_else(|error| {
-            self.metrics.errors.inc();
-            OpReply::Fault {
-                code: error.fault_code(),
-                message: error.fault_string(),
-            }
-        })
+        counter.inc();
+    }
+
+    /// An operation's refusal, as the fault the balancer passes on.
+    fn fault(&self, error: &Error) -> OpReply {
+        self.metrics.errors.inc();
+        OpReply::Fault {
+            code: error.fault_code(),
+            message: error.fault_string(),
+        }
     }
 
     /// The handlers themselves are synchronous: the engine's writes are short appends to the
@@ -563,6 +614,16 @@ impl StorageNode {
             }
             _ => Err(Error::UnknownMethod(method.to_owned())),
         }
+    }
+}
+
+/// Where a write operation lands.
+fn op_place(op: &Op) -> Place {
+    match op {
+        Op::Coordinate(request) => Place::new(&request.key, request.hint_for.as_deref()),
+        Op::Merge(request) => Place::new(&request.key, request.hint_for.as_deref()),
+        Op::Read(request) => Place::new(&request.key, request.hint_for.as_deref()),
+        Op::Reap(request) => Place::own(&request.key),
     }
 }
 
@@ -815,6 +876,59 @@ mod tests {
         assert_eq!(held.versions().len(), MAX_SIBLINGS);
         let resolved = write(Some(held.context())).expect("a write with the full context");
         assert_eq!(resolved.versions().len(), 1);
+    }
+
+    #[test]
+    fn a_batch_applies_its_writes_in_order_and_answers_each() {
+        let node = node();
+        let write = |key: &str, value: &str, hint_for: Option<&str>| {
+            Op::Coordinate(CoordinateRequest {
+                key: key.into(),
+                value: Some(value.into()),
+                context: None,
+                hint_for: hint_for.map(str::to_owned),
+            })
+        };
+        let too_long = "k".repeat(messages::MAX_KEY_BYTES + 1);
+        let replies = node.apply_batch(vec![
+            write("k", "<value>1</value>", None),
+            write("k", "<value>2</value>", None),
+            Op::Read(ReadRequest {
+                key: "k".into(),
+                hint_for: None,
+            }),
+            write(&too_long, "<value>x</value>", None),
+            write("other", "<value>3</value>", None),
+            write("k", "<value>for B</value>", Some("127.0.0.1:1")),
+        ]);
+        let values = |reply: &OpReply| match reply {
+            OpReply::Siblings(set) => set
+                .versions()
+                .iter()
+                .filter_map(|v| v.value.clone())
+                .collect::<Vec<_>>(),
+            other => panic!("expected a sibling set, got {other:?}"),
+        };
+        assert_eq!(replies.len(), 6);
+        assert_eq!(values(&replies[0]), ["<value>1</value>"]);
+        // A blind write supersedes what the node holds, including the batch's own first write.
+        assert_eq!(values(&replies[1]), ["<value>2</value>"]);
+        assert_eq!(values(&replies[2]), ["<value>2</value>"]);
+        match &replies[3] {
+            OpReply::Fault { code, .. } => {
+                assert_eq!(*code, crate::error::FAULT_INVALID_PARAMS)
+            }
+            other => panic!("a key over the limit: expected a fault, got {other:?}"),
+        }
+        assert_eq!(values(&replies[4]), ["<value>3</value>"]);
+        // The hint is kept apart: it neither counts as a key nor changes the node's own copy.
+        assert_eq!(values(&replies[5]), ["<value>for B</value>"]);
+        assert_eq!(counts(&node), (2, 0));
+        assert_eq!(node.hints.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            node.load("k").expect("load").latest_value(),
+            Some("<value>2</value>")
+        );
     }
 
     #[test]
