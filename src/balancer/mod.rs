@@ -7,6 +7,9 @@
 //!
 //! - **put / delete**: the first preferred replica that answers *coordinates*: it stamps the
 //!   write with its dot and stores it (see [`crate::version`] for why the stamp is a node's).
+//!   A first replica that is lagging (work outstanding, nothing answered for a couple of
+//!   milliseconds: see [`crate::rpc::batch`]) is passed over for the next preferred one, as
+//!   Dynamo lets any of the top N coordinate, so a write does not queue behind a stall.
 //!   Its reconciled sibling set then goes to the other replicas in parallel (fallbacks keep it
 //!   as a hint), and the client gets `"200"` once W replicas have it in their journal.
 //! - **get**: every replica is asked in parallel; the answer goes out after R replies, merged.
@@ -82,6 +85,8 @@ struct BalancerMetrics {
     write_quorum_failures: Counter,
     read_quorum_failures: Counter,
     replica_failures: Counter,
+    /// Writes coordinated by a later preferred replica because the first was lagging.
+    coordinator_switches: Counter,
     read_repairs: Counter,
     reaps: Counter,
 }
@@ -258,6 +263,19 @@ impl Balancer {
         // blind write or delete supersedes what is there. A fallback holds only hints for the
         // key, and a write it stamped would merely sit beside the old versions as a sibling.
         targets.sort_by_key(Target::is_fallback);
+        // Any preferred replica may coordinate (Dynamo §6.4). The first one does, unless it is
+        // lagging, i.e. stalled with work outstanding: then the next preferred one that is not
+        // takes the write instead of queueing it behind the stall. The lagging one still gets
+        // the merge like any other replica.
+        let keeping_up = targets.iter().position(|target| {
+            !target.is_fallback() && !self.shared.nodes[target.server].is_lagging()
+        });
+        if let Some(position) = keeping_up {
+            if position > 0 {
+                self.shared.metrics.coordinator_switches.inc();
+            }
+            targets[..=position].rotate_right(1);
+        }
 
         // The first replica that answers coordinates; the ones before it count as failed.
         let mut coordinated = None;
@@ -511,6 +529,7 @@ impl Balancer {
             ("write_quorum_failures", m.write_quorum_failures.get()),
             ("read_quorum_failures", m.read_quorum_failures.get()),
             ("replica_failures", m.replica_failures.get()),
+            ("coordinator_switches", m.coordinator_switches.get()),
             ("read_repairs", m.read_repairs.get()),
             ("reaps", m.reaps.get()),
         ]
@@ -600,6 +619,11 @@ impl Handler for Balancer {
             "dynamite_balancer_reaps_total",
             "Deleted keys whose tombstones were reaped.",
             m.reaps.get(),
+        )
+        .counter(
+            "dynamite_balancer_coordinator_switches_total",
+            "Writes coordinated by a later preferred replica because the first was lagging.",
+            m.coordinator_switches.get(),
         );
         let up = self.shared.health.up_count();
         out.gauge(

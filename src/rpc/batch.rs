@@ -10,9 +10,15 @@
 //!
 //! Each operation keeps its own deadline: it fails with [`CallError::Timeout`] after the
 //! replica timeout even if its batch is still queued, and late replies are dropped.
+//!
+//! The queue also tells whether its node is *lagging*: it has work outstanding and has made
+//! no progress (answered nothing) for [`LAG_THRESHOLD`]. On a busy machine a node's threads
+//! are now and then descheduled for several milliseconds; the balancer lets another replica
+//! coordinate a write meanwhile, instead of queueing it behind the stalled one.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -30,6 +36,51 @@ const MAX_BATCH_OPS: usize = 256;
 const MAX_BATCH_VALUE_BYTES: usize = 4 * 1024 * 1024;
 /// Operations that may wait for one node before new ones are refused at once.
 const QUEUE_CAPACITY: usize = 16 * 1024;
+/// How long a node with work outstanding may go without answering before it counts as
+/// lagging. A batch is typically answered within a millisecond under full load; the stalls
+/// worth avoiding last 5 to 15 ms (measured: see the README's performance section).
+pub const LAG_THRESHOLD: Duration = Duration::from_millis(2);
+
+/// Whether the node keeps up, shared by the queue's clones and its dispatcher.
+#[derive(Default)]
+struct Progress {
+    /// Operations queued or in flight.
+    outstanding: AtomicUsize,
+    /// When the node last made progress ([`micros_now`]): answered a batch, or was given
+    /// work while it had none.
+    last_progress: AtomicU64,
+}
+
+impl Progress {
+    fn mark(&self) {
+        self.last_progress.store(micros_now(), Ordering::Relaxed);
+    }
+}
+
+/// Counts an operation as outstanding until dropped.
+struct Outstanding<'a>(&'a Progress);
+
+impl<'a> Outstanding<'a> {
+    fn new(progress: &'a Progress) -> Self {
+        if progress.outstanding.fetch_add(1, Ordering::Relaxed) == 0 {
+            progress.mark();
+        }
+        Outstanding(progress)
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Microseconds since the first call, on the monotonic clock.
+fn micros_now() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
 
 struct Pending {
     op: Op,
@@ -40,18 +91,36 @@ struct Pending {
 #[derive(Clone)]
 pub struct NodeQueue {
     queue: mpsc::Sender<Pending>,
+    progress: Arc<Progress>,
 }
 
 impl NodeQueue {
     /// Starts the dispatcher for the node at `address`; it stops when every clone is dropped.
     pub fn new(address: String, client: RpcClient, batch_timeout: Duration) -> Self {
         let (queue, pending) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(dispatch(address, client, batch_timeout, pending));
-        NodeQueue { queue }
+        let progress = Arc::new(Progress::default());
+        tokio::spawn(dispatch(
+            address,
+            client,
+            batch_timeout,
+            pending,
+            progress.clone(),
+        ));
+        NodeQueue { queue, progress }
+    }
+
+    /// Whether the node has had work outstanding without answering anything for
+    /// [`LAG_THRESHOLD`].
+    pub fn is_lagging(&self) -> bool {
+        let progress = &self.progress;
+        progress.outstanding.load(Ordering::Relaxed) > 0
+            && micros_now().saturating_sub(progress.last_progress.load(Ordering::Relaxed))
+                > LAG_THRESHOLD.as_micros() as u64
     }
 
     /// Runs one operation on the node, within `timeout`.
     pub async fn call(&self, op: Op, timeout: Duration) -> Result<OpReply, CallError> {
+        let _outstanding = Outstanding::new(&self.progress);
         let (reply, answer) = oneshot::channel();
         self.queue
             .try_send(Pending { op, reply })
@@ -69,6 +138,7 @@ async fn dispatch(
     client: RpcClient,
     batch_timeout: Duration,
     mut pending: mpsc::Receiver<Pending>,
+    progress: Arc<Progress>,
 ) {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     loop {
@@ -90,9 +160,10 @@ async fn dispatch(
                 Err(_) => break,
             }
         }
-        let (client, address) = (client.clone(), address.clone());
+        let (client, address, progress) = (client.clone(), address.clone(), progress.clone());
         tokio::spawn(async move {
             send(&client, &address, batch, batch_timeout).await;
+            progress.mark();
             drop(slot);
         });
     }
