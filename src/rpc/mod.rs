@@ -7,4 +7,5 @@ pub mod client;
 pub mod codec;
 pub mod messages;
 pub mod params;
+mod plain_call;
 pub mod server;
