@@ -52,6 +52,10 @@ pub struct NodeArgs {
     /// Most keys one anti-entropy exchange with a peer repairs.
     #[arg(long, default_value_t = 20_000)]
     pub aae_max_keys: usize,
+    /// Memory for the cache of recently read and written keys, in MiB (0: no cache; ignored
+    /// with --in-memory).
+    #[arg(long, default_value_t = 32)]
+    pub cache_mb: u64,
 }
 
 impl NodeArgs {
@@ -104,6 +108,11 @@ impl NodeArgs {
             ring,
             aae_interval: std::time::Duration::from_millis(self.aae_interval_ms),
             aae_max_keys: self.aae_max_keys,
+            cache_bytes: if self.in_memory {
+                0
+            } else {
+                self.cache_mb.saturating_mul(1024 * 1024)
+            },
         })
     }
 }

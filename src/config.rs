@@ -26,6 +26,8 @@ pub struct NodeConfig {
     pub aae_interval: Duration,
     /// Most keys one anti-entropy exchange repairs: the rate bound.
     pub aae_max_keys: usize,
+    /// Capacity of the node's row cache ([`crate::node`]); 0 turns it off.
+    pub cache_bytes: u64,
 }
 
 /// The ring as a storage node sees it: itself and its `-s` peers, placed exactly as the

@@ -16,6 +16,7 @@ pub mod anti_entropy;
 pub mod hints;
 mod key_locks;
 mod reaped;
+mod row_cache;
 mod transaction;
 
 use std::sync::Arc;
@@ -42,6 +43,7 @@ use anti_entropy::AntiEntropy;
 use hints::HintRecord;
 use key_locks::KeyLocks;
 use reaped::ReapedTombstones;
+use row_cache::RowCache;
 use transaction::{Place, Transaction};
 
 /// How often the journal is forced to disk. Writes are acknowledged once the OS has them
@@ -108,6 +110,8 @@ pub struct StorageNode {
     aae: Option<AntiEntropy>,
     /// Tombstones reaped lately, refused if a replica sends them back.
     reaped: ReapedTombstones,
+    /// Stored bytes of recently used keys of the `Data` tree.
+    cache: RowCache,
     log_requests: bool,
     /// Shown on each request line, so that nodes sharing a terminal can be told apart.
     port: u16,
@@ -139,6 +143,7 @@ impl StorageNode {
             hints: AtomicI64::new(hints),
             aae,
             reaped: ReapedTombstones::default(),
+            cache: RowCache::new(config.cache_bytes),
             log_requests: config.log_requests,
             port: config.listen.port(),
             metrics: NodeMetrics::default(),
@@ -153,8 +158,13 @@ impl StorageNode {
         &self.engine
     }
 
+    /// The key's own copy, for a reader that does not hold the key's lock.
     fn load(&self, key: &str) -> Result<Siblings> {
-        match self.engine.get(Tree::Data, key.as_bytes())? {
+        let stored = match self.cache.get(key.as_bytes()) {
+            Some(bytes) => Some(bytes),
+            None => self.engine.get(Tree::Data, key.as_bytes())?,
+        };
+        match stored {
             None => Ok(Siblings::new()),
             Some(bytes) => Siblings::decode(&bytes)
                 .ok_or_else(|| Error::Internal("stored sibling set is corrupt".into())),
@@ -342,6 +352,10 @@ impl StorageNode {
             (
                 "connections".to_string(),
                 counter(&server::CONNECTIONS_ACCEPTED),
+            ),
+            (
+                "cache_bytes".to_string(),
+                codec::int_value(i64::try_from(self.cache.weight()).unwrap_or(i64::MAX)),
             ),
         ]
         .into();
@@ -771,6 +785,8 @@ mod tests {
             ring: None,
             aae_interval: Duration::from_secs(1),
             aae_max_keys: 1000,
+            // On, so that the stories below also check the cache stays true to the engine.
+            cache_bytes: 1 << 20,
         };
         StorageNode::open(&config).expect("in-memory node opens")
     }

@@ -125,8 +125,9 @@ impl<'n> Transaction<'n> {
         let mut writes = Vec::new();
         let mut finals = HashMap::with_capacity(self.staged.len());
         let mut counts = Counts::default();
-        // (key, bytes before, bytes after) of changed own copies, for the anti-entropy trees.
-        let mut hashed = Vec::new();
+        // (key, bytes before, bytes after) of changed own copies, for the row cache and the
+        // anti-entropy trees.
+        let mut own_changes = Vec::new();
         for (place, staged) in self.staged {
             if !staged.changed() {
                 finals.insert(place, staged.siblings);
@@ -147,9 +148,7 @@ impl<'n> Transaction<'n> {
                 counts.live += i64::from(siblings.is_live()) - i64::from(was_live);
                 counts.tombstones +=
                     i64::from(siblings.is_tombstoned()) - i64::from(was_tombstoned);
-                if node.aae.is_some() {
-                    hashed.push((place.key.clone(), stored, value.clone()));
-                }
+                own_changes.push((place.key.clone(), stored, value.clone()));
             }
             writes.push(WriteOp {
                 tree: place.tree(),
@@ -161,11 +160,18 @@ impl<'n> Transaction<'n> {
         if writes.is_empty() {
             return Ok(Committed { finals });
         }
-        node.engine.write(writes)?;
-        if let Some(aae) = &node.aae {
-            for (key, old, new) in &hashed {
+        if let Err(error) = node.engine.write(writes) {
+            // The engine may hold some of it or none: what it holds is known no more.
+            for (key, _, _) in &own_changes {
+                node.cache.forget(key.as_bytes());
+            }
+            return Err(error.into());
+        }
+        for (key, old, new) in own_changes {
+            if let Some(aae) = &node.aae {
                 aae.record(key.as_bytes(), old.as_deref(), new.as_deref());
             }
+            node.cache.set(key.as_bytes(), new);
         }
         node.live_keys.fetch_add(counts.live, Ordering::Relaxed);
         node.tombstone_keys
@@ -197,7 +203,15 @@ impl Committed {
 fn load(node: &StorageNode, place: &Place) -> Result<Staged> {
     let (stored, existed, siblings) = match &place.hint_for {
         None => {
-            let stored = node.engine.get(Tree::Data, &place.storage_key)?;
+            // Under the key's lock: what is read here may fill the cache.
+            let stored = match node.cache.get(&place.storage_key) {
+                Some(bytes) => Some(bytes),
+                None => {
+                    let stored = node.engine.get(Tree::Data, &place.storage_key)?;
+                    node.cache.set(&place.storage_key, stored.clone());
+                    stored
+                }
+            };
             let siblings = match &stored {
                 None => Siblings::new(),
                 Some(bytes) => Siblings::decode(bytes)
