@@ -160,9 +160,9 @@ impl StorageNode {
 
     /// The key's own copy, for a reader that does not hold the key's lock.
     fn load(&self, key: &str) -> Result<Siblings> {
-        let stored = match self.cache.get(key.as_bytes()) {
+        let stored: Option<Arc<[u8]>> = match self.cache.get(key.as_bytes()) {
             Some(bytes) => Some(bytes),
-            None => self.engine.get(Tree::Data, key.as_bytes())?,
+            None => self.engine.get(Tree::Data, key.as_bytes())?.map(Arc::from),
         };
         match stored {
             None => Ok(Siblings::new()),
@@ -266,6 +266,11 @@ impl StorageNode {
         self.log("put", place.key(), request.value.is_none());
         let now = now_ms();
         let siblings = transaction.siblings(place)?;
+        if siblings.versions().len() < MAX_SIBLINGS {
+            // A write adds at most one version, so it stays within the bound.
+            siblings.write(self.actor, request.context.as_ref(), request.value, now);
+            return Ok(());
+        }
         let mut next = siblings.clone();
         next.write(self.actor, request.context.as_ref(), request.value, now);
         let count = next.versions().len();

@@ -12,6 +12,8 @@
 //! they read could be replaced before they stored them). A failed write forgets the keys it
 //! touched. Its size is bounded in bytes (`--cache-mb`); least recently used entries go first.
 
+use std::sync::Arc;
+
 use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 
@@ -23,15 +25,15 @@ const TYPICAL_ENTRY_BYTES: u64 = 256;
 #[derive(Clone)]
 struct ByBytes;
 
-impl Weighter<Vec<u8>, Vec<u8>> for ByBytes {
-    fn weight(&self, key: &Vec<u8>, value: &Vec<u8>) -> u64 {
+impl Weighter<Vec<u8>, Arc<[u8]>> for ByBytes {
+    fn weight(&self, key: &Vec<u8>, value: &Arc<[u8]>) -> u64 {
         key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD_BYTES
     }
 }
 
 pub struct RowCache {
     /// `None` when the cache is off (no capacity, or an engine that is all memory already).
-    entries: Option<Cache<Vec<u8>, Vec<u8>, ByBytes>>,
+    entries: Option<Cache<Vec<u8>, Arc<[u8]>, ByBytes>>,
 }
 
 impl RowCache {
@@ -43,13 +45,13 @@ impl RowCache {
         RowCache { entries }
     }
 
-    /// The key's stored bytes, if cached.
-    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+    /// The key's stored bytes, if cached (shared, not copied).
+    pub fn get(&self, key: &[u8]) -> Option<Arc<[u8]>> {
         self.entries.as_ref()?.get(key)
     }
 
     /// Records what the engine holds for a key. The caller holds the key's lock.
-    pub fn set(&self, key: &[u8], stored: Option<Vec<u8>>) {
+    pub fn set(&self, key: &[u8], stored: Option<Arc<[u8]>>) {
         let Some(entries) = &self.entries else {
             return;
         };
@@ -81,12 +83,12 @@ mod tests {
     #[test]
     fn holds_what_it_was_told_and_stays_within_its_capacity() {
         let cache = RowCache::new(64 * 1024);
-        cache.set(b"a", Some(b"one".to_vec()));
-        assert_eq!(cache.get(b"a"), Some(b"one".to_vec()));
+        cache.set(b"a", Some(Arc::from(&b"one"[..])));
+        assert_eq!(cache.get(b"a").as_deref(), Some(&b"one"[..]));
         cache.set(b"a", None);
         assert_eq!(cache.get(b"a"), None);
         for i in 0..10_000u32 {
-            cache.set(&i.to_be_bytes(), Some(vec![7u8; 100]));
+            cache.set(&i.to_be_bytes(), Some(Arc::from(vec![7u8; 100])));
         }
         assert!(cache.weight() <= 64 * 1024, "weight {}", cache.weight());
         cache.forget(&9_999u32.to_be_bytes());
@@ -96,7 +98,7 @@ mod tests {
     #[test]
     fn an_off_cache_holds_nothing() {
         let cache = RowCache::new(0);
-        cache.set(b"a", Some(b"one".to_vec()));
+        cache.set(b"a", Some(Arc::from(&b"one"[..])));
         assert_eq!(cache.get(b"a"), None);
         assert_eq!(cache.weight(), 0);
     }

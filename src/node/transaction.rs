@@ -13,8 +13,8 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::storage::{Tree, WriteOp};
@@ -70,7 +70,7 @@ impl Place {
 /// A place as the transaction found it, and as the operations so far left it.
 struct Staged {
     /// The stored bytes of an own copy (anti-entropy hashes them); `None` for hints.
-    stored: Option<Vec<u8>>,
+    stored: Option<Arc<[u8]>>,
     existed: bool,
     dots_before: Vec<Dot>,
     was_live: bool,
@@ -148,7 +148,8 @@ impl<'n> Transaction<'n> {
                 counts.live += i64::from(siblings.is_live()) - i64::from(was_live);
                 counts.tombstones +=
                     i64::from(siblings.is_tombstoned()) - i64::from(was_tombstoned);
-                own_changes.push((place.key.clone(), stored, value.clone()));
+                let new_bytes: Option<Arc<[u8]>> = value.as_deref().map(Arc::from);
+                own_changes.push((place.key.clone(), stored, new_bytes));
             }
             writes.push(WriteOp {
                 tree: place.tree(),
@@ -207,7 +208,10 @@ fn load(node: &StorageNode, place: &Place) -> Result<Staged> {
             let stored = match node.cache.get(&place.storage_key) {
                 Some(bytes) => Some(bytes),
                 None => {
-                    let stored = node.engine.get(Tree::Data, &place.storage_key)?;
+                    let stored: Option<Arc<[u8]>> = node
+                        .engine
+                        .get(Tree::Data, &place.storage_key)?
+                        .map(Arc::from);
                     node.cache.set(&place.storage_key, stored.clone());
                     stored
                 }
