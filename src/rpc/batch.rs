@@ -14,7 +14,10 @@
 //! The queue also tells whether its node is *lagging*: it has work outstanding and has made
 //! no progress (answered nothing) for [`LAG_THRESHOLD`]. On a busy machine a node's threads
 //! are now and then descheduled for several milliseconds; the balancer lets another replica
-//! coordinate a write meanwhile, instead of queueing it behind the stalled one.
+//! coordinate a write meanwhile, instead of queueing it behind the stalled one. A node that
+//! has answered nothing for half the replica timeout is *stuck*: new operations for it fail
+//! at once, so the failure detector marks it down without waiting for the first timeout,
+//! and a hung node does not collect a queue of doomed operations (with their values) first.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -92,6 +95,8 @@ struct Pending {
 pub struct NodeQueue {
     queue: mpsc::Sender<Pending>,
     progress: Arc<Progress>,
+    /// How long the node may go without answering, work outstanding, before it is stuck.
+    stuck_after: Duration,
 }
 
 impl NodeQueue {
@@ -106,20 +111,38 @@ impl NodeQueue {
             pending,
             progress.clone(),
         ));
-        NodeQueue { queue, progress }
+        NodeQueue {
+            queue,
+            progress,
+            stuck_after: batch_timeout / 2,
+        }
+    }
+
+    /// How long the node has had work outstanding without answering anything.
+    fn silent_for(&self) -> Duration {
+        let progress = &self.progress;
+        if progress.outstanding.load(Ordering::Relaxed) == 0 {
+            return Duration::ZERO;
+        }
+        let since = progress.last_progress.load(Ordering::Relaxed);
+        Duration::from_micros(micros_now().saturating_sub(since))
     }
 
     /// Whether the node has had work outstanding without answering anything for
     /// [`LAG_THRESHOLD`].
     pub fn is_lagging(&self) -> bool {
-        let progress = &self.progress;
-        progress.outstanding.load(Ordering::Relaxed) > 0
-            && micros_now().saturating_sub(progress.last_progress.load(Ordering::Relaxed))
-                > LAG_THRESHOLD.as_micros() as u64
+        self.silent_for() > LAG_THRESHOLD
     }
 
     /// Runs one operation on the node, within `timeout`.
     pub async fn call(&self, op: Op, timeout: Duration) -> Result<OpReply, CallError> {
+        let silent = self.silent_for();
+        if silent > self.stuck_after {
+            return Err(CallError::Transport(format!(
+                "no answer for {} ms with work outstanding",
+                silent.as_millis()
+            )));
+        }
         let _outstanding = Outstanding::new(&self.progress);
         let (reply, answer) = oneshot::channel();
         self.queue
@@ -230,5 +253,57 @@ fn value_len(op: &Op) -> usize {
         Op::Coordinate(request) => request.value.as_ref().map_or(0, String::len),
         Op::Merge(request) => siblings_len(&request.siblings),
         Op::Read(_) | Op::Reap(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::messages::ReadRequest;
+
+    fn read(key: &str) -> Op {
+        Op::Read(ReadRequest {
+            key: key.into(),
+            hint_for: None,
+        })
+    }
+
+    /// A node that accepts connections and never answers (like one under SIGSTOP) is lagging
+    /// at once, and stuck after half the timeout: then new calls fail at once instead of
+    /// joining the queue.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_node_is_lagging_then_stuck() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        // Accepts and holds every connection, reading nothing.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                held.push(stream);
+            }
+        });
+        let timeout = Duration::from_secs(2);
+        let queue = NodeQueue::new(address, RpcClient::new(), timeout);
+        assert!(!queue.is_lagging(), "nothing outstanding, nothing lagging");
+
+        let first = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.call(read("a"), timeout).await })
+        };
+        tokio::time::sleep(LAG_THRESHOLD * 10).await;
+        assert!(queue.is_lagging());
+
+        // Past half the timeout, before the first call's own timeout.
+        tokio::time::sleep(timeout * 13 / 20).await;
+        match queue.call(read("b"), timeout).await {
+            Err(CallError::Transport(message)) => {
+                assert!(message.contains("no answer"), "{message}")
+            }
+            other => panic!("a call to a stuck node: expected a transport error, got {other:?}"),
+        }
+        assert!(matches!(
+            first.await.expect("first call's task"),
+            Err(CallError::Timeout)
+        ));
     }
 }
