@@ -208,11 +208,11 @@ impl StorageNode {
 
     /// Merges a sibling set into the node's own copy (anti-entropy pull).
     pub fn merge_own(&self, key: &str, incoming: &Siblings) -> Result<Siblings> {
-        self.merge(MergeRequest {
-            key: key.to_owned(),
-            siblings: incoming.clone(),
-            hint_for: None,
-        })
+        check_key(key)?;
+        let place = Place::own(key);
+        Ok(self
+            .write_one(place, |tx, place| self.stage_merge(tx, place, incoming))?
+            .1)
     }
 
     /// Runs one write in a transaction of its own; answers what `stage` returned and the
@@ -452,14 +452,18 @@ impl StorageNode {
         let mut writes = Vec::new();
         for (index, op) in ops.into_iter().enumerate() {
             self.count(&op);
-            let key = match &op {
+            let op = match op {
                 Op::Read(request) => {
-                    reads.push((index, request.clone()));
+                    reads.push((index, request));
                     continue;
                 }
+                write => write,
+            };
+            let key = match &op {
                 Op::Coordinate(request) => &request.key,
                 Op::Merge(request) => &request.key,
                 Op::Reap(request) => &request.key,
+                Op::Read(request) => &request.key,
             };
             match check_key(key) {
                 Ok(()) => writes.push((index, op_place(&op), op)),
