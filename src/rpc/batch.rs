@@ -282,7 +282,7 @@ mod tests {
                 held.push(stream);
             }
         });
-        let timeout = Duration::from_secs(2);
+        let timeout = Duration::from_secs(4);
         let queue = NodeQueue::new(address, RpcClient::new(), timeout);
         assert!(!queue.is_lagging(), "nothing outstanding, nothing lagging");
 
