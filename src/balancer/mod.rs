@@ -29,6 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dxr::Value;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
@@ -212,18 +214,31 @@ impl Balancer {
         result
     }
 
-    /// Sends each target its operation at once, each in its own task; replies arrive on the
-    /// channel.
+    /// Each target's operation, running concurrently inside whichever task polls them; a
+    /// reply comes out as soon as it is in. Calls are bounded by the replica timeout.
+    fn replica_calls(
+        &self,
+        calls: Vec<(Target, Op)>,
+    ) -> FuturesUnordered<impl Future<Output = Reply> + '_> {
+        calls
+            .into_iter()
+            .map(|(target, op)| async move { (target, self.call_replica(target.server, op).await) })
+            .collect()
+    }
+
+    /// Sends each target its operation at once; replies arrive on the channel as they come.
+    /// One task drives all the calls (a task per call cost a spawn and a wake-up each, in the
+    /// profile), and ends when the last call does.
     fn fan_out(&self, calls: Vec<(Target, Op)>) -> mpsc::Receiver<Reply> {
         let (sender, receiver) = mpsc::channel(calls.len().max(1));
-        for (target, op) in calls {
-            let (this, sender) = (self.clone(), sender.clone());
-            tokio::spawn(async move {
-                let result = this.call_replica(target.server, op).await;
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut pending = this.replica_calls(calls);
+            while let Some(reply) = pending.next().await {
                 // The receiver is gone once the client has its answer: that is fine.
-                let _ = sender.send((target, result)).await;
-            });
-        }
+                let _ = sender.send(reply).await;
+            }
+        });
         receiver
     }
 
@@ -356,14 +371,15 @@ impl Balancer {
                 hint_for,
             })
         });
-        let mut replies = self.fan_out(calls);
         let (answer, answered) = oneshot::channel::<Result<Siblings>>();
         let this = self.clone();
+        // One task asks the replicas, answers the client at R, and stays for the stragglers.
         tokio::spawn(async move {
+            let mut replies = this.replica_calls(calls);
             let mut answer = Some(answer);
             let mut merged = Siblings::new();
             let mut seen: Vec<(Target, Siblings)> = Vec::with_capacity(targets.len());
-            while let Some((target, reply)) = replies.recv().await {
+            while let Some((target, reply)) = replies.next().await {
                 let outcome = match siblings_of(reply) {
                     Ok(siblings) => {
                         merged.merge(&siblings);
