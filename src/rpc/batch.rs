@@ -18,6 +18,8 @@
 //! has answered nothing for half the replica timeout is *stuck*: new operations for it fail
 //! at once, so the failure detector marks it down without waiting for the first timeout,
 //! and a hung node does not collect a queue of doomed operations (with their values) first.
+//! The values waiting for one node are bounded in bytes too
+//! ([`MAX_OUTSTANDING_VALUE_BYTES`]).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -39,6 +41,11 @@ const MAX_BATCH_OPS: usize = 256;
 const MAX_BATCH_VALUE_BYTES: usize = 4 * 1024 * 1024;
 /// Operations that may wait for one node before new ones are refused at once.
 const QUEUE_CAPACITY: usize = 16 * 1024;
+/// Bytes of values that may be queued or in flight for one node before new operations are
+/// refused at once (one operation alone is always taken). Without it, a node that stopped
+/// answering would collect every copy sent to it until the failure detector noticed: at full
+/// speed with large values, gigabytes of the balancer's memory.
+pub const MAX_OUTSTANDING_VALUE_BYTES: usize = 128 * 1024 * 1024;
 /// How long a node with work outstanding may go without answering before it counts as
 /// lagging. A batch is typically answered within a millisecond under full load; the stalls
 /// worth avoiding last 5 to 15 ms (measured: see the README's performance section).
@@ -49,6 +56,8 @@ pub const LAG_THRESHOLD: Duration = Duration::from_millis(2);
 struct Progress {
     /// Operations queued or in flight.
     outstanding: AtomicUsize,
+    /// Bytes of values those operations carry.
+    outstanding_value_bytes: AtomicUsize,
     /// When the node last made progress ([`micros_now`]): answered a batch, or was given
     /// work while it had none.
     last_progress: AtomicU64,
@@ -60,21 +69,44 @@ impl Progress {
     }
 }
 
-/// Counts an operation as outstanding until dropped.
-struct Outstanding<'a>(&'a Progress);
+/// Counts an operation and its value bytes as outstanding until dropped.
+struct Outstanding<'a> {
+    progress: &'a Progress,
+    value_bytes: usize,
+}
 
 impl<'a> Outstanding<'a> {
-    fn new(progress: &'a Progress) -> Self {
+    /// Takes the operation in, unless the node already has too many value bytes waiting.
+    fn new(progress: &'a Progress, value_bytes: usize) -> Result<Self, CallError> {
+        let before = progress
+            .outstanding_value_bytes
+            .fetch_add(value_bytes, Ordering::Relaxed);
+        if before > 0 && before.saturating_add(value_bytes) > MAX_OUTSTANDING_VALUE_BYTES {
+            progress
+                .outstanding_value_bytes
+                .fetch_sub(value_bytes, Ordering::Relaxed);
+            return Err(CallError::Transport(format!(
+                "more than {} MiB of values waiting for this node",
+                MAX_OUTSTANDING_VALUE_BYTES >> 20
+            )));
+        }
         if progress.outstanding.fetch_add(1, Ordering::Relaxed) == 0 {
             progress.mark();
         }
-        Outstanding(progress)
+        Ok(Outstanding {
+            progress,
+            value_bytes,
+        })
     }
 }
 
 impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+        let progress = self.progress;
+        progress
+            .outstanding_value_bytes
+            .fetch_sub(self.value_bytes, Ordering::Relaxed);
+        progress.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -143,7 +175,7 @@ impl NodeQueue {
                 silent.as_millis()
             )));
         }
-        let _outstanding = Outstanding::new(&self.progress);
+        let _outstanding = Outstanding::new(&self.progress, value_len(&op))?;
         let (reply, answer) = oneshot::channel();
         self.queue
             .try_send(Pending { op, reply })
@@ -266,6 +298,25 @@ mod tests {
             key: key.into(),
             hint_for: None,
         })
+    }
+
+    #[test]
+    fn values_waiting_for_one_node_are_bounded_in_bytes() {
+        let progress = Progress::default();
+        let huge = Outstanding::new(&progress, MAX_OUTSTANDING_VALUE_BYTES * 2)
+            .expect("one operation alone is always taken");
+        assert!(matches!(
+            Outstanding::new(&progress, 0),
+            Err(CallError::Transport(_))
+        ));
+        drop(huge);
+        let half = MAX_OUTSTANDING_VALUE_BYTES / 2;
+        let first = Outstanding::new(&progress, half).expect("within the bound");
+        let second = Outstanding::new(&progress, half).expect("up to the bound");
+        assert!(Outstanding::new(&progress, 1).is_err());
+        drop((first, second));
+        assert_eq!(progress.outstanding.load(Ordering::Relaxed), 0);
+        assert_eq!(progress.outstanding_value_bytes.load(Ordering::Relaxed), 0);
     }
 
     /// A node that accepts connections and never answers (like one under SIGSTOP) is lagging
