@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --bins
-bin=target/release
+bin=${CARGO_TARGET_DIR:-target}/release
 storage_args=("$@")
 pids=()
 stop() {
