@@ -116,7 +116,7 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
             match outcome {
                 Ok(replies) => {
                     for (record, reply) in records.iter().zip(replies) {
-                        if !matches!(reply, OpReply::Siblings(_)) {
+                        if !matches!(reply, OpReply::Merged) {
                             tracing::warn!(owner, ?reply, "owner refused a hint");
                             continue;
                         }

@@ -510,7 +510,7 @@ impl StorageNode {
                     .map(|()| None),
                 Op::Merge(request) => self
                     .stage_merge(&mut transaction, &place, &request.siblings)
-                    .map(|()| None),
+                    .map(|()| Some(OpReply::Merged)),
                 Op::Reap(request) => self
                     .stage_reap(&mut transaction, &place, &request.dots)
                     .map(|reaped| Some(OpReply::Reaped(reaped))),
@@ -954,6 +954,20 @@ mod tests {
             node.load("k").expect("load").latest_value(),
             Some("<value>2</value>")
         );
+    }
+
+    #[test]
+    fn a_merge_in_a_batch_is_acknowledged_without_the_set() {
+        let coordinator = node();
+        let replica = node();
+        let set = put(&coordinator, "m", Some("<value>v</value>"));
+        let replies = replica.apply_batch(vec![Op::Merge(MergeRequest {
+            key: "m".into(),
+            siblings: set.clone(),
+            hint_for: None,
+        })]);
+        assert_eq!(replies, [OpReply::Merged]);
+        assert_eq!(replica.load("m").expect("load"), set);
     }
 
     #[test]

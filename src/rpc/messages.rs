@@ -72,12 +72,15 @@ pub enum Op {
 /// The answer to one [`Op`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OpReply {
-    /// The key's sibling set after the operation (coordinate, merge) or as held (read).
+    /// The key's sibling set after a coordinate, or as held (read).
     Siblings(Siblings),
     /// Whether a reap removed the key.
     Reaped(bool),
     /// The operation was refused; the XML-RPC fault it would have been.
     Fault { code: i32, message: String },
+    /// A merge is in the node's journal. Nobody needs the merged set back: the balancer only
+    /// counts merges, so sending it would cost an encoding on each side for nothing.
+    Merged,
 }
 
 /// Anti-entropy questions, asked top-down (see [`crate::merkle`]).
