@@ -6,9 +6,12 @@
 //! replica or a read repair sends, `read` returns what the node holds, `reap` drops tombstones
 //! every replica holds. Each is a read-modify-write of one key, serialised per key by a
 //! striped lock so concurrent writes to a key merge instead of overwriting each other, and
-//! each is in the engine's journal before the node answers. Writes a node takes for an
-//! unreachable peer are kept apart as hints and handed over later ([`hints`]); nodes started
-//! with peers also converge in the background ([`anti_entropy`]).
+//! each is in the engine's journal before the node answers. The writes of one batch form one
+//! transaction (`transaction.rs`): one journal write for all of them. A row cache
+//! (`row_cache.rs`) keeps the stored bytes of recently used keys, since every write reads its
+//! key first. Writes a node takes for an unreachable peer are kept apart as hints and handed
+//! over later ([`hints`]); nodes started with peers also converge in the background
+//! ([`anti_entropy`]).
 //!
 //! For people, it also answers `get(key)` and `put(key, value)` on its own copy, and `stats()`.
 

@@ -1,10 +1,11 @@
 //! XML-RPC bodies: reading calls, writing responses and faults.
 //!
 //! Calls whose parameters are all plain strings (most of them) are read by a fast reader of
-//! our own ([`super::plain_call`]); every other call is dxr's to parse. Around dxr sit the guards a server facing hostile input needs: the body
-//! must be UTF-8, its element nesting is bounded before any recursive parser sees it (a 32 MiB
-//! body of nested arrays would otherwise overflow the stack), and dxr's parse errors, which
-//! carry the whole input, are replaced by a short message of our own.
+//! our own (`plain_call.rs`); every other call is dxr's to parse. Around dxr sit the guards a
+//! server facing hostile input needs: the body must be UTF-8, its element nesting is bounded
+//! before any recursive parser sees it (a 32 MiB body of nested arrays would otherwise
+//! overflow the stack), and dxr's parse errors, which carry the whole input, are replaced by a
+//! short message of our own.
 //!
 //! Responses are written around values that are already XML text. Stored values travel as the
 //! `<value>…</value>` text they were stored as, so a `get` splices them into the response
