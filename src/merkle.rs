@@ -79,14 +79,18 @@ impl Tree {
     }
 
     /// The hashes of the children of `parents` (nodes of `level`), in order, `FANOUT` each.
-    /// Out-of-range parents yield nothing.
+    /// Out-of-range levels and parents yield nothing: they come from a peer, so any number
+    /// may arrive, and none may overflow.
     pub fn children(&self, level: usize, parents: &[usize]) -> Vec<EntryHash> {
-        let Some(below) = self.levels.get(level + 1) else {
+        let Some(below) = level.checked_add(1).and_then(|next| self.levels.get(next)) else {
             return Vec::new();
         };
-        let mut hashes = Vec::with_capacity(parents.len() * FANOUT);
+        let mut hashes = Vec::with_capacity(parents.len().saturating_mul(FANOUT));
         for &parent in parents {
-            if let Some(slice) = below.get(parent * FANOUT..(parent + 1) * FANOUT) {
+            let Some(start) = parent.checked_mul(FANOUT) else {
+                continue;
+            };
+            if let Some(slice) = below.get(start..start.saturating_add(FANOUT)) {
                 hashes.extend_from_slice(slice);
             }
         }
@@ -191,6 +195,18 @@ mod tests {
         assert_ne!(tree.root(), 0);
         tree.update(bucket(b"k"), Some(hash), None);
         assert_eq!(tree, Tree::new());
+    }
+
+    #[test]
+    fn a_peer_asking_for_nodes_that_do_not_exist_gets_nothing() {
+        let tree = tree_of(&replica(100));
+        assert!(tree.children(usize::MAX, &[0]).is_empty());
+        assert!(tree.children(LEVELS, &[0]).is_empty());
+        assert!(
+            tree.children(0, &[usize::MAX, usize::MAX / FANOUT, 1])
+                .is_empty()
+        );
+        assert_eq!(tree.children(0, &[0]).len(), FANOUT);
     }
 
     #[test]
