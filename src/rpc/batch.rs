@@ -21,8 +21,7 @@
 //! The values waiting for one node are bounded in bytes too
 //! ([`MAX_OUTSTANDING_VALUE_BYTES`]).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -54,18 +53,41 @@ pub const LAG_THRESHOLD: Duration = Duration::from_millis(2);
 /// Whether the node keeps up, shared by the queue's clones and its dispatcher.
 #[derive(Default)]
 struct Progress {
+    load: Mutex<Load>,
+}
+
+/// The three change together (an operation arriving at an idle node restarts the silence),
+/// so they sit under one lock: counters apart could show work outstanding with the time of
+/// an answer from before the node went idle, a long silence that never was.
+#[derive(Default)]
+struct Load {
     /// Operations queued or in flight.
-    outstanding: AtomicUsize,
+    operations: usize,
     /// Bytes of values those operations carry.
-    outstanding_value_bytes: AtomicUsize,
-    /// When the node last made progress ([`micros_now`]): answered a batch, or was given
-    /// work while it had none.
-    last_progress: AtomicU64,
+    value_bytes: usize,
+    /// When the node last answered a batch, or was given work while it had none; `None`
+    /// before either.
+    last_progress: Option<Instant>,
 }
 
 impl Progress {
+    fn load(&self) -> MutexGuard<'_, Load> {
+        // Plain counters: a panic elsewhere cannot leave them half-updated.
+        self.load.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The node answered.
     fn mark(&self) {
-        self.last_progress.store(micros_now(), Ordering::Relaxed);
+        self.load().last_progress = Some(Instant::now());
+    }
+
+    /// How long the node has had work outstanding without answering anything.
+    fn silent_for(&self) -> Duration {
+        let load = self.load();
+        match load.last_progress {
+            Some(since) if load.operations > 0 => since.elapsed(),
+            _ => Duration::ZERO,
+        }
     }
 }
 
@@ -78,21 +100,20 @@ struct Outstanding<'a> {
 impl<'a> Outstanding<'a> {
     /// Takes the operation in, unless the node already has too many value bytes waiting.
     fn new(progress: &'a Progress, value_bytes: usize) -> Result<Self, CallError> {
-        let before = progress
-            .outstanding_value_bytes
-            .fetch_add(value_bytes, Ordering::Relaxed);
-        if before > 0 && before.saturating_add(value_bytes) > MAX_OUTSTANDING_VALUE_BYTES {
-            progress
-                .outstanding_value_bytes
-                .fetch_sub(value_bytes, Ordering::Relaxed);
+        let mut load = progress.load();
+        if load.value_bytes > 0
+            && load.value_bytes.saturating_add(value_bytes) > MAX_OUTSTANDING_VALUE_BYTES
+        {
             return Err(CallError::Transport(format!(
                 "more than {} MiB of values waiting for this node",
                 MAX_OUTSTANDING_VALUE_BYTES >> 20
             )));
         }
-        if progress.outstanding.fetch_add(1, Ordering::Relaxed) == 0 {
-            progress.mark();
+        if load.operations == 0 {
+            load.last_progress = Some(Instant::now());
         }
+        load.operations += 1;
+        load.value_bytes += value_bytes;
         Ok(Outstanding {
             progress,
             value_bytes,
@@ -102,19 +123,10 @@ impl<'a> Outstanding<'a> {
 
 impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
-        let progress = self.progress;
-        progress
-            .outstanding_value_bytes
-            .fetch_sub(self.value_bytes, Ordering::Relaxed);
-        progress.outstanding.fetch_sub(1, Ordering::Relaxed);
+        let mut load = self.progress.load();
+        load.operations = load.operations.saturating_sub(1);
+        load.value_bytes = load.value_bytes.saturating_sub(self.value_bytes);
     }
-}
-
-/// Microseconds since the first call, on the monotonic clock.
-fn micros_now() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 struct Pending {
@@ -150,25 +162,15 @@ impl NodeQueue {
         }
     }
 
-    /// How long the node has had work outstanding without answering anything.
-    fn silent_for(&self) -> Duration {
-        let progress = &self.progress;
-        if progress.outstanding.load(Ordering::Relaxed) == 0 {
-            return Duration::ZERO;
-        }
-        let since = progress.last_progress.load(Ordering::Relaxed);
-        Duration::from_micros(micros_now().saturating_sub(since))
-    }
-
     /// Whether the node has had work outstanding without answering anything for
     /// [`LAG_THRESHOLD`].
     pub fn is_lagging(&self) -> bool {
-        self.silent_for() > LAG_THRESHOLD
+        self.progress.silent_for() > LAG_THRESHOLD
     }
 
     /// Runs one operation on the node, within `timeout`.
     pub async fn call(&self, op: Op, timeout: Duration) -> Result<OpReply, CallError> {
-        let silent = self.silent_for();
+        let silent = self.progress.silent_for();
         if silent > self.stuck_after {
             return Err(CallError::Transport(format!(
                 "no answer for {} ms with work outstanding",
@@ -217,18 +219,21 @@ async fn dispatch(
         }
         let (client, address, progress) = (client.clone(), address.clone(), progress.clone());
         tokio::spawn(async move {
-            send(&client, &address, batch, batch_timeout).await;
-            progress.mark();
+            if send(&client, &address, batch, batch_timeout).await {
+                progress.mark();
+            }
             drop(slot);
         });
     }
 }
 
-async fn send(client: &RpcClient, address: &str, batch: Vec<Pending>, timeout: Duration) {
+/// Sends a batch and hands out the answers; tells whether the node answered at all (a
+/// timeout or a failed connection is no progress, an error status is).
+async fn send(client: &RpcClient, address: &str, batch: Vec<Pending>, timeout: Duration) -> bool {
     // Operations whose caller gave up are not sent.
     let batch: Vec<Pending> = batch.into_iter().filter(|p| !p.reply.is_closed()).collect();
     if batch.is_empty() {
-        return;
+        return false;
     }
     let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.reply)).unzip();
     let outcome = send_batch(client, address, &ops, timeout).await;
@@ -243,11 +248,14 @@ async fn send(client: &RpcClient, address: &str, batch: Vec<Pending>, timeout: D
             }
         }
         Err(error) => {
+            let answered = !matches!(error, CallError::Timeout | CallError::Transport(_));
             for reply in replies {
                 let _ = reply.send(Err(error.clone()));
             }
+            return answered;
         }
     }
+    true
 }
 
 /// Sends `ops` to the node at `address` as one batch; the node's answer to each, in order.
@@ -315,8 +323,8 @@ mod tests {
         let second = Outstanding::new(&progress, half).expect("up to the bound");
         assert!(Outstanding::new(&progress, 1).is_err());
         drop((first, second));
-        assert_eq!(progress.outstanding.load(Ordering::Relaxed), 0);
-        assert_eq!(progress.outstanding_value_bytes.load(Ordering::Relaxed), 0);
+        let load = progress.load();
+        assert_eq!((load.operations, load.value_bytes), (0, 0));
     }
 
     /// A node that accepts connections and never answers (like one under SIGSTOP) is lagging

@@ -104,11 +104,15 @@ impl RpcClient {
             if status.is_success() {
                 Ok(bytes)
             } else if status.is_client_error() {
+                // The whole exchange was refused (a batch the node cannot decode, one too
+                // large): no fault of the operations inside, whose callers must not be told
+                // their request was invalid. An operation's own refusal comes back inside a
+                // successful reply.
                 let message = String::from_utf8_lossy(&bytes).trim().to_owned();
-                Err(CallError::Fault {
-                    code: crate::error::FAULT_INVALID_PARAMS,
-                    message,
-                })
+                Err(CallError::BadResponse(format!(
+                    "HTTP {}: {message}",
+                    status.as_u16()
+                )))
             } else {
                 Err(CallError::Status(status.as_u16()))
             }
