@@ -20,8 +20,7 @@ fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
         .nodes(3)
         .replicas(3)
         .write_quorum(2)
-        .node_arg("--aae-interval-ms")
-        .node_arg("300")
+        .aae_interval_ms(300)
         .start();
     let lb = cluster.client();
     const KEYS: usize = 500;
@@ -89,8 +88,7 @@ fn replicas_in_sync_exchange_hashes_and_no_values() {
         .in_memory()
         .replicas(3)
         .write_quorum(3)
-        .node_arg("--aae-interval-ms")
-        .node_arg("200")
+        .aae_interval_ms(200)
         .start();
     let lb = cluster.client();
     let nodes: Vec<Rpc> = (0..3).map(|i| cluster.node_client(i)).collect();
@@ -224,10 +222,8 @@ fn anti_entropy_does_not_bring_reaped_tombstones_back() {
         .nodes(3)
         .in_memory()
         .replicas(3)
-        .node_arg("--aae-interval-ms")
-        .node_arg("20")
-        .balancer_arg("--tombstone-grace-ms")
-        .balancer_arg("300")
+        .aae_interval_ms(20)
+        .tombstone_grace_ms(300)
         .start();
     let lb = cluster.client();
     let nodes: Vec<Rpc> = (0..3).map(|i| cluster.node_client(i)).collect();

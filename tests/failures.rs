@@ -15,8 +15,6 @@ use common::*;
 const DETECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a background mechanism (handoff, anti-entropy) may take to act.
 const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(30);
-/// An anti-entropy interval long enough that no round runs during a test.
-const AAE_OFF: &str = "3600000";
 
 fn state_of(lb: &Rpc, address: &str) -> String {
     server_state(&lb.stats(), address).0
@@ -77,8 +75,7 @@ fn writes_for_a_dead_node_are_hinted_and_handed_off_when_it_returns() {
         .in_memory()
         .replicas(3)
         .write_quorum(2)
-        .node_arg("--aae-interval-ms")
-        .node_arg(AAE_OFF)
+        .aae_off()
         .start();
     let lb = cluster.client();
     let servers = cluster.servers();
@@ -145,8 +142,7 @@ fn with_no_spare_node_a_returning_node_is_healed_by_anti_entropy_without_reads()
         .in_memory()
         .replicas(3)
         .write_quorum(2)
-        .node_arg("--aae-interval-ms")
-        .node_arg("300")
+        .aae_interval_ms(300)
         .start();
     let lb = cluster.client();
 

@@ -15,10 +15,6 @@ use common::*;
 const DETECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a background mechanism (read repair, reaping, anti-entropy) may take to act.
 const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(30);
-/// An anti-entropy interval long enough that no round runs during a test.
-const AAE_OFF: &str = "3600000";
-/// A tombstone grace long enough that no tombstone is reaped during a test.
-const NEVER_REAP: &str = "3600000";
 
 /// Waits until the balancer behind `lb` sees `address` in `state`.
 fn wait_for_state(lb: &Rpc, address: &str, state: &str) {
@@ -160,8 +156,7 @@ fn a_get_repairs_a_replica_that_missed_the_writes() {
         .replicas(3)
         .read_quorum(2)
         .write_quorum(2)
-        .node_arg("--aae-interval-ms")
-        .node_arg(AAE_OFF)
+        .aae_off()
         .start();
     let lb = cluster.client();
     let c = cluster.nodes[2].addr();
@@ -201,10 +196,8 @@ fn a_replica_that_missed_a_delete_does_not_bring_the_value_back_on_read() {
         .nodes(3)
         .replicas(3)
         .write_quorum(2)
-        .node_arg("--aae-interval-ms")
-        .node_arg(AAE_OFF)
-        .balancer_arg("--tombstone-grace-ms")
-        .balancer_arg(NEVER_REAP)
+        .aae_off()
+        .never_reap()
         .start();
     let lb = cluster.client();
     let c = cluster.nodes[2].addr();
@@ -246,10 +239,8 @@ fn a_replica_that_missed_a_delete_gets_the_tombstone_by_anti_entropy_without_rea
         .nodes(3)
         .replicas(3)
         .write_quorum(2)
-        .node_arg("--aae-interval-ms")
-        .node_arg("200")
-        .balancer_arg("--tombstone-grace-ms")
-        .balancer_arg(NEVER_REAP)
+        .aae_interval_ms(200)
+        .never_reap()
         .start();
     let lb = cluster.client();
     let node_c = cluster.node_client(2);
@@ -317,8 +308,7 @@ fn tombstones_are_reaped_once_every_replica_has_them() {
         .nodes(3)
         .in_memory()
         .replicas(3)
-        .balancer_arg("--tombstone-grace-ms")
-        .balancer_arg("300")
+        .tombstone_grace_ms(300)
         .start();
     let lb = cluster.client();
     let nodes = nodes_of(&cluster);
@@ -355,10 +345,8 @@ fn tombstones_are_kept_while_a_replica_that_needs_them_is_down() {
         .in_memory()
         .replicas(3)
         .write_quorum(2)
-        .node_arg("--aae-interval-ms")
-        .node_arg(AAE_OFF)
-        .balancer_arg("--tombstone-grace-ms")
-        .balancer_arg("300")
+        .aae_off()
+        .tombstone_grace_ms(300)
         .start();
     let lb = cluster.client();
     let servers = cluster.servers();
@@ -516,10 +504,8 @@ fn a_blind_put_or_delete_while_the_first_replica_is_down_supersedes_the_old_valu
         .in_memory()
         .replicas(3)
         .write_quorum(2)
-        .node_arg("--aae-interval-ms")
-        .node_arg(AAE_OFF)
-        .balancer_arg("--tombstone-grace-ms")
-        .balancer_arg(NEVER_REAP)
+        .aae_off()
+        .never_reap()
         .start();
     let lb = cluster.client();
     let servers = cluster.servers();

@@ -391,16 +391,15 @@ impl Balancer {
                         tally.failure()
                     }
                 };
+                // Once the client has its answer, stragglers only feed the repair below.
+                let Some(client) = answer.take_if(|_| outcome != Outcome::Pending) else {
+                    continue;
+                };
                 let result = match outcome {
                     Outcome::Met => Ok(merged.clone()),
-                    Outcome::Failed => {
-                        Err(this.quorum_error(QuorumKind::Read, &tally, first_failure.clone()))
-                    }
-                    Outcome::Pending => continue,
+                    _ => Err(this.quorum_error(QuorumKind::Read, &tally, first_failure.clone())),
                 };
-                if let Some(answer) = answer.take() {
-                    let _ = answer.send(result);
-                }
+                let _ = client.send(result);
             }
             // Every reply is in and neither outcome was reached (no replica to ask at all).
             if let Some(answer) = answer.take() {

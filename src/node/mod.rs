@@ -401,6 +401,8 @@ impl Handler for StorageNode {
         METHODS
     }
 
+    const SERVES_BATCHES: bool = true;
+
     async fn batch(&self, body: bytes::Bytes) -> Result<Vec<u8>> {
         let ops: Vec<Op> = postcard::from_bytes(&body)
             .map_err(|_| Error::invalid("batch could not be decoded"))?;

@@ -31,6 +31,10 @@ pub trait Handler: Send + Sync + 'static {
     fn methods(&self) -> &'static [(&'static str, &'static str)];
     /// The Prometheus text exposition of the daemon's metrics.
     fn metrics(&self) -> String;
+    /// Whether [`Handler::batch`] is served. Checked before the body is read, so a daemon
+    /// without batches never buffers one (they may be far larger than `--max-request-bytes`).
+    const SERVES_BATCHES: bool = false;
+
     /// Answers a binary batch posted to [`messages::BATCH_PATH`]; only storage nodes serve it.
     fn batch(&self, body: Bytes) -> impl Future<Output = Result<Vec<u8>>> + Send {
         let _ = body;
@@ -119,7 +123,7 @@ async fn respond<H: Handler>(
             );
             response
         }
-        (&Method::POST, messages::BATCH_PATH) => {
+        (&Method::POST, messages::BATCH_PATH) if H::SERVES_BATCHES => {
             let body = match read_body(request, MAX_BATCH_BYTES).await {
                 Ok(body) => body,
                 Err(status) => return plain(status, format!("{status}\n")),

@@ -686,7 +686,28 @@ impl ClusterBuilder {
         self
     }
 
-    /// Extra flags for every storage node (e.g. `--aae-interval-ms 200`).
+    /// `--aae-interval-ms` for every storage node.
+    pub fn aae_interval_ms(self, ms: u64) -> Self {
+        self.node_arg("--aae-interval-ms").node_arg(&ms.to_string())
+    }
+
+    /// Anti-entropy rounds too far apart to happen during a test.
+    pub fn aae_off(self) -> Self {
+        self.aae_interval_ms(3_600_000)
+    }
+
+    /// `--tombstone-grace-ms` for every balancer.
+    pub fn tombstone_grace_ms(self, ms: u64) -> Self {
+        self.balancer_arg("--tombstone-grace-ms")
+            .balancer_arg(&ms.to_string())
+    }
+
+    /// Tombstones kept longer than any test runs.
+    pub fn never_reap(self) -> Self {
+        self.tombstone_grace_ms(3_600_000)
+    }
+
+    /// Extra flags for every storage node (e.g. `--max-request-bytes 1024`).
     pub fn node_arg(mut self, arg: &str) -> Self {
         self.node_args.push(arg.to_owned());
         self
