@@ -319,9 +319,8 @@ impl AntiEntropy {
             let sets: Vec<crate::version::Siblings> = self
                 .call(client, &address, messages::READ_MANY, request)
                 .await?;
-            for (key, siblings) in chunk.iter().zip(sets) {
-                tokio::task::block_in_place(|| node.merge_own(key, &siblings))?;
-            }
+            let entries = chunk.iter().cloned().zip(sets).collect();
+            tokio::task::block_in_place(|| node.merge_own_many(entries))?;
             self.metrics.keys_pulled.add(chunk.len() as u64);
         }
         Ok(Exchange {

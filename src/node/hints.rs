@@ -110,8 +110,12 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
             });
         }
         while let Some(joined) = deliveries.join_next().await {
-            let Ok((owner, records, outcome)) = joined else {
-                continue;
+            let (owner, records, outcome) = match joined {
+                Ok(delivery) => delivery,
+                Err(error) => {
+                    tracing::error!(%error, "a hint delivery task failed");
+                    continue;
+                }
             };
             match outcome {
                 Ok(replies) => {

@@ -195,11 +195,8 @@ impl StorageNode {
         if current.as_ref() != Some(delivered) {
             return Ok(false);
         }
-        self.engine.write(vec![WriteOp {
-            tree: Tree::Hints,
-            key: slot,
-            value: None,
-        }])?;
+        self.engine
+            .write(vec![WriteOp::remove(Tree::Hints, slot)])?;
         self.hints.fetch_sub(1, Ordering::Relaxed);
         Ok(true)
     }
@@ -209,13 +206,29 @@ impl StorageNode {
         self.load(key)
     }
 
-    /// Merges a sibling set into the node's own copy (anti-entropy pull).
-    pub fn merge_own(&self, key: &str, incoming: &Siblings) -> Result<Siblings> {
-        check_key(key)?;
-        let place = Place::own(key);
-        Ok(self
-            .write_one(place, |tx, place| self.stage_merge(tx, place, incoming))?
-            .1)
+    /// Merges sibling sets into the node's own copies (anti-entropy push and pull), as one
+    /// batch: one transaction, one journal write. Fails with the first refusal.
+    pub fn merge_own_many(&self, entries: Vec<(String, Siblings)>) -> Result<()> {
+        let ops = entries
+            .into_iter()
+            .map(|(key, siblings)| {
+                Op::Merge(MergeRequest {
+                    key,
+                    siblings,
+                    hint_for: None,
+                })
+            })
+            .collect();
+        for reply in self.apply_batch(ops) {
+            if let OpReply::Fault { code, message } = reply {
+                return Err(if code == crate::error::FAULT_INVALID_PARAMS {
+                    Error::InvalidParams(message)
+                } else {
+                    Error::Internal(message)
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Runs one write in a transaction of its own; answers what `stage` returned and the
@@ -464,14 +477,9 @@ impl StorageNode {
                 }
                 write => write,
             };
-            let key = match &op {
-                Op::Coordinate(request) => &request.key,
-                Op::Merge(request) => &request.key,
-                Op::Reap(request) => &request.key,
-                Op::Read(request) => &request.key,
-            };
-            match check_key(key) {
-                Ok(()) => writes.push((index, op_place(&op), op)),
+            let place = op_place(&op);
+            match check_key(place.key()) {
+                Ok(()) => writes.push((index, place, op)),
                 Err(error) => replies[index] = Some(self.fault(&error)),
             }
         }
@@ -548,13 +556,13 @@ impl StorageNode {
                 }
             }
             Err(error) => {
-                let fault = self.fault(&error);
+                // Every write of the batch failed with it, and each counts as an error.
                 for index in staged
                     .iter()
                     .map(|(i, _)| *i)
                     .chain(finals.iter().map(|(i, _)| *i))
                 {
-                    replies[index] = Some(fault.clone());
+                    replies[index] = Some(self.fault(&error));
                 }
             }
         }
@@ -593,12 +601,8 @@ impl StorageNode {
             }
             messages::MERGE_MANY => {
                 let request: MergeManyRequest = messages::from_params(&params)?;
-                let merged = tokio::task::block_in_place(|| {
-                    for (key, siblings) in &request.entries {
-                        self.merge_own(key, siblings)?;
-                    }
-                    Ok::<_, Error>(request.entries.len() as u64)
-                })?;
+                let merged = request.entries.len() as u64;
+                tokio::task::block_in_place(|| self.merge_own_many(request.entries))?;
                 messages::reply_xml(&merged)
             }
             messages::READ_MANY => {
@@ -720,11 +724,11 @@ fn load_or_create_actor(engine: &dyn Engine) -> Result<ActorId> {
         return Ok(u64::from_be_bytes(array));
     }
     let actor = random_u64();
-    engine.write(vec![WriteOp {
-        tree: Tree::Meta,
-        key: ACTOR_ID_KEY.to_vec(),
-        value: Some(actor.to_be_bytes().to_vec()),
-    }])?;
+    engine.write(vec![WriteOp::put(
+        Tree::Meta,
+        ACTOR_ID_KEY,
+        actor.to_be_bytes(),
+    )])?;
     Ok(actor)
 }
 
@@ -737,16 +741,23 @@ fn count_entries(engine: &dyn Engine, tree: Tree) -> Result<i64> {
 
 /// Counts live and tombstoned keys, and fills the anti-entropy trees, once at start.
 fn scan_data(engine: &dyn Engine, aae: Option<&AntiEntropy>) -> Result<(i64, i64)> {
-    let (mut live, mut tombstoned) = (0, 0);
+    let (mut live, mut tombstoned, mut corrupt) = (0, 0, 0u64);
     storage::for_each(engine, Tree::Data, |key, bytes| {
         if let Some(aae) = aae {
             aae.record(key, None, Some(bytes));
         }
-        if let Some(siblings) = Siblings::decode(bytes) {
-            live += i64::from(siblings.is_live());
-            tombstoned += i64::from(siblings.is_tombstoned());
+        match Siblings::decode(bytes) {
+            Some(siblings) => {
+                live += i64::from(siblings.is_live());
+                tombstoned += i64::from(siblings.is_tombstoned());
+            }
+            None => corrupt += 1,
         }
     })?;
+    if corrupt > 0 {
+        // Reads and writes of these keys fail with "corrupt"; say so once at start.
+        tracing::error!(corrupt, "stored sibling sets that cannot be decoded");
+    }
     Ok((live, tombstoned))
 }
 

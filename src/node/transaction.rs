@@ -12,7 +12,6 @@
 //! Nothing is visible to readers, other replicas or the counters until the commit succeeded.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 
@@ -108,14 +107,16 @@ impl<'n> Transaction<'n> {
     /// The place's sibling set as the operations so far left it, read from the engine the
     /// first time.
     pub fn siblings(&mut self, place: &Place) -> Result<&mut Siblings> {
-        let staged = match self.staged.entry(place.clone()) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => {
-                let loaded = load(self.node, place)?;
-                entry.insert(loaded)
-            }
-        };
-        Ok(&mut staged.siblings)
+        // The place is copied into the map only the first time (most places are staged once
+        // and then read again for the reply).
+        if !self.staged.contains_key(place) {
+            let loaded = load(self.node, place)?;
+            self.staged.insert(place.clone(), loaded);
+        }
+        self.staged
+            .get_mut(place)
+            .map(|staged| &mut staged.siblings)
+            .ok_or_else(|| Error::Internal("a staged key went missing".into()))
     }
 
     /// Writes every changed place in one engine write, then updates what depends on it (the

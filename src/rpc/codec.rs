@@ -104,6 +104,10 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// The XML text of a value, as stored and as spliced into responses.
 pub fn value_to_xml(value: &Value) -> Result<String> {
+    // Strings, nearly every value, are written directly rather than through dxr's serde.
+    if let Value::String(text) = value {
+        return Ok(string_xml(text));
+    }
     value
         .to_xml()
         .map_err(|_| Error::Internal("value could not be encoded".into()))
@@ -299,6 +303,12 @@ mod tests {
         assert_eq!(value_from_xml(&xml).expect("decodes"), value);
         let response = response_xml(&xml);
         assert_eq!(parse_response(&response), Ok(value));
+        // Top-level strings take the direct path; they must read back the same.
+        for text in ["", "plain", " x\n<&>'\" ", "line\r\nbreak", "ünï]]>"] {
+            let value = Value::String(text.into());
+            let xml = value_to_xml(&value).expect("encodes");
+            assert_eq!(value_from_xml(&xml).expect("decodes"), value, "{xml}");
+        }
     }
 
     #[test]
