@@ -159,11 +159,6 @@ impl FjallEngine {
         Ok(engine)
     }
 
-    /// The directory this engine keeps its data in.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn keyspace(&self, tree: Tree) -> &Keyspace {
         match tree {
             Tree::Data => &self.data,
