@@ -38,7 +38,7 @@
 //!   most) on that machine. Replication
 //!   covers that window: a put acknowledged by W replicas is lost only if all W machines lose
 //!   power within the same interval. A shorter interval narrows the window and costs more
-//!   fsyncs (and, in fjall, writers wait while the journal is being fsynced).
+//!   fsyncs (writers do not wait for them: see `durable.rs`).
 //! - Either way the data stays consistent: recovery drops an unfinished batch at the end of the
 //!   journal whole, so a multi-op write is all there or absent.
 //!
