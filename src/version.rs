@@ -233,6 +233,15 @@ impl Siblings {
         self.versions.is_empty()
     }
 
+    /// Bytes of the values (as their XML text) of every version: what the set weighs on the
+    /// wire, give or take its clocks.
+    pub fn value_bytes(&self) -> usize {
+        self.versions
+            .iter()
+            .map(|version| version.value.as_ref().map_or(0, String::len))
+            .sum()
+    }
+
     /// The live (non-tombstone) versions.
     pub fn values(&self) -> impl Iterator<Item = &Version> {
         self.versions.iter().filter(|v| !v.is_tombstone())

@@ -58,6 +58,22 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// so no key grows without limit and every merge stays cheap.
 pub const MAX_SIBLINGS: usize = 64;
 
+/// Most bytes of values one key may hold after a client's write, for the same reason, and so
+/// that any key can be read: a read answers the whole set in one reply, and replies are
+/// capped (`rpc::client::MAX_RESPONSE_BYTES`, 256 MiB). Two values of the default largest
+/// request (32 MiB) fit. Sets merged from several coordinators can exceed it (siblings written
+/// concurrently at different replicas), at most once per replica: three such sets and a
+/// batch's [`READ_REPLY_BUDGET`] still fit under the cap.
+pub const MAX_SET_VALUE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Bytes of values a batch's replies may carry before its remaining reads are deferred
+/// ([`OpReply::Deferred`]): a batch of 256 reads of small values stays far below it, while
+/// reads of large keys go out a few per batch instead of all in one oversized reply.
+pub const READ_REPLY_BUDGET: usize = 32 * 1024 * 1024;
+
+const _: () =
+    assert!(3 * MAX_SET_VALUE_BYTES + READ_REPLY_BUDGET <= crate::rpc::client::MAX_RESPONSE_BYTES);
+
 const ACTOR_ID_KEY: &[u8] = b"actor_id";
 
 const METHODS: &[(&str, &str)] = &[
@@ -282,8 +298,11 @@ impl StorageNode {
         self.log("put", place.key(), request.value.is_none());
         let now = now_ms();
         let siblings = transaction.siblings(place)?;
-        if siblings.versions().len() < MAX_SIBLINGS {
-            // A write adds at most one version, so it stays within the bound.
+        let value_bytes = request.value.as_ref().map_or(0, String::len);
+        if siblings.versions().len() < MAX_SIBLINGS
+            && siblings.value_bytes().saturating_add(value_bytes) <= MAX_SET_VALUE_BYTES
+        {
+            // A write adds at most one version, so it stays within both bounds.
             siblings.write(self.actor, request.context.as_ref(), request.value, now);
             return Ok(());
         }
@@ -293,6 +312,14 @@ impl StorageNode {
         if count > MAX_SIBLINGS {
             return Err(Error::invalid(format!(
                 "the key would have {count} siblings (at most {MAX_SIBLINGS}); write with the context from get_versions to resolve them"
+            )));
+        }
+        let bytes = next.value_bytes();
+        if bytes > MAX_SET_VALUE_BYTES {
+            return Err(Error::invalid(format!(
+                "the key's versions would hold {} MiB of values (at most {} MiB); write with the context from get_versions to resolve them",
+                bytes.div_ceil(1 << 20),
+                MAX_SET_VALUE_BYTES >> 20
             )));
         }
         *siblings = next;
@@ -461,9 +488,11 @@ impl Handler for StorageNode {
 }
 
 impl StorageNode {
-    /// Runs a batch: its writes as one transaction, so one engine commit, then its reads. A
-    /// refused operation gets its own fault and the others go on; a failed commit fails every
-    /// write of the batch. Replies are in the order of `ops`.
+    /// Runs a batch: its writes as one transaction, so one engine commit, then its reads until
+    /// the replies carry [`READ_REPLY_BUDGET`] of values (the reads left are deferred; the
+    /// first read of a batch always runs). A refused operation gets its own fault and the
+    /// others go on; a failed commit fails every write of the batch. Replies are in the order
+    /// of `ops`.
     pub fn apply_batch(&self, ops: Vec<Op>) -> Vec<OpReply> {
         let mut replies: Vec<Option<OpReply>> = vec![None; ops.len()];
         let mut reads = Vec::new();
@@ -484,9 +513,16 @@ impl StorageNode {
             }
         }
         self.apply_writes(writes, &mut replies);
+        let mut reply_bytes: usize = replies.iter().flatten().map(OpReply::value_bytes).sum();
         for (index, request) in reads {
+            if reply_bytes > READ_REPLY_BUDGET {
+                replies[index] = Some(OpReply::Deferred);
+                continue;
+            }
             let reply = self.read(&request).map(OpReply::Siblings);
-            replies[index] = Some(reply.unwrap_or_else(|error| self.fault(&error)));
+            let reply = reply.unwrap_or_else(|error| self.fault(&error));
+            reply_bytes = reply_bytes.saturating_add(reply.value_bytes());
+            replies[index] = Some(reply);
         }
         replies
             .into_iter()
@@ -917,6 +953,82 @@ mod tests {
         assert_eq!(held.versions().len(), MAX_SIBLINGS);
         let resolved = write(Some(held.context())).expect("a write with the full context");
         assert_eq!(resolved.versions().len(), 1);
+    }
+
+    #[test]
+    fn a_key_cannot_grow_past_the_byte_bound_until_resolved() {
+        let node = node();
+        let stale = Some(crate::version::VClock::new());
+        let third = MAX_SET_VALUE_BYTES / 3 + 1;
+        let write = |context: Option<crate::version::VClock>, bytes: usize| {
+            node.coordinate(CoordinateRequest {
+                key: "k".into(),
+                value: Some("x".repeat(bytes)),
+                context,
+                hint_for: None,
+            })
+        };
+        write(stale.clone(), third).expect("a first sibling");
+        write(stale.clone(), third).expect("a second");
+        let error = write(stale.clone(), third).expect_err("a third would pass the bound");
+        assert_eq!(error.fault_code(), crate::error::FAULT_INVALID_PARAMS);
+        assert!(
+            error.fault_string().contains("MiB"),
+            "{}",
+            error.fault_string()
+        );
+        let held = node.load("k").expect("load");
+        assert_eq!(held.versions().len(), 2, "the refused write left nothing");
+        // A write that supersedes what it saw replaces both, so it fits.
+        let resolved = write(Some(held.context()), third).expect("a resolving write");
+        assert_eq!(resolved.versions().len(), 1);
+        // So does a blind write: it supersedes what the node holds.
+        let replaced = write(None, MAX_SET_VALUE_BYTES).expect("one value up to the bound");
+        assert_eq!(replaced.value_bytes(), MAX_SET_VALUE_BYTES);
+    }
+
+    #[test]
+    fn a_batch_defers_the_reads_past_its_reply_budget() {
+        let node = node();
+        let big = READ_REPLY_BUDGET / 2 + 1;
+        for key in ["a", "b", "c"] {
+            node.coordinate(CoordinateRequest {
+                key: key.into(),
+                value: Some("x".repeat(big)),
+                context: None,
+                hint_for: None,
+            })
+            .expect("put");
+        }
+        let read = |key: &str| {
+            Op::Read(ReadRequest {
+                key: key.into(),
+                hint_for: None,
+            })
+        };
+        let replies = node.apply_batch(vec![read("a"), read("b"), read("c"), read("missing")]);
+        assert_eq!(replies[0].value_bytes(), big);
+        // The budget is passed once "b" is in the reply: what follows waits for a later batch.
+        assert_eq!(replies[1].value_bytes(), big);
+        assert_eq!(replies[2..], [OpReply::Deferred, OpReply::Deferred]);
+        let again = node.apply_batch(vec![read("c"), read("missing")]);
+        assert_eq!(again[0].value_bytes(), big);
+        assert!(matches!(&again[1], OpReply::Siblings(set) if set.is_empty()));
+        // A batch's first read always runs, whatever its writes answered.
+        let replies = node.apply_batch(vec![
+            Op::Coordinate(CoordinateRequest {
+                key: "d".into(),
+                value: Some("x".repeat(READ_REPLY_BUDGET + 1)),
+                context: None,
+                hint_for: None,
+            }),
+            read("missing"),
+        ]);
+        assert_eq!(replies[1], OpReply::Deferred);
+        assert!(matches!(
+            &node.apply_batch(vec![read("missing")])[..],
+            [OpReply::Siblings(set)] if set.is_empty()
+        ));
     }
 
     #[test]

@@ -227,35 +227,61 @@ async fn dispatch(
     }
 }
 
-/// Sends a batch and hands out the answers; tells whether the node answered at all (a
-/// timeout or a failed connection is no progress, an error status is).
+/// Sends a batch and hands out the answers, sending the operations the node deferred again
+/// until none is left; tells whether the node answered at all (a timeout or a failed
+/// connection is no progress, an error status is).
 async fn send(client: &RpcClient, address: &str, batch: Vec<Pending>, timeout: Duration) -> bool {
-    // Operations whose caller gave up are not sent.
-    let batch: Vec<Pending> = batch.into_iter().filter(|p| !p.reply.is_closed()).collect();
-    if batch.is_empty() {
-        return false;
-    }
-    let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.reply)).unzip();
-    let outcome = send_batch(client, address, &ops, timeout).await;
-    match outcome {
-        Ok(answers) => {
-            for (reply, answer) in replies.into_iter().zip(answers) {
-                let result = match answer {
-                    OpReply::Fault { code, message } => Err(CallError::Fault { code, message }),
-                    other => Ok(other),
-                };
-                let _ = reply.send(result);
-            }
+    let (mut ops, mut replies): (Vec<Op>, Vec<_>) =
+        batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+    let mut answered = false;
+    loop {
+        // Operations whose caller gave up are not sent.
+        (ops, replies) = ops
+            .into_iter()
+            .zip(replies)
+            .filter(|(_, reply)| !reply.is_closed())
+            .unzip();
+        if ops.is_empty() {
+            return answered;
         }
-        Err(error) => {
-            let answered = !matches!(error, CallError::Timeout | CallError::Transport(_));
+        let answers = match send_batch(client, address, &ops, timeout).await {
+            Ok(answers) => answers,
+            Err(error) => {
+                answered |= !matches!(error, CallError::Timeout | CallError::Transport(_));
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                return answered;
+            }
+        };
+        answered = true;
+        if answers
+            .iter()
+            .all(|answer| matches!(answer, OpReply::Deferred))
+        {
+            // A node always runs a batch's first read; one that defers everything would be
+            // asked forever.
+            let error = CallError::BadResponse("the node deferred a whole batch".into());
             for reply in replies {
                 let _ = reply.send(Err(error.clone()));
             }
             return answered;
         }
+        let mut deferred = (Vec::new(), Vec::new());
+        for ((op, reply), answer) in ops.into_iter().zip(replies).zip(answers) {
+            let result = match answer {
+                OpReply::Deferred => {
+                    deferred.0.push(op);
+                    deferred.1.push(reply);
+                    continue;
+                }
+                OpReply::Fault { code, message } => Err(CallError::Fault { code, message }),
+                other => Ok(other),
+            };
+            let _ = reply.send(result);
+        }
+        (ops, replies) = deferred;
     }
-    true
 }
 
 /// Sends `ops` to the node at `address` as one batch; the node's answer to each, in order.
@@ -283,15 +309,9 @@ pub async fn send_batch(
 
 /// Bytes of values an operation carries, to keep batches of huge values small.
 fn value_len(op: &Op) -> usize {
-    let siblings_len = |s: &crate::version::Siblings| -> usize {
-        s.versions()
-            .iter()
-            .map(|v| v.value.as_ref().map_or(0, String::len))
-            .sum()
-    };
     match op {
         Op::Coordinate(request) => request.value.as_ref().map_or(0, String::len),
-        Op::Merge(request) => siblings_len(&request.siblings),
+        Op::Merge(request) => request.siblings.value_bytes(),
         Op::Read(_) | Op::Reap(_) => 0,
     }
 }
@@ -306,6 +326,95 @@ mod tests {
             key: key.into(),
             hint_for: None,
         })
+    }
+
+    /// A stand-in node on a plain socket: answers each batch with `answer` (given the batch's
+    /// size) and records the sizes.
+    fn fake_node(answer: fn(usize) -> Vec<OpReply>) -> (String, Arc<std::sync::Mutex<Vec<usize>>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut writer = stream;
+                'requests: loop {
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            break 'requests;
+                        }
+                        let line = line.trim_end().to_ascii_lowercase();
+                        if line.is_empty() {
+                            break;
+                        }
+                        if let Some(value) = line.strip_prefix("content-length:") {
+                            length = value.trim().parse().expect("length");
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).expect("body");
+                    let ops: Vec<Op> = postcard::from_bytes(&body).expect("a batch");
+                    seen.lock().expect("sizes").push(ops.len());
+                    let reply = postcard::to_allocvec(&answer(ops.len())).expect("reply");
+                    let head =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", reply.len());
+                    writer.write_all(head.as_bytes()).expect("head");
+                    writer.write_all(&reply).expect("reply");
+                }
+            }
+        });
+        (address, sizes)
+    }
+
+    fn pending(key: &str) -> (Pending, oneshot::Receiver<Result<OpReply, CallError>>) {
+        let (reply, answer) = oneshot::channel();
+        (
+            Pending {
+                op: read(key),
+                reply,
+            },
+            answer,
+        )
+    }
+
+    /// The node defers all but the first read of each batch: they are sent again, fewer each
+    /// time, until every caller has its answer.
+    #[tokio::test]
+    async fn deferred_operations_are_sent_again_until_answered() {
+        let (address, sizes) = fake_node(|len| {
+            let mut answers = vec![OpReply::Deferred; len];
+            answers[0] = OpReply::Siblings(crate::version::Siblings::new());
+            answers
+        });
+        let (batch, answers): (Vec<_>, Vec<_>) = ["a", "b", "c"].map(pending).into_iter().unzip();
+        let client = RpcClient::new();
+        assert!(send(&client, &address, batch, Duration::from_secs(5)).await);
+        for answer in answers {
+            assert!(matches!(
+                answer.await.expect("an answer"),
+                Ok(OpReply::Siblings(_))
+            ));
+        }
+        assert_eq!(*sizes.lock().expect("sizes"), [3, 2, 1]);
+    }
+
+    /// A node that defers a whole batch would be asked forever: its callers get an error.
+    #[tokio::test]
+    async fn a_node_deferring_everything_is_a_bad_response() {
+        let (address, sizes) = fake_node(|len| vec![OpReply::Deferred; len]);
+        let (batch, answers): (Vec<_>, Vec<_>) = ["a", "b"].map(pending).into_iter().unzip();
+        assert!(send(&RpcClient::new(), &address, batch, Duration::from_secs(5)).await);
+        for answer in answers {
+            assert!(matches!(
+                answer.await.expect("an answer"),
+                Err(CallError::BadResponse(_))
+            ));
+        }
+        assert_eq!(*sizes.lock().expect("sizes"), [2]);
     }
 
     #[test]

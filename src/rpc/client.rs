@@ -23,7 +23,7 @@ const MAX_IDLE_CONNECTIONS_PER_PEER: usize = 256;
 /// How long an idle pooled connection is kept before it is closed.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest response body accepted from a peer: a sibling set of maximum-size values.
-const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+pub(crate) const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
 /// Why a call to a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -81,6 +81,21 @@ pub enum OpReply {
     /// A merge is in the node's journal. Nobody needs the merged set back: the balancer only
     /// counts merges, so sending it would cost an encoding on each side for nothing.
     Merged,
+    /// A read the node did not run because the batch's reply already carried
+    /// [`READ_REPLY_BUDGET`](crate::node::READ_REPLY_BUDGET) of values; the sender asks again
+    /// in a later batch. Without it, a few concurrent reads of large keys could add up to a
+    /// reply over the balancer's cap, and a healthy node would be marked down.
+    Deferred,
+}
+
+impl OpReply {
+    /// Bytes of values the reply carries.
+    pub fn value_bytes(&self) -> usize {
+        match self {
+            OpReply::Siblings(siblings) => siblings.value_bytes(),
+            _ => 0,
+        }
+    }
 }
 
 /// Anti-entropy questions, asked top-down (see [`crate::merkle`]).
