@@ -62,8 +62,9 @@ pub const MAX_SIBLINGS: usize = 64;
 /// that any key can be read: a read answers the whole set in one reply, and replies are
 /// capped (`rpc::client::MAX_RESPONSE_BYTES`, 256 MiB). Two values of the default largest
 /// request (32 MiB) fit. Sets merged from several coordinators can exceed it (siblings written
-/// concurrently at different replicas), at most once per replica: three such sets and a
-/// batch's [`READ_REPLY_BUDGET`] still fit under the cap.
+/// concurrently at different replicas, or by a fallback into a hint): with N = 3, three such
+/// sets and a batch's [`READ_REPLY_BUDGET`] still fit under the cap; with a larger N and
+/// concurrent heavy writes at every replica, a read of such a key can still pass it.
 pub const MAX_SET_VALUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Bytes of values a batch's replies may carry before its remaining reads are deferred
@@ -315,12 +316,23 @@ impl StorageNode {
             )));
         }
         let bytes = next.value_bytes();
-        if bytes > MAX_SET_VALUE_BYTES {
-            return Err(Error::invalid(format!(
-                "the key's versions would hold {} MiB of values (at most {} MiB); write with the context from get_versions to resolve them",
-                bytes.div_ceil(1 << 20),
-                MAX_SET_VALUE_BYTES >> 20
-            )));
+        // A write that leaves the set no heavier (a delete, a resolving write) always goes
+        // through, even on a set merged past the bound.
+        if bytes > MAX_SET_VALUE_BYTES && bytes > siblings.value_bytes() {
+            let mib = |bytes: usize| bytes.div_ceil(1 << 20);
+            return Err(Error::invalid(if next.versions().len() == 1 {
+                format!(
+                    "a value of {} MiB is over the {} MiB a key may hold",
+                    mib(bytes),
+                    MAX_SET_VALUE_BYTES >> 20
+                )
+            } else {
+                format!(
+                    "the key's versions would hold {} MiB of values (at most {} MiB); write with the context from get_versions to resolve them",
+                    mib(bytes),
+                    MAX_SET_VALUE_BYTES >> 20
+                )
+            }));
         }
         *siblings = next;
         Ok(())
@@ -490,7 +502,8 @@ impl Handler for StorageNode {
 impl StorageNode {
     /// Runs a batch: its writes as one transaction, so one engine commit, then its reads until
     /// the replies carry [`READ_REPLY_BUDGET`] of values (the reads left are deferred; the
-    /// first read of a batch always runs). A refused operation gets its own fault and the
+    /// first read runs unless the writes' replies alone passed the budget, so a batch of reads
+    /// only, as deferred reads are sent again, always gets one answered). A refused operation gets its own fault and the
     /// others go on; a failed commit fails every write of the batch. Replies are in the order
     /// of `ops`.
     pub fn apply_batch(&self, ops: Vec<Op>) -> Vec<OpReply> {
@@ -985,6 +998,55 @@ mod tests {
         // So does a blind write: it supersedes what the node holds.
         let replaced = write(None, MAX_SET_VALUE_BYTES).expect("one value up to the bound");
         assert_eq!(replaced.value_bytes(), MAX_SET_VALUE_BYTES);
+        let error = write(None, MAX_SET_VALUE_BYTES + 1).expect_err("one value over it");
+        assert!(
+            error.fault_string().contains("a value of"),
+            "{}",
+            error.fault_string()
+        );
+
+        // Siblings written at two replicas can merge past the bound; a delete or a resolving
+        // write, which leave the set no heavier, still go through there.
+        let other = super::tests::node();
+        let half = MAX_SET_VALUE_BYTES / 2 + 1;
+        let sibling = |node: &StorageNode| {
+            node.coordinate(CoordinateRequest {
+                key: "m".into(),
+                value: Some("y".repeat(half)),
+                context: stale.clone(),
+                hint_for: None,
+            })
+            .expect("a sibling within the bound")
+        };
+        sibling(&node);
+        let two = sibling(&other);
+        let merged = node
+            .merge(MergeRequest {
+                key: "m".into(),
+                siblings: two,
+                hint_for: None,
+            })
+            .expect("merge");
+        assert!(
+            merged.value_bytes() > MAX_SET_VALUE_BYTES,
+            "two siblings past the bound"
+        );
+        let deleted = node
+            .coordinate(CoordinateRequest {
+                key: "m".into(),
+                value: None,
+                context: stale.clone(),
+                hint_for: None,
+            })
+            .expect("a delete of a heavy key");
+        assert_eq!(deleted.value_bytes(), merged.value_bytes());
+        node.coordinate(CoordinateRequest {
+            key: "m".into(),
+            value: Some("z".into()),
+            context: Some(deleted.context()),
+            hint_for: None,
+        })
+        .expect("a resolving write");
     }
 
     #[test]
@@ -1014,7 +1076,8 @@ mod tests {
         let again = node.apply_batch(vec![read("c"), read("missing")]);
         assert_eq!(again[0].value_bytes(), big);
         assert!(matches!(&again[1], OpReply::Siblings(set) if set.is_empty()));
-        // A batch's first read always runs, whatever its writes answered.
+        // Writes whose replies pass the budget defer every read; sent again alone, the read
+        // runs.
         let replies = node.apply_batch(vec![
             Op::Coordinate(CoordinateRequest {
                 key: "d".into(),

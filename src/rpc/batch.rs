@@ -219,21 +219,24 @@ async fn dispatch(
         }
         let (client, address, progress) = (client.clone(), address.clone(), progress.clone());
         tokio::spawn(async move {
-            if send(&client, &address, batch, batch_timeout).await {
-                progress.mark();
-            }
+            send(&client, &address, batch, batch_timeout, &progress).await;
             drop(slot);
         });
     }
 }
 
-/// Sends a batch and hands out the answers, sending the operations the node deferred again
-/// until none is left; tells whether the node answered at all (a timeout or a failed
-/// connection is no progress, an error status is).
-async fn send(client: &RpcClient, address: &str, batch: Vec<Pending>, timeout: Duration) -> bool {
+/// Sends a batch and hands out the answers, sending the reads the node deferred again until
+/// none is left. Each answered round counts as the node's progress (a timeout or a failed
+/// connection is none; an error status is an answer).
+async fn send(
+    client: &RpcClient,
+    address: &str,
+    batch: Vec<Pending>,
+    timeout: Duration,
+    progress: &Progress,
+) {
     let (mut ops, mut replies): (Vec<Op>, Vec<_>) =
         batch.into_iter().map(|p| (p.op, p.reply)).unzip();
-    let mut answered = false;
     loop {
         // Operations whose caller gave up are not sent.
         (ops, replies) = ops
@@ -242,30 +245,38 @@ async fn send(client: &RpcClient, address: &str, batch: Vec<Pending>, timeout: D
             .filter(|(_, reply)| !reply.is_closed())
             .unzip();
         if ops.is_empty() {
-            return answered;
+            return;
         }
         let answers = match send_batch(client, address, &ops, timeout).await {
             Ok(answers) => answers,
             Err(error) => {
-                answered |= !matches!(error, CallError::Timeout | CallError::Transport(_));
+                if !matches!(error, CallError::Timeout | CallError::Transport(_)) {
+                    progress.mark();
+                }
                 for reply in replies {
                     let _ = reply.send(Err(error.clone()));
                 }
-                return answered;
+                return;
             }
         };
-        answered = true;
-        if answers
+        progress.mark();
+        // Resent batches hold only reads, and a node runs the first read of a batch whose
+        // writes answered nothing large: a node deferring a whole batch, or anything but a
+        // read, would be asked forever or made to write twice.
+        let deferred_wrongly = answers
             .iter()
-            .all(|answer| matches!(answer, OpReply::Deferred))
+            .zip(&ops)
+            .any(|(answer, op)| matches!(answer, OpReply::Deferred) && !matches!(op, Op::Read(_)));
+        if deferred_wrongly
+            || answers
+                .iter()
+                .all(|answer| matches!(answer, OpReply::Deferred))
         {
-            // A node always runs a batch's first read; one that defers everything would be
-            // asked forever.
-            let error = CallError::BadResponse("the node deferred a whole batch".into());
+            let error = CallError::BadResponse("the node deferred what it must answer".into());
             for reply in replies {
                 let _ = reply.send(Err(error.clone()));
             }
-            return answered;
+            return;
         }
         let mut deferred = (Vec::new(), Vec::new());
         for ((op, reply), answer) in ops.into_iter().zip(replies).zip(answers) {
@@ -391,8 +402,19 @@ mod tests {
             answers
         });
         let (batch, answers): (Vec<_>, Vec<_>) = ["a", "b", "c"].map(pending).into_iter().unzip();
-        let client = RpcClient::new();
-        assert!(send(&client, &address, batch, Duration::from_secs(5)).await);
+        let progress = Progress::default();
+        send(
+            &RpcClient::new(),
+            &address,
+            batch,
+            Duration::from_secs(5),
+            &progress,
+        )
+        .await;
+        assert!(
+            progress.load().last_progress.is_some(),
+            "answers are progress"
+        );
         for answer in answers {
             assert!(matches!(
                 answer.await.expect("an answer"),
@@ -402,12 +424,57 @@ mod tests {
         assert_eq!(*sizes.lock().expect("sizes"), [3, 2, 1]);
     }
 
+    /// Only reads may be deferred: a write sent twice could be applied twice.
+    #[tokio::test]
+    async fn a_deferred_write_is_a_bad_response() {
+        let (address, sizes) = fake_node(|len| {
+            let mut answers = vec![OpReply::Deferred; len];
+            answers[0] = OpReply::Siblings(crate::version::Siblings::new());
+            answers
+        });
+        let (read_pending, read_answer) = pending("a");
+        let (reply, write_answer) = oneshot::channel();
+        let write = Pending {
+            op: Op::Coordinate(crate::rpc::messages::CoordinateRequest {
+                key: "b".into(),
+                value: Some("<value>v</value>".into()),
+                context: None,
+                hint_for: None,
+            }),
+            reply,
+        };
+        let progress = Progress::default();
+        let batch = vec![read_pending, write];
+        send(
+            &RpcClient::new(),
+            &address,
+            batch,
+            Duration::from_secs(5),
+            &progress,
+        )
+        .await;
+        assert!(matches!(
+            write_answer.await.expect("an answer"),
+            Err(CallError::BadResponse(_))
+        ));
+        assert!(read_answer.await.expect("an answer").is_err());
+        assert_eq!(*sizes.lock().expect("sizes"), [2], "nothing was sent twice");
+    }
+
     /// A node that defers a whole batch would be asked forever: its callers get an error.
     #[tokio::test]
     async fn a_node_deferring_everything_is_a_bad_response() {
         let (address, sizes) = fake_node(|len| vec![OpReply::Deferred; len]);
         let (batch, answers): (Vec<_>, Vec<_>) = ["a", "b"].map(pending).into_iter().unzip();
-        assert!(send(&RpcClient::new(), &address, batch, Duration::from_secs(5)).await);
+        let progress = Progress::default();
+        send(
+            &RpcClient::new(),
+            &address,
+            batch,
+            Duration::from_secs(5),
+            &progress,
+        )
+        .await;
         for answer in answers {
             assert!(matches!(
                 answer.await.expect("an answer"),

@@ -209,6 +209,7 @@ impl FjallEngine {
             if path.extension().is_none_or(|extension| extension != "jnl") {
                 continue;
             }
+            // Linux fsyncs through a read-only handle; the node runs on Linux.
             match std::fs::File::open(&path) {
                 Ok(journal) => journal.sync_data()?,
                 // Flushed into tables and deleted since the listing.
@@ -351,13 +352,19 @@ impl Engine for FjallEngine {
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        if self.sync_journals()? == 0 {
+        match self.sync_journals() {
+            Ok(synced) if synced > 0 => Ok(()),
             // No journal where fjall 3 keeps them: let fjall sync, lock and all.
-            self.db
-                .persist(PersistMode::SyncAll)
-                .map_err(engine_error)?;
+            Ok(_) => self.db.persist(PersistMode::SyncAll).map_err(engine_error),
+            // A failed fsync may have dropped journal pages, and a handle opened later would
+            // not hear of it again. fjall's own handle does: its fsync fails too and poisons
+            // the database, so the node refuses writes from now on instead of acknowledging
+            // what it may not keep.
+            Err(error) => {
+                tracing::error!(%error, "journal fsync failed; asking fjall to sync");
+                self.db.persist(PersistMode::SyncAll).map_err(engine_error)
+            }
         }
-        Ok(())
     }
 
     fn name(&self) -> &'static str {

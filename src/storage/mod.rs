@@ -38,7 +38,8 @@
 //!   most) on that machine. Replication
 //!   covers that window: a put acknowledged by W replicas is lost only if all W machines lose
 //!   power within the same interval. A shorter interval narrows the window and costs more
-//!   fsyncs (writers do not wait for them: see `durable.rs`).
+//!   fsyncs (writers do not wait for this one, though they still wait for the fsyncs fjall
+//!   makes itself when it flushes a memtable or rotates its journal: see `durable.rs`).
 //! - Either way the data stays consistent: recovery drops an unfinished batch at the end of the
 //!   journal whole, so a multi-op write is all there or absent.
 //!
