@@ -526,7 +526,12 @@ impl StorageNode {
             }
         }
         self.apply_writes(writes, &mut replies);
-        let mut reply_bytes: usize = replies.iter().flatten().map(OpReply::value_bytes).sum();
+        // Writes-only batches, the put path's, need no count.
+        let mut reply_bytes: usize = if reads.is_empty() {
+            0
+        } else {
+            replies.iter().flatten().map(OpReply::value_bytes).sum()
+        };
         for (index, request) in reads {
             if reply_bytes > READ_REPLY_BUDGET {
                 replies[index] = Some(OpReply::Deferred);

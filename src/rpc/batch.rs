@@ -381,6 +381,27 @@ mod tests {
         (address, sizes)
     }
 
+    /// A node's answer to a batch of `len`: the first operation answered, the rest deferred.
+    fn answer_first_defer_rest(len: usize) -> Vec<OpReply> {
+        let mut answers = vec![OpReply::Deferred; len];
+        answers[0] = OpReply::Siblings(crate::version::Siblings::new());
+        answers
+    }
+
+    /// Sends `batch` to the node at `address`; the progress it recorded.
+    async fn send_to(address: &str, batch: Vec<Pending>) -> Progress {
+        let progress = Progress::default();
+        send(
+            &RpcClient::new(),
+            address,
+            batch,
+            Duration::from_secs(5),
+            &progress,
+        )
+        .await;
+        progress
+    }
+
     fn pending(key: &str) -> (Pending, oneshot::Receiver<Result<OpReply, CallError>>) {
         let (reply, answer) = oneshot::channel();
         (
@@ -396,21 +417,9 @@ mod tests {
     /// time, until every caller has its answer.
     #[tokio::test]
     async fn deferred_operations_are_sent_again_until_answered() {
-        let (address, sizes) = fake_node(|len| {
-            let mut answers = vec![OpReply::Deferred; len];
-            answers[0] = OpReply::Siblings(crate::version::Siblings::new());
-            answers
-        });
+        let (address, sizes) = fake_node(answer_first_defer_rest);
         let (batch, answers): (Vec<_>, Vec<_>) = ["a", "b", "c"].map(pending).into_iter().unzip();
-        let progress = Progress::default();
-        send(
-            &RpcClient::new(),
-            &address,
-            batch,
-            Duration::from_secs(5),
-            &progress,
-        )
-        .await;
+        let progress = send_to(&address, batch).await;
         assert!(
             progress.load().last_progress.is_some(),
             "answers are progress"
@@ -427,11 +436,7 @@ mod tests {
     /// Only reads may be deferred: a write sent twice could be applied twice.
     #[tokio::test]
     async fn a_deferred_write_is_a_bad_response() {
-        let (address, sizes) = fake_node(|len| {
-            let mut answers = vec![OpReply::Deferred; len];
-            answers[0] = OpReply::Siblings(crate::version::Siblings::new());
-            answers
-        });
+        let (address, sizes) = fake_node(answer_first_defer_rest);
         let (read_pending, read_answer) = pending("a");
         let (reply, write_answer) = oneshot::channel();
         let write = Pending {
@@ -443,16 +448,8 @@ mod tests {
             }),
             reply,
         };
-        let progress = Progress::default();
         let batch = vec![read_pending, write];
-        send(
-            &RpcClient::new(),
-            &address,
-            batch,
-            Duration::from_secs(5),
-            &progress,
-        )
-        .await;
+        send_to(&address, batch).await;
         assert!(matches!(
             write_answer.await.expect("an answer"),
             Err(CallError::BadResponse(_))
@@ -466,15 +463,7 @@ mod tests {
     async fn a_node_deferring_everything_is_a_bad_response() {
         let (address, sizes) = fake_node(|len| vec![OpReply::Deferred; len]);
         let (batch, answers): (Vec<_>, Vec<_>) = ["a", "b"].map(pending).into_iter().unzip();
-        let progress = Progress::default();
-        send(
-            &RpcClient::new(),
-            &address,
-            batch,
-            Duration::from_secs(5),
-            &progress,
-        )
-        .await;
+        send_to(&address, batch).await;
         for answer in answers {
             assert!(matches!(
                 answer.await.expect("an answer"),

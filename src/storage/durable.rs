@@ -521,10 +521,7 @@ mod tests {
     #[test]
     fn second_open_of_an_open_dir_is_locked() {
         let dir = TempDir::new();
-        let engine = FjallEngine::open(dir.path()).unwrap();
-        engine
-            .write(vec![WriteOp::put(Tree::Data, "k", "v")])
-            .unwrap();
+        let engine = engine_holding_one_key(&dir);
 
         let error = FjallEngine::open(dir.path()).unwrap_err();
         assert!(
@@ -575,11 +572,16 @@ mod tests {
     #[test]
     fn sync_finds_the_journal() {
         let dir = TempDir::new();
+        let engine = engine_holding_one_key(&dir);
+        assert!(engine.sync_journals().unwrap() >= 1);
+    }
+
+    fn engine_holding_one_key(dir: &TempDir) -> FjallEngine {
         let engine = FjallEngine::open(dir.path()).unwrap();
         engine
             .write(vec![WriteOp::put(Tree::Data, "k", "v")])
             .unwrap();
-        assert!(engine.sync_journals().unwrap() >= 1);
+        engine
     }
 
     #[test]
