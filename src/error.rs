@@ -55,6 +55,10 @@ pub enum Error {
     Storage(#[from] StorageError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A fault already rendered where the operation ran (a replica operation answered in a
+    /// batch), passed on exactly as it was.
+    #[error("{message}")]
+    Fault { code: i32, message: String },
 }
 
 impl Error {
@@ -69,6 +73,7 @@ impl Error {
             Error::InvalidParams(_) => FAULT_INVALID_PARAMS,
             Error::Quorum { .. } => FAULT_UNAVAILABLE,
             Error::Remote { .. } | Error::Storage(_) | Error::Internal(_) => FAULT_INTERNAL,
+            Error::Fault { code, .. } => *code,
         }
     }
 
@@ -114,10 +119,26 @@ mod tests {
                 },
                 -32603,
             ),
+            (
+                Error::Fault {
+                    code: -32602,
+                    message: "invalid params: too many siblings".into(),
+                },
+                -32602,
+            ),
         ];
         for (error, code) in cases {
             assert_eq!(error.fault_code(), code, "{error}");
         }
+    }
+
+    #[test]
+    fn a_passed_on_fault_keeps_its_text() {
+        let error = Error::Fault {
+            code: -32602,
+            message: "invalid params: too many siblings".into(),
+        };
+        assert_eq!(error.fault_string(), "invalid params: too many siblings");
     }
 
     #[test]

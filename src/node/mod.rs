@@ -238,11 +238,7 @@ impl StorageNode {
             .collect();
         for reply in self.apply_batch(ops) {
             if let OpReply::Fault { code, message } = reply {
-                return Err(if code == crate::error::FAULT_INVALID_PARAMS {
-                    Error::InvalidParams(message)
-                } else {
-                    Error::Internal(message)
-                });
+                return Err(Error::Fault { code, message });
             }
         }
         Ok(())
