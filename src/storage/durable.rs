@@ -70,6 +70,8 @@
 //!   are written in bursts while a node is down and deleted once handed off; meta is tiny.
 //!   Sizes are recorded when a keyspace is created: changing them later affects only new data
 //!   directories.
+//! - fjall's flush and compaction threads run at nice 19 (`lower_background_priority`), so a
+//!   flush's burst takes the CPU requests leave idle.
 //! - Block cache: 64 MiB (default 32 MiB), so the hot part of the data and the index and filter
 //!   blocks stay in memory.
 //! - Journals: at most 256 MiB in all (default 512 MiB). Past that, fjall flushes the memtables
