@@ -70,8 +70,6 @@
 //!   are written in bursts while a node is down and deleted once handed off; meta is tiny.
 //!   Sizes are recorded when a keyspace is created: changing them later affects only new data
 //!   directories.
-//! - fjall's flush and compaction threads run at nice 19 (`lower_background_priority`), so a
-//!   flush's burst takes the CPU requests leave idle.
 //! - Block cache: 64 MiB (default 32 MiB), so the hot part of the data and the index and filter
 //!   blocks stay in memory.
 //! - Journals: at most 256 MiB in all (default 512 MiB). Past that, fjall flushes the memtables
@@ -129,53 +127,6 @@ fn memtable_bytes(tree: Tree) -> u64 {
     }
 }
 
-/// Niceness given to fjall's worker threads.
-const BACKGROUND_NICE: i32 = 19;
-
-/// Runs fjall's worker threads (memtable flushes and compactions) at the lowest CPU priority,
-/// as RocksDB lowers its compaction pool's and Cassandra its compactors'.
-///
-/// A flush is a burst of CPU: walking a full memtable's skiplist, all versions of every key,
-/// about 0.3 s of one core for 64 MiB. While it runs, the requests of that moment get half the
-/// CPU on a 2-core machine, and in the benchmark two thirds of the puts slower than 5.5 ms
-/// through the balancer fell in the three nodes' flush windows. At nice 19 the flush still
-/// gets every idle cycle, and the requests come first: over five alternating clusters of three
-/// runs the put p99 was lower in every one (medians 5.12, 5.05, 5.23 → 4.52, 4.55, 5.04 ms).
-/// The flush also takes fjall's journal lock briefly; a preempted flush holding it stalls the
-/// writers, which then sleep and leave it the CPU. Sustained overload could delay compactions
-/// until fjall slows writers down, which is the back-pressure it has for that.
-///
-/// fjall names its threads `fjall:…` and starts them when the database opens; on Linux, niceness
-/// is a thread's own, so they are found in `/proc/self/task` and lowered one by one. Where that
-/// fails, they keep the default priority.
-fn lower_background_priority() {
-    #[cfg(target_os = "linux")]
-    for tid in threads_named("fjall") {
-        let Some(pid) = rustix::process::Pid::from_raw(tid) else {
-            continue;
-        };
-        if let Err(error) = rustix::process::setpriority_process(Some(pid), BACKGROUND_NICE) {
-            tracing::debug!(tid, %error, "a storage thread keeps its priority");
-        }
-    }
-}
-
-/// Ids of this process's threads whose name starts with `prefix`.
-#[cfg(target_os = "linux")]
-fn threads_named(prefix: &str) -> Vec<i32> {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter(|task| {
-            std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|name| name.starts_with(prefix))
-        })
-        .filter_map(|task| task.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
 /// Keeps the trees in a fjall database in a directory of their own.
 pub struct FjallEngine {
     db: Database,
@@ -227,7 +178,6 @@ impl FjallEngine {
             dir: dir.to_path_buf(),
             bucket_lock: Mutex::new(()),
         };
-        lower_background_priority();
         tracing::info!(dir = %dir.display(), "opened fjall storage");
         Ok(engine)
     }
@@ -624,41 +574,6 @@ mod tests {
         let dir = TempDir::new();
         let engine = engine_holding_one_key(&dir);
         assert!(engine.sync_journals().unwrap() >= 1);
-    }
-
-    /// fjall's flush and compaction threads run at nice 19 once an engine is open. (Other
-    /// tests open engines at the same time, whose threads may not be lowered yet: each thread
-    /// gets a moment.)
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn flushes_and_compactions_run_at_the_lowest_priority() {
-        let dir = TempDir::new();
-        let _engine = engine_holding_one_key(&dir);
-        let nice = |tid: i32| -> Option<i32> {
-            let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-            // The fields after the name, which is in parentheses: nice is the 19th field.
-            let after_name = &stat[stat.rfind(')')? + 2..];
-            after_name.split(' ').nth(16)?.parse().ok()
-        };
-        assert!(
-            !threads_named("fjall").is_empty(),
-            "fjall names its threads otherwise now"
-        );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            let normal: Vec<i32> = threads_named("fjall")
-                .into_iter()
-                .filter(|&tid| nice(tid).is_some_and(|nice| nice != BACKGROUND_NICE))
-                .collect();
-            if normal.is_empty() {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "fjall threads {normal:?} run at normal priority"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
     }
 
     fn engine_holding_one_key(dir: &TempDir) -> FjallEngine {
