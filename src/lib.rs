@@ -26,6 +26,7 @@ pub mod error;
 pub mod merkle;
 pub mod node;
 pub mod quorum;
+pub mod random;
 pub mod ring;
 pub mod rpc;
 pub mod runtime;

@@ -304,15 +304,15 @@ impl Balancer {
             let reply = self
                 .call_replica(target.server, Op::Coordinate(request))
                 .await;
-            // A replica refusing the write itself (too many siblings) is the client's to fix,
-            // and every other replica would refuse it too.
+            // A replica refusing the write itself (too many siblings, too many bytes) is the
+            // client's to fix, and every other replica would refuse it too: its fault goes to
+            // the client as it is.
             if let Err(CallError::Fault {
-                code: crate::error::FAULT_INVALID_PARAMS,
+                code: code @ crate::error::FAULT_INVALID_PARAMS,
                 message,
-            }) = &reply
+            }) = reply
             {
-                let reason = message.strip_prefix("invalid params: ").unwrap_or(message);
-                return Err(Error::InvalidParams(reason.to_owned()));
+                return Err(Error::Fault { code, message });
             }
             match siblings_of(reply) {
                 Ok(siblings) => {

@@ -295,9 +295,8 @@ impl StorageNode {
         self.log("put", place.key(), request.value.is_none());
         let now = now_ms();
         let siblings = transaction.siblings(place)?;
-        let value_bytes = request.value.as_ref().map_or(0, String::len);
         if siblings.versions().len() < MAX_SIBLINGS
-            && siblings.value_bytes().saturating_add(value_bytes) <= MAX_SET_VALUE_BYTES
+            && siblings.value_bytes().saturating_add(request.value_bytes()) <= MAX_SET_VALUE_BYTES
         {
             // A write adds at most one version, so it stays within both bounds.
             siblings.write(self.actor, request.context.as_ref(), request.value, now);
@@ -499,22 +498,23 @@ impl StorageNode {
     /// Runs a batch: its writes as one transaction, so one engine commit, then its reads until
     /// the replies carry [`READ_REPLY_BUDGET`] of values (the reads left are deferred; the
     /// first read runs unless the writes' replies alone passed the budget, so a batch of reads
-    /// only, as deferred reads are sent again, always gets one answered). A refused operation gets its own fault and the
-    /// others go on; a failed commit fails every write of the batch. Replies are in the order
-    /// of `ops`.
+    /// only, as deferred reads are sent again, always gets one answered). A refused operation
+    /// gets its own fault and the others go on; a failed commit fails every write of the
+    /// batch. Replies are in the order of `ops`.
     pub fn apply_batch(&self, ops: Vec<Op>) -> Vec<OpReply> {
         let mut replies: Vec<Option<OpReply>> = vec![None; ops.len()];
         let mut reads = Vec::new();
         let mut writes = Vec::new();
         for (index, op) in ops.into_iter().enumerate() {
-            self.count(&op);
             let op = match op {
+                // Counted when it runs: a deferred read comes back in a later batch.
                 Op::Read(request) => {
                     reads.push((index, request));
                     continue;
                 }
                 write => write,
             };
+            self.count(&op);
             let place = op_place(&op);
             match check_key(place.key()) {
                 Ok(()) => writes.push((index, place, op)),
@@ -522,17 +522,13 @@ impl StorageNode {
             }
         }
         self.apply_writes(writes, &mut replies);
-        // Writes-only batches, the put path's, need no count.
-        let mut reply_bytes: usize = if reads.is_empty() {
-            0
-        } else {
-            replies.iter().flatten().map(OpReply::value_bytes).sum()
-        };
+        let mut reply_bytes: usize = replies.iter().flatten().map(OpReply::value_bytes).sum();
         for (index, request) in reads {
             if reply_bytes > READ_REPLY_BUDGET {
                 replies[index] = Some(OpReply::Deferred);
                 continue;
             }
+            self.metrics.reads.inc();
             let reply = self.read(&request).map(OpReply::Siblings);
             let reply = reply.unwrap_or_else(|error| self.fault(&error));
             reply_bytes = reply_bytes.saturating_add(reply.value_bytes());
@@ -773,7 +769,7 @@ fn load_or_create_actor(engine: &dyn Engine) -> Result<ActorId> {
             .map_err(|_| Error::Internal("stored actor id is corrupt".into()))?;
         return Ok(u64::from_be_bytes(array));
     }
-    let actor = random_u64();
+    let actor = crate::random::random_u64();
     engine.write(vec![WriteOp::put(
         Tree::Meta,
         ACTOR_ID_KEY,
@@ -809,20 +805,6 @@ fn scan_data(engine: &dyn Engine, aae: Option<&AntiEntropy>) -> Result<(i64, i64
         tracing::error!(corrupt, "stored sibling sets that cannot be decoded");
     }
     Ok((live, tombstoned))
-}
-
-/// A random 64-bit id from the standard library's per-process random hasher keys, mixed with
-/// the time and process id, so no extra dependency is needed for one number per data directory.
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.write_u32(std::process::id());
-    hasher.finish()
 }
 
 pub fn now_ms() -> u64 {
@@ -1074,7 +1056,9 @@ mod tests {
         // The budget is passed once "b" is in the reply: what follows waits for a later batch.
         assert_eq!(replies[1].value_bytes(), big);
         assert_eq!(replies[2..], [OpReply::Deferred, OpReply::Deferred]);
+        assert_eq!(node.metrics.reads.get(), 2, "a deferred read counts when it runs");
         let again = node.apply_batch(vec![read("c"), read("missing")]);
+        assert_eq!(node.metrics.reads.get(), 4);
         assert_eq!(again[0].value_bytes(), big);
         assert!(matches!(&again[1], OpReply::Siblings(set) if set.is_empty()));
         // Writes whose replies pass the budget defer every read; sent again alone, the read

@@ -346,7 +346,7 @@ pub async fn send_batch(
 /// Bytes of values an operation carries, to keep batches of huge values small.
 fn value_len(op: &Op) -> usize {
     match op {
-        Op::Coordinate(request) => request.value.as_ref().map_or(0, String::len),
+        Op::Coordinate(request) => request.value_bytes(),
         Op::Merge(request) => request.siblings.value_bytes(),
         Op::Read(_) | Op::Reap(_) => 0,
     }

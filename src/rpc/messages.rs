@@ -31,6 +31,13 @@ pub struct CoordinateRequest {
     pub hint_for: Option<String>,
 }
 
+impl CoordinateRequest {
+    /// Bytes of the value the write carries (none for a delete).
+    pub fn value_bytes(&self) -> usize {
+        self.value.as_ref().map_or(0, String::len)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeRequest {
     pub key: String,

@@ -57,19 +57,18 @@
 //! # Settings, for a write-heavy store of many small values in bounded memory
 //!
 //! - Memtables (fjall's write buffers): 48 to 80 MiB for `data` (fjall's default is 64; the
-//!   spread is explained at `memtable_bytes`), 8 MiB for `hints`,
-//!   2 MiB for `meta`. A flush is a burst: one fjall thread spends about 0.2 s of CPU turning a
-//!   full 64 MiB memtable into a table, and on a busy machine the requests of that moment wait
-//!   for the CPU. Under the benchmark's put load a node flushes every 10 s or so. With 16 MiB
-//!   memtables it flushed four times as often, and in five alternating runs the put p99
-//!   through the balancer was 5.2-6.3 ms (p999 13-20) against 4.5-4.8 (p999 7-10) with 64 MiB;
-//!   the larger skiplist costs the median about 0.1 ms. fjall keeps
-//!   per keyspace one active memtable and at most four sealed ones waiting for their flush (it
-//!   halts writes at four), so memtables could reach 5 × 90 MiB = 450 MiB if flushes fell
-//!   behind; in practice a flush takes a fraction of a second and one memtable is active. Hints
-//!   are written in bursts while a node is down and deleted once handed off; meta is tiny.
-//!   Sizes are recorded when a keyspace is created: changing them later affects only new data
-//!   directories.
+//!   spread is explained at `memtable_bytes`), 8 MiB for `hints`, 2 MiB for `meta`. A flush
+//!   is a burst: one fjall thread spends about 0.2 s of CPU turning a full 64 MiB memtable
+//!   into a table, and on a busy machine the requests of that moment wait for the CPU. Under
+//!   the benchmark's put load a node flushes every 10 s or so. With 16 MiB memtables it
+//!   flushed four times as often, and in five alternating runs the put p99 through the
+//!   balancer was 5.2-6.3 ms (p999 13-20) against 4.5-4.8 (p999 7-10) with 64 MiB; the larger
+//!   skiplist costs the median about 0.1 ms. fjall keeps per keyspace one active memtable and
+//!   at most four sealed ones waiting for their flush (it halts writes at four), so memtables
+//!   could reach 5 × 90 MiB = 450 MiB if flushes fell behind; in practice a flush takes a
+//!   fraction of a second and one memtable is active. Hints are written in bursts while a node
+//!   is down and deleted once handed off; meta is tiny. Sizes are recorded when a keyspace is
+//!   created: changing them later affects only new data directories.
 //! - Block cache: 64 MiB (default 32 MiB), so the hot part of the data and the index and filter
 //!   blocks stay in memory.
 //! - Journals: at most 256 MiB in all (default 512 MiB). Past that, fjall flushes the memtables
@@ -114,14 +113,9 @@ const NUL: &[u8] = &[0];
 /// coordinate and acknowledge (35 s of puts through the balancer: p99 5.2 → 5.0 ms, p999 11
 /// → 8 ms).
 fn memtable_bytes(tree: Tree) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
     const MIB: u64 = 1024 * 1024;
     match tree {
-        Tree::Data => {
-            // std seeds each `RandomState` from the OS's randomness: enough to spread nodes.
-            let draw = std::hash::RandomState::new().build_hasher().finish();
-            48 * MIB + draw % (32 * MIB)
-        }
+        Tree::Data => 48 * MIB + crate::random::random_u64() % (32 * MIB),
         Tree::Hints => 8 * MIB,
         Tree::Meta => 2 * MIB,
     }
