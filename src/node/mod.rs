@@ -1056,7 +1056,11 @@ mod tests {
         // The budget is passed once "b" is in the reply: what follows waits for a later batch.
         assert_eq!(replies[1].value_bytes(), big);
         assert_eq!(replies[2..], [OpReply::Deferred, OpReply::Deferred]);
-        assert_eq!(node.metrics.reads.get(), 2, "a deferred read counts when it runs");
+        assert_eq!(
+            node.metrics.reads.get(),
+            2,
+            "a deferred read counts when it runs"
+        );
         let again = node.apply_batch(vec![read("c"), read("missing")]);
         assert_eq!(node.metrics.reads.get(), 4);
         assert_eq!(again[0].value_bytes(), big);
