@@ -508,6 +508,45 @@ mod tests {
         assert_eq!(*sizes.lock().expect("sizes"), [3, 2, 1]);
     }
 
+    /// A node's answer to a batch: a refusal of each operation, 1000 bytes long.
+    fn answer_long_faults(ops: &[Op]) -> Vec<OpReply> {
+        let fault = OpReply::Fault {
+            code: -32602,
+            message: "x".repeat(1000),
+        };
+        vec![fault; ops.len()]
+    }
+
+    /// A reply over the cap is a bad answer, not silence: the node is up, and a balancer that
+    /// took it for unreachable would mark a healthy node down (`health.rs` only counts
+    /// timeouts and transport errors).
+    #[tokio::test]
+    async fn a_reply_over_the_cap_is_a_bad_response_from_a_node_that_answered() {
+        let FakeNode { address, .. } = fake_node(answer_long_faults);
+        let (batch, answers): (Vec<_>, Vec<_>) = ["a", "b"].map(pending).into_iter().unzip();
+        let progress = Progress::default();
+        let client = RpcClient::with_max_response_bytes(1000);
+        send(&client, &address, batch, Duration::from_secs(5), &progress).await;
+        for answer in answers {
+            let answer = answer.await.expect("an answer");
+            assert!(
+                matches!(&answer, Err(CallError::BadResponse(message)) if message.contains("1000 bytes")),
+                "{answer:?}"
+            );
+        }
+        assert!(progress.load().last_progress.is_some(), "the node answered");
+        // Within the cap, the same reply is read as usual.
+        let (batch, answers): (Vec<_>, Vec<_>) = ["a"].map(pending).into_iter().unzip();
+        let client = RpcClient::with_max_response_bytes(10_000);
+        send(&client, &address, batch, Duration::from_secs(5), &progress).await;
+        for answer in answers {
+            assert!(matches!(
+                answer.await.expect("an answer"),
+                Err(CallError::Fault { code: -32602, .. })
+            ));
+        }
+    }
+
     /// Only reads may be deferred: a write sent twice could be applied twice.
     #[tokio::test]
     async fn a_deferred_write_is_a_bad_response() {
