@@ -11,6 +11,7 @@
 //! `-s` peers.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -71,6 +72,7 @@ pub async fn handoff_periodically(node: Arc<StorageNode>, client: RpcClient) {
 /// One pass over every hint; owners that fail are skipped for the rest of the pass.
 pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize {
     let mut delivered = 0;
+    let mut corrupt = 0;
     let mut unreachable: Vec<String> = Vec::new();
     let mut after: Option<Vec<u8>> = None;
     loop {
@@ -98,7 +100,7 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
                         .push(record);
                 }
                 Ok(_) => {}
-                Err(_) => tracing::error!("skipping a corrupt hint"),
+                Err(_) => corrupt += 1,
             }
         }
         let mut deliveries = JoinSet::new();
@@ -144,7 +146,23 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
     if delivered > 0 {
         tracing::info!(delivered, "handed hints over to their owners");
     }
+    note_corrupt_hints(node, corrupt);
     delivered
+}
+
+/// Hints that cannot be decoded (damaged on disk, or written by an incompatible version) can
+/// never be delivered. They are left in place for an operator to look at, since the write
+/// they hold may have no other copy, and counted in `dynamite_node_hints_corrupt`. The log
+/// says so when the count changes, not on every pass (one pass every
+/// [`HANDOFF_INTERVAL`]).
+fn note_corrupt_hints(node: &StorageNode, corrupt: i64) {
+    let before = node.corrupt_hints.swap(corrupt, Ordering::Relaxed);
+    if corrupt != before && corrupt > 0 {
+        tracing::error!(
+            corrupt,
+            "hints that cannot be decoded are left in place and not handed over"
+        );
+    }
 }
 
 /// Sends `records` to their owner as one batch of merges; the owner's answer to each.

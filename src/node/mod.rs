@@ -126,6 +126,9 @@ pub struct StorageNode {
     tombstone_keys: AtomicI64,
     /// Hints held for other nodes.
     hints: AtomicI64,
+    /// Hints that cannot be decoded, as the last handoff pass found them (see
+    /// [`hints::handoff_round`]).
+    corrupt_hints: AtomicI64,
     /// Background convergence with the `-s` peers; `None` for a node without peers.
     aae: Option<AntiEntropy>,
     /// Tombstones reaped lately, refused if a replica sends them back.
@@ -161,6 +164,7 @@ impl StorageNode {
             live_keys: AtomicI64::new(live_keys),
             tombstone_keys: AtomicI64::new(tombstone_keys),
             hints: AtomicI64::new(hints),
+            corrupt_hints: AtomicI64::new(0),
             aae,
             reaped: ReapedTombstones::default(),
             cache: RowCache::new(config.cache_bytes),
@@ -489,6 +493,11 @@ impl Handler for StorageNode {
             "dynamite_node_keys",
             "Live keys stored here.",
             self.live_keys.load(Ordering::Relaxed),
+        )
+        .gauge(
+            "dynamite_node_hints_corrupt",
+            "Hints that cannot be decoded, left in place and not handed over.",
+            self.corrupt_hints.load(Ordering::Relaxed),
         );
         out.finish()
     }
@@ -1134,6 +1143,34 @@ mod tests {
             node.load("k").expect("load").latest_value(),
             Some("<value>2</value>")
         );
+    }
+
+    /// A hint that cannot be decoded stays where it is (it may be the write's only other
+    /// copy) and is counted, once per pass rather than once per pass and hint.
+    #[tokio::test]
+    async fn a_corrupt_hint_is_counted_and_left_in_place() {
+        let node = Arc::new(node());
+        let slot = hints::slot("127.0.0.1:1", "k");
+        node.engine
+            .write(vec![WriteOp::put(
+                Tree::Hints,
+                slot.clone(),
+                b"\xff\xff\xff".to_vec(),
+            )])
+            .expect("write");
+        let client = RpcClient::new();
+        for _ in 0..2 {
+            assert_eq!(hints::handoff_round(&node, &client).await, 0);
+            assert_eq!(node.corrupt_hints.load(Ordering::Relaxed), 1);
+            assert!(node.metrics().contains("\ndynamite_node_hints_corrupt 1\n"));
+        }
+        assert!(node.engine.get(Tree::Hints, &slot).expect("read").is_some());
+        // Once it is gone (an operator removed it), the count says so.
+        node.engine
+            .write(vec![WriteOp::remove(Tree::Hints, slot)])
+            .expect("write");
+        hints::handoff_round(&node, &client).await;
+        assert_eq!(node.corrupt_hints.load(Ordering::Relaxed), 0);
     }
 
     #[test]
