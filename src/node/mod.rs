@@ -1146,7 +1146,7 @@ mod tests {
     }
 
     /// A hint that cannot be decoded stays where it is (it may be the write's only other
-    /// copy) and is counted, once per pass rather than once per pass and hint.
+    /// copy), and the node's metrics count it for as long as it is there.
     #[tokio::test]
     async fn a_corrupt_hint_is_counted_and_left_in_place() {
         let node = Arc::new(node());
