@@ -30,6 +30,11 @@ pub struct NodeArgs {
     /// Keep nothing on disk.
     #[arg(long)]
     pub in_memory: bool,
+    /// Storage engine for --data-dir: `log` (an append-only log with an in-memory index of
+    /// the keys, like Riak's Bitcask) or `fjall` (an LSM tree) [default: the engine that wrote
+    /// the directory, `log` for a new one].
+    #[arg(long, value_enum, conflicts_with = "in_memory")]
+    pub engine: Option<EngineChoice>,
     /// Do not print a line per request.
     #[arg(long)]
     pub quiet: bool,
@@ -97,7 +102,17 @@ impl NodeArgs {
             let dir = self
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(format!("dynamite-data/node-{}", self.port)));
-            StorageConfig::Durable { dir }
+            let engine = self.engine.unwrap_or_else(|| {
+                if crate::storage::written_by_fjall(&dir) {
+                    EngineChoice::Fjall
+                } else {
+                    EngineChoice::Log
+                }
+            });
+            match engine {
+                EngineChoice::Fjall => StorageConfig::Durable { dir },
+                EngineChoice::Log => StorageConfig::Log { dir },
+            }
         };
         Ok(NodeConfig {
             listen: std::net::SocketAddr::new(self.bind, self.port),
@@ -115,6 +130,13 @@ impl NodeArgs {
             },
         })
     }
+}
+
+/// The storage engines a node can keep its data in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineChoice {
+    Fjall,
+    Log,
 }
 
 /// A Dynamite load balancer: places keys on a ring of storage nodes and coordinates quorums.
@@ -200,8 +222,36 @@ mod tests {
         let node = NodeArgs::try_parse_from(["storage_node", "-p", "20050"]).expect("parses");
         let config = node.into_config().expect("valid");
         assert_eq!(config.listen.port(), 20050);
+        assert!(matches!(
+            config.storage,
+            StorageConfig::Log { ref dir } | StorageConfig::Durable { ref dir }
+                if dir.ends_with("node-20050")
+        ));
+    }
+
+    #[test]
+    fn a_new_directory_gets_the_log_engine_unless_told_otherwise() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec![
+                "storage_node",
+                "-p",
+                "20050",
+                "--data-dir",
+                "/nonexistent/d",
+            ];
+            args.extend_from_slice(extra);
+            let node = NodeArgs::try_parse_from(args).expect("parses");
+            node.into_config().expect("valid").storage
+        };
+        let dir = PathBuf::from("/nonexistent/d");
+        assert_eq!(parse(&[]), StorageConfig::Log { dir: dir.clone() });
+        assert_eq!(
+            parse(&["--engine", "fjall"]),
+            StorageConfig::Durable { dir: dir.clone() }
+        );
+        assert_eq!(parse(&["--engine", "log"]), StorageConfig::Log { dir });
         assert!(
-            matches!(config.storage, StorageConfig::Durable { ref dir } if dir.ends_with("node-20050"))
+            NodeArgs::try_parse_from(["storage_node", "--in-memory", "--engine", "log"]).is_err()
         );
     }
 

@@ -622,6 +622,16 @@ mod tests {
 
     /// Environment variable that makes `crash_child` write into the directory it names.
     const CRASH_DIR_ENV: &str = "DYNAMITE_STORAGE_CRASH_DIR";
+    /// Environment variable naming the engine `crash_child` writes with: "fjall" or "log".
+    const CRASH_ENGINE_ENV: &str = "DYNAMITE_STORAGE_CRASH_ENGINE";
+
+    /// Opens `dir` with the engine named `fjall` or `log`.
+    fn open_engine(name: &str, dir: &Path) -> Box<dyn Engine> {
+        match name {
+            "log" => Box::new(crate::storage::LogEngine::open(dir).unwrap()),
+            _ => Box::new(FjallEngine::open(dir).unwrap()),
+        }
+    }
     /// Writes the child makes before it idles (bounds its disk use).
     const CHILD_WRITES: u32 = 3000;
 
@@ -644,7 +654,8 @@ mod tests {
         let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
             return;
         };
-        let engine = FjallEngine::open(Path::new(&dir)).unwrap();
+        let name = std::env::var(CRASH_ENGINE_ENV).unwrap_or_default();
+        let engine = open_engine(&name, Path::new(&dir));
         println!("OPENED");
         for i in 0..CHILD_WRITES {
             engine
@@ -660,8 +671,9 @@ mod tests {
         }
     }
 
-    /// Starts `crash_child` writing into `dir`; returns it with a reader of its stdout.
-    fn spawn_writer(dir: &Path) -> (Child, impl Iterator<Item = String>) {
+    /// Starts `crash_child` writing into `dir` with `engine`; returns it with a reader of its
+    /// stdout.
+    fn spawn_writer(engine: &str, dir: &Path) -> (Child, impl Iterator<Item = String>) {
         let test_path = format!("{}::crash_child", module_path!());
         let test_name = test_path
             .split_once("::")
@@ -675,6 +687,7 @@ mod tests {
                 "--test-threads=1",
             ])
             .env(CRASH_DIR_ENV, dir)
+            .env(CRASH_ENGINE_ENV, engine)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -700,13 +713,22 @@ mod tests {
 
     #[test]
     fn acknowledged_writes_survive_sigkill() {
+        writes_survive_sigkill("fjall");
+    }
+
+    #[test]
+    fn acknowledged_writes_survive_sigkill_of_the_log_engine() {
+        writes_survive_sigkill("log");
+    }
+
+    fn writes_survive_sigkill(name: &str) {
         let dir = TempDir::new();
-        let (mut child, mut lines) = spawn_writer(dir.path());
+        let (mut child, mut lines) = spawn_writer(name, dir.path());
         let acked = wait_for_ack(&mut lines, 500);
         child.kill().unwrap(); // SIGKILL on Unix
         child.wait().unwrap();
 
-        let engine = FjallEngine::open(dir.path()).unwrap();
+        let engine = open_engine(name, dir.path());
         for i in 0..=acked {
             let data = engine.get(Tree::Data, &crash_key(i)).unwrap();
             assert!(
@@ -733,7 +755,7 @@ mod tests {
             assert!(value == &crash_value(i), "write {i} has a wrong value");
         }
         eprintln!(
-            "acknowledged {} writes, found {} after SIGKILL",
+            "{name}: acknowledged {} writes, found {} after SIGKILL",
             acked + 1,
             data.len()
         );
@@ -742,7 +764,7 @@ mod tests {
     #[test]
     fn open_while_another_process_holds_the_dir_is_locked() {
         let dir = TempDir::new();
-        let (mut child, mut lines) = spawn_writer(dir.path());
+        let (mut child, mut lines) = spawn_writer("fjall", dir.path());
         wait_for_ack(&mut lines, 0);
 
         let error = FjallEngine::open(dir.path()).unwrap_err();

@@ -52,6 +52,7 @@
 //! [fjall]: https://github.com/fjall-rs/fjall
 
 mod durable;
+mod log;
 mod memory;
 
 #[cfg(test)]
@@ -61,6 +62,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use durable::FjallEngine;
+pub use log::LogEngine;
 pub use memory::MemoryEngine;
 
 /// Separate key spaces of one engine.
@@ -213,6 +215,11 @@ pub enum StorageConfig {
         /// The data directory; created if missing.
         dir: PathBuf,
     },
+    /// Keep the data in `dir` as a log and an in-memory index ([`LogEngine`]).
+    Log {
+        /// The data directory; created if missing.
+        dir: PathBuf,
+    },
 }
 
 /// Entries read per page by [`for_each`].
@@ -243,8 +250,41 @@ pub fn for_each(
 pub fn open(config: &StorageConfig) -> Result<Arc<dyn Engine>, StorageError> {
     match config {
         StorageConfig::InMemory => Ok(Arc::new(MemoryEngine::new())),
-        StorageConfig::Durable { dir } => Ok(Arc::new(FjallEngine::open(dir)?)),
+        StorageConfig::Durable { dir } => {
+            refuse_other_layout(dir, LOG_MARKER, "fjall")?;
+            Ok(Arc::new(FjallEngine::open(dir)?))
+        }
+        StorageConfig::Log { dir } => {
+            refuse_other_layout(dir, FJALL_MARKER, "log")?;
+            Ok(Arc::new(LogEngine::open(dir)?))
+        }
     }
+}
+
+/// Did fjall write `dir`? (It alone makes a `keyspaces` directory there.)
+pub fn written_by_fjall(dir: &std::path::Path) -> bool {
+    dir.join(FJALL_MARKER).is_dir()
+}
+
+/// A directory only fjall makes in a data directory.
+const FJALL_MARKER: &str = "keyspaces";
+const LOG_MARKER: &str = log::SEGMENTS_DIR;
+
+/// Refuses to open a directory the other engine wrote (`marker` is a directory only it
+/// makes): the engine would start empty beside data it cannot read, and the node would answer
+/// as if it held nothing.
+fn refuse_other_layout(
+    dir: &std::path::Path,
+    marker: &str,
+    engine: &str,
+) -> Result<(), StorageError> {
+    if dir.join(marker).is_dir() {
+        return Err(StorageError::Engine(format!(
+            "{} holds another engine's data; it cannot be opened with --engine {engine}",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a write whose keys or values exceed the limits, before any of it is applied.

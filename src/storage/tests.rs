@@ -61,6 +61,15 @@ impl Fixture {
         }
     }
 
+    pub fn log() -> Self {
+        let dir = TempDir::new();
+        let engine = super::LogEngine::open(dir.path()).unwrap();
+        Fixture {
+            engine: Arc::new(engine),
+            _dir: Some(dir),
+        }
+    }
+
     pub fn durable() -> Self {
         let dir = TempDir::new();
         let engine = FjallEngine::open(dir.path()).unwrap();
@@ -508,5 +517,5 @@ pub fn sync_succeeds(engine: &Arc<dyn Engine>) {
     engine.write(vec![put(Tree::Data, b"k", b"v")]).unwrap();
     engine.sync().unwrap();
     assert_eq!(get(engine, Tree::Data, b"k"), Some(b"v".to_vec()));
-    assert!(["memory", "fjall"].contains(&engine.name()));
+    assert!(["memory", "fjall", "log"].contains(&engine.name()));
 }

@@ -1,0 +1,967 @@
+//! A log-structured engine: every write is appended to a segment file, and an in-memory
+//! ordered index maps each key to where its value lies (Bitcask's design, Riak's default
+//! backend, with a B-tree index instead of a hash so that scans come in key order).
+//!
+//! Why it exists: under the put benchmark through the balancer, fjall's memtable costs a skip
+//! list insert among every recent version of every key (10% of the whole machine's CPU in a
+//! system-wide profile), and each memtable flush walks all of those versions at once, a burst
+//! that slows every request in flight. Here an overwrite replaces one index entry in place,
+//! and nothing ever walks the versions; the background work is a merge that copies only live
+//! values, when at least half of what is on disk is dead (README, *The put tail*).
+//!
+//! - **Records.** One [`Engine::write`] is one record: `[payload length u32][xxh3 of the
+//!   payload u64][payload]`, the payload being the op count and each op (tree, kind, key,
+//!   value). It is written with one `pwrite` under the writer's lock, and the index is updated
+//!   under the same lock, so the index follows the log's order. When `write` returns, the
+//!   record is in the page cache: it survives SIGKILL, as fjall's journal does.
+//! - **Atomicity.** Replay reads records in order and stops at the first one whose length or
+//!   checksum does not hold (a torn tail), so a write is replayed whole or not at all.
+//!   Readers see the index change under one lock: all of a write or none of it.
+//! - **Sync.** [`Engine::sync`] fsyncs the segments written since the last sync, and the
+//!   directory when files were created or removed; the node calls it every second.
+//! - **Segments** are named `<id>-<sub>.seg` and replayed in (id, sub) order. A new one is
+//!   started at open and whenever the active one passes 64 MiB ([`Limits`]).
+//! - **Merge.** Run from `sync` once the segments hold more than 256 MiB and at
+//!   least half of it is dead. It seals the active segment, copies every live value found in
+//!   the sealed ones into new segments numbered just after them (so they replay before any
+//!   later write), and points the index at the copies where it still points at the originals.
+//!   Then it fsyncs the copies, records the originals as superseded in a small manifest
+//!   (written to a temporary name, fsynced, renamed), and deletes them. A crash before the
+//!   manifest leaves both, which replay to the same state: the copies hold the latest values
+//!   of their keys as of the copy, and anything later is in a later segment. A crash after it
+//!   is finished at the next open, which deletes what the manifest lists before replaying, so
+//!   no delete is ever undone by an older put left on disk. Readers holding a file handle
+//!   keep reading a deleted segment until they let go.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read};
+use std::ops::Bound;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::{Engine, KeyValue, StorageError, Tree, WriteOp, check_key, check_ops};
+
+/// Sizes that decide when segments roll over and merges run.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A segment is sealed, and a new one started, once it passes this size.
+    pub segment_bytes: u64,
+    /// No merge below this much on disk: small stores are not worth the copying.
+    pub merge_min_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            segment_bytes: 64 * 1024 * 1024,
+            merge_min_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+/// Index entries copied per step of a merge, between two turns of the index lock.
+const MERGE_STEP: usize = 4096;
+/// Record header: payload length (u32) and checksum (u64).
+const HEADER_BYTES: usize = 12;
+/// The directory of segments inside the data directory; only this engine makes one.
+pub(super) const SEGMENTS_DIR: &str = "segments";
+const LOCK_FILE: &str = "LOCK";
+const SUPERSEDED_FILE: &str = "superseded";
+const TREES: [Tree; 3] = [Tree::Data, Tree::Hints, Tree::Meta];
+
+/// A segment's place in replay order: segments written by a merge get the id of the last
+/// segment they replace and a higher `sub`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct SegmentId {
+    id: u64,
+    sub: u32,
+}
+
+impl SegmentId {
+    fn file_name(self) -> String {
+        format!("{:020}-{:05}.seg", self.id, self.sub)
+    }
+
+    fn parse(name: &str) -> Option<SegmentId> {
+        let stem = name.strip_suffix(".seg")?;
+        let (id, sub) = stem.split_once('-')?;
+        Some(SegmentId {
+            id: id.parse().ok()?,
+            sub: sub.parse().ok()?,
+        })
+    }
+}
+
+/// Where a key's value lies: each write gets a location of its own, so comparing locations
+/// tells whether a key changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Loc {
+    segment: SegmentId,
+    offset: u64,
+    len: u32,
+}
+
+fn tree_slot(tree: Tree) -> usize {
+    match tree {
+        Tree::Data => 0,
+        Tree::Hints => 1,
+        Tree::Meta => 2,
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    trees: [BTreeMap<Vec<u8>, Loc>; 3],
+    segments: BTreeMap<SegmentId, Segment>,
+    /// Key and value bytes the index points at: what a merge would keep.
+    live_bytes: u64,
+}
+
+#[derive(Clone)]
+struct Segment {
+    file: Arc<File>,
+    len: u64,
+}
+
+impl Index {
+    /// The file holding `loc`'s segment: every location the index holds has one.
+    fn file_of(&self, loc: Loc) -> Result<Arc<File>, StorageError> {
+        self.segments
+            .get(&loc.segment)
+            .map(|segment| segment.file.clone())
+            .ok_or_else(|| corrupt(format!("no segment {}", loc.segment.file_name())))
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.segments.values().map(|segment| segment.len).sum()
+    }
+
+    fn set(&mut self, tree: Tree, key: Vec<u8>, loc: Option<Loc>) {
+        let map = &mut self.trees[tree_slot(tree)];
+        let key_len = key.len() as u64;
+        let old = match loc {
+            Some(loc) => {
+                self.live_bytes += key_len + u64::from(loc.len);
+                map.insert(key, loc)
+            }
+            None => map.remove(&key),
+        };
+        if let Some(old) = old {
+            self.live_bytes = self.live_bytes.saturating_sub(key_len + u64::from(old.len));
+        }
+    }
+}
+
+struct Writer {
+    id: SegmentId,
+    file: Arc<File>,
+    len: u64,
+}
+
+/// What the next sync must make durable.
+#[derive(Default)]
+struct Unsynced {
+    files: Vec<Arc<File>>,
+    directory: bool,
+}
+
+pub struct LogEngine {
+    dir: PathBuf,
+    segments_dir: PathBuf,
+    index: RwLock<Index>,
+    writer: Mutex<Writer>,
+    unsynced: Mutex<Unsynced>,
+    /// Held while a merge runs: one at a time.
+    merging: Mutex<()>,
+    limits: Limits,
+    /// Held by the process for as long as the engine is open.
+    _lock: File,
+}
+
+impl std::fmt::Debug for LogEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogEngine").field("dir", &self.dir).finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn corrupt(message: String) -> StorageError {
+    StorageError::Engine(message)
+}
+
+impl LogEngine {
+    /// Opens (or creates) the engine in `dir`, replaying every segment into the index.
+    pub fn open(dir: &Path) -> Result<Self, StorageError> {
+        Self::open_with(dir, Limits::default())
+    }
+
+    /// [`LogEngine::open`] with other sizes (tests use small ones).
+    pub fn open_with(dir: &Path, limits: Limits) -> Result<Self, StorageError> {
+        let segments_dir = dir.join(SEGMENTS_DIR);
+        fs::create_dir_all(&segments_dir)?;
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))?;
+        if lock_file.try_lock().is_err() {
+            return Err(StorageError::Locked {
+                dir: dir.to_path_buf(),
+            });
+        }
+        finish_merge(dir, &segments_dir)?;
+        let mut index = Index::default();
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&segments_dir)? {
+            let entry = entry?;
+            if let Some(id) = entry.file_name().to_str().and_then(SegmentId::parse) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        for &id in &ids {
+            let path = segments_dir.join(id.file_name());
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let len = replay(&file, id, &mut index)?;
+            if len < file.metadata()?.len() {
+                tracing::warn!(segment = %path.display(), kept = len, "a torn or damaged tail was cut off");
+                file.set_len(len)?;
+                file.sync_all()?;
+            }
+            index.segments.insert(
+                id,
+                Segment {
+                    file: Arc::new(file),
+                    len,
+                },
+            );
+        }
+        let next = SegmentId {
+            id: ids.last().map_or(1, |last| last.id + 1),
+            sub: 0,
+        };
+        let file = Arc::new(create_segment(&segments_dir, next)?);
+        sync_directory(&segments_dir)?;
+        index.segments.insert(
+            next,
+            Segment {
+                file: file.clone(),
+                len: 0,
+            },
+        );
+        Ok(LogEngine {
+            dir: dir.to_path_buf(),
+            segments_dir,
+            index: RwLock::new(index),
+            writer: Mutex::new(Writer {
+                id: next,
+                file,
+                len: 0,
+            }),
+            unsynced: Mutex::new(Unsynced::default()),
+            merging: Mutex::new(()),
+            limits,
+            _lock: lock_file,
+        })
+    }
+
+    fn read_index(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_index(&self) -> RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a new active segment; the caller holds the writer. The old one stays readable
+    /// and is fsynced by the next sync.
+    fn rotate(&self, writer: &mut Writer, next: SegmentId) -> Result<(), StorageError> {
+        let file = Arc::new(create_segment(&self.segments_dir, next)?);
+        self.write_index().segments.insert(
+            next,
+            Segment {
+                file: file.clone(),
+                len: 0,
+            },
+        );
+        let old = std::mem::replace(&mut writer.file, file);
+        writer.id = next;
+        writer.len = 0;
+        let mut unsynced = lock(&self.unsynced);
+        unsynced.files.push(old);
+        unsynced.directory = true;
+        Ok(())
+    }
+
+    fn needs_merge(&self) -> bool {
+        let index = self.read_index();
+        let total = index.total_bytes();
+        total > self.limits.merge_min_bytes && index.live_bytes.saturating_mul(2) < total
+    }
+
+    /// Copies the live values of every sealed segment into new ones and deletes the old (see
+    /// the module documentation).
+    fn merge(&self) -> Result<(), StorageError> {
+        // Seal the active segment, so that everything written so far is merged.
+        let sealed: Vec<SegmentId> = {
+            let mut writer = lock(&self.writer);
+            let next = SegmentId {
+                id: writer.id.id + 1,
+                sub: 0,
+            };
+            self.rotate(&mut writer, next)?;
+            let index = self.read_index();
+            index
+                .segments
+                .keys()
+                .copied()
+                .filter(|id| *id < next)
+                .collect()
+        };
+        let Some(&last) = sealed.last() else {
+            return Ok(());
+        };
+        let mut output = MergeOutput::new(&self.segments_dir, last, self.limits.segment_bytes)?;
+        for tree in TREES {
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let step = self.live_in(tree, after.as_deref(), &sealed);
+                let Some(step) = step else { break };
+                after = step.next_after;
+                if step.entries.is_empty() {
+                    continue;
+                }
+                let mut ops = Vec::with_capacity(step.entries.len());
+                for (key, loc, file) in &step.entries {
+                    ops.push(WriteOp::put(tree, key.clone(), read_value(file, *loc)?));
+                }
+                let record = encode(&ops)?;
+                let (segment, base) = output.append(&self.segments_dir, &record.bytes)?;
+                let mut index = self.write_index();
+                let file = output.file.clone();
+                index.segments.insert(
+                    segment,
+                    Segment {
+                        file,
+                        len: output.len,
+                    },
+                );
+                for ((key, old, _), value_offset) in step.entries.into_iter().zip(&record.values) {
+                    let slot = tree_slot(tree);
+                    if index.trees[slot].get(&key) == Some(&old) {
+                        let new = Loc {
+                            segment,
+                            offset: base + value_offset,
+                            len: old.len,
+                        };
+                        index.trees[slot].insert(key, new);
+                    }
+                }
+            }
+        }
+        for file in &output.files {
+            file.sync_all()?;
+        }
+        sync_directory(&self.segments_dir)?;
+        write_superseded(&self.dir, &sealed)?;
+        {
+            let mut index = self.write_index();
+            for id in &sealed {
+                index.segments.remove(id);
+            }
+        }
+        for id in &sealed {
+            remove_if_present(&self.segments_dir.join(id.file_name()))?;
+        }
+        sync_directory(&self.segments_dir)?;
+        remove_if_present(&self.dir.join(SUPERSEDED_FILE))?;
+        sync_directory(&self.dir)?;
+        tracing::info!(
+            segments = sealed.len(),
+            copies = output.files.len(),
+            "merged the log's sealed segments"
+        );
+        Ok(())
+    }
+
+    /// The next up to [`MERGE_STEP`] keys of `tree` after `after`, with those whose value
+    /// lies in a `sealed` segment; `None` once the tree is done.
+    fn live_in(&self, tree: Tree, after: Option<&[u8]>, sealed: &[SegmentId]) -> Option<MergeStep> {
+        let index = self.read_index();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut next_after = None;
+        let mut entries = Vec::new();
+        for (key, loc) in index.trees[tree_slot(tree)]
+            .range::<[u8], _>((start, Bound::Unbounded))
+            .take(MERGE_STEP)
+        {
+            next_after = Some(key.clone());
+            if sealed.binary_search(&loc.segment).is_ok()
+                && let Some(segment) = index.segments.get(&loc.segment)
+            {
+                entries.push((key.clone(), *loc, segment.file.clone()));
+            }
+        }
+        next_after.as_ref()?;
+        Some(MergeStep {
+            entries,
+            next_after,
+        })
+    }
+}
+
+struct MergeStep {
+    entries: Vec<(Vec<u8>, Loc, Arc<File>)>,
+    next_after: Option<Vec<u8>>,
+}
+
+/// The segments a merge writes: `(last.id, last.sub + 1)`, `(last.id, last.sub + 2)`, …
+struct MergeOutput {
+    segment_bytes: u64,
+    id: SegmentId,
+    file: Arc<File>,
+    len: u64,
+    files: Vec<Arc<File>>,
+}
+
+impl MergeOutput {
+    fn new(dir: &Path, last: SegmentId, segment_bytes: u64) -> Result<Self, StorageError> {
+        let id = SegmentId {
+            id: last.id,
+            sub: last.sub + 1,
+        };
+        let file = Arc::new(create_segment(dir, id)?);
+        Ok(MergeOutput {
+            segment_bytes,
+            id,
+            file: file.clone(),
+            len: 0,
+            files: vec![file],
+        })
+    }
+
+    /// Appends a record; the segment it went to and the record's offset there.
+    fn append(&mut self, dir: &Path, record: &[u8]) -> Result<(SegmentId, u64), StorageError> {
+        if self.len > 0 && self.len + record.len() as u64 > self.segment_bytes {
+            self.id.sub += 1;
+            self.file = Arc::new(create_segment(dir, self.id)?);
+            self.files.push(self.file.clone());
+            self.len = 0;
+        }
+        let offset = self.len;
+        self.file.write_all_at(record, offset)?;
+        self.len += record.len() as u64;
+        Ok((self.id, offset))
+    }
+}
+
+impl Engine for LogEngine {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        check_key(key)?;
+        let found = {
+            let index = self.read_index();
+            match index.trees[tree_slot(tree)].get(key) {
+                Some(loc) => Some((*loc, index.file_of(*loc)?)),
+                None => None,
+            }
+        };
+        match found {
+            Some((loc, file)) => Ok(Some(read_value(&file, loc)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn write(&self, ops: Vec<WriteOp>) -> Result<(), StorageError> {
+        check_ops(&ops)?;
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let record = encode(&ops)?;
+        let len = record.bytes.len() as u64;
+        let mut writer = lock(&self.writer);
+        if writer.len > 0 && writer.len + len > self.limits.segment_bytes {
+            let next = SegmentId {
+                id: writer.id.id + 1,
+                sub: 0,
+            };
+            self.rotate(&mut writer, next)?;
+        }
+        let offset = writer.len;
+        if let Err(error) = writer.file.write_all_at(&record.bytes, offset) {
+            // A partial record past the end is cut off, so the next one follows the last
+            // whole record and replay reaches it.
+            let _ = writer.file.set_len(offset);
+            return Err(error.into());
+        }
+        writer.len += len;
+        let segment = writer.id;
+        let mut index = self.write_index();
+        if let Some(entry) = index.segments.get_mut(&segment) {
+            entry.len = writer.len;
+        }
+        for (op, value_offset) in ops.into_iter().zip(&record.values) {
+            let loc = op.value.as_ref().map(|value| Loc {
+                segment,
+                offset: offset + value_offset,
+                len: value.len() as u32,
+            });
+            index.set(op.tree, op.key, loc);
+        }
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        tree: Tree,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let found: Vec<(Vec<u8>, Loc, Arc<File>)> = {
+            let index = self.read_index();
+            index.trees[tree_slot(tree)]
+                .range::<[u8], _>((start, Bound::Unbounded))
+                .take(limit)
+                .map(|(key, loc)| Ok((key.clone(), *loc, index.file_of(*loc)?)))
+                .collect::<Result<_, StorageError>>()?
+        };
+        found
+            .into_iter()
+            .map(|(key, loc, file)| Ok((key, read_value(&file, loc)?)))
+            .collect()
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        let active = lock(&self.writer).file.clone();
+        let Unsynced { files, directory } = std::mem::take(&mut *lock(&self.unsynced));
+        for file in files.iter().chain(std::iter::once(&active)) {
+            file.sync_data()?;
+        }
+        if directory {
+            sync_directory(&self.segments_dir)?;
+        }
+        if let Ok(_merging) = self.merging.try_lock()
+            && self.needs_merge()
+        {
+            self.merge()?;
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "log"
+    }
+}
+
+/// An encoded write, with where each op's value starts within it.
+struct Record {
+    bytes: Vec<u8>,
+    values: Vec<u64>,
+}
+
+fn encode(ops: &[WriteOp]) -> Result<Record, StorageError> {
+    let payload_len: usize = 4 + ops
+        .iter()
+        .map(|op| 10 + op.key.len() + op.value.as_ref().map_or(0, Vec::len))
+        .sum::<usize>();
+    let too_large = || {
+        corrupt(format!(
+            "a write of {payload_len} bytes is too large for one record"
+        ))
+    };
+    let length = u32::try_from(payload_len).map_err(|_| too_large())?;
+    let mut bytes = Vec::with_capacity(HEADER_BYTES + payload_len);
+    bytes.extend_from_slice(&length.to_le_bytes());
+    bytes.extend_from_slice(&[0; 8]);
+    let count = u32::try_from(ops.len()).map_err(|_| too_large())?;
+    bytes.extend_from_slice(&count.to_le_bytes());
+    let mut values = Vec::with_capacity(ops.len());
+    for op in ops {
+        bytes.push(tree_slot(op.tree) as u8);
+        bytes.push(u8::from(op.value.is_some()));
+        let key_len = u32::try_from(op.key.len()).map_err(|_| too_large())?;
+        bytes.extend_from_slice(&key_len.to_le_bytes());
+        bytes.extend_from_slice(&op.key);
+        let value = op.value.as_deref().unwrap_or_default();
+        let value_len = u32::try_from(value.len()).map_err(|_| too_large())?;
+        bytes.extend_from_slice(&value_len.to_le_bytes());
+        values.push(bytes.len() as u64);
+        bytes.extend_from_slice(value);
+    }
+    let checksum = xxhash_rust::xxh3::xxh3_64(&bytes[HEADER_BYTES..]);
+    bytes[4..HEADER_BYTES].copy_from_slice(&checksum.to_le_bytes());
+    Ok(Record { bytes, values })
+}
+
+/// Applies a segment's whole records to `index`, in order; the length of the good part (the
+/// first record that does not hold ends it).
+fn replay(file: &File, id: SegmentId, index: &mut Index) -> Result<u64, StorageError> {
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut offset = 0u64;
+    let mut header = [0u8; HEADER_BYTES];
+    let mut payload = Vec::new();
+    loop {
+        match reader.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(error) if error.kind() == ErrorKind::UnexpectedEof => return Ok(offset),
+            Err(error) => return Err(error.into()),
+        }
+        let mut length = [0u8; 4];
+        length.copy_from_slice(&header[..4]);
+        let mut checksum = [0u8; 8];
+        checksum.copy_from_slice(&header[4..]);
+        let length = u32::from_le_bytes(length) as usize;
+        payload.clear();
+        if (&mut reader)
+            .take(length as u64)
+            .read_to_end(&mut payload)?
+            != length
+            || xxhash_rust::xxh3::xxh3_64(&payload) != u64::from_le_bytes(checksum)
+        {
+            return Ok(offset);
+        }
+        let base = offset + HEADER_BYTES as u64;
+        let Some(ops) = decode(&payload) else {
+            return Ok(offset);
+        };
+        for (tree, key, value) in ops {
+            let loc = value.map(|(at, len)| Loc {
+                segment: id,
+                offset: base + at as u64,
+                len,
+            });
+            index.set(tree, key.to_vec(), loc);
+        }
+        offset = base + length as u64;
+    }
+}
+
+type DecodedOp<'a> = (Tree, &'a [u8], Option<(usize, u32)>);
+
+/// The ops of a payload whose checksum held: tree, key, and where the value lies (offset in
+/// the payload, length) for a put. `None` if it does not parse.
+fn decode(payload: &[u8]) -> Option<Vec<DecodedOp<'_>>> {
+    fn u32_at(payload: &[u8], at: usize) -> Option<u32> {
+        let bytes: [u8; 4] = payload.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        Some(u32::from_le_bytes(bytes))
+    }
+    let count = u32_at(payload, 0)? as usize;
+    let mut at = 4;
+    let mut ops = Vec::with_capacity(count.min(payload.len() / 10));
+    for _ in 0..count {
+        let tree = *TREES.get(*payload.get(at)? as usize)?;
+        let is_put = match payload.get(at + 1)? {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let key_len = u32_at(payload, at + 2)? as usize;
+        let key_start = at + 6;
+        let key = payload.get(key_start..key_start.checked_add(key_len)?)?;
+        let value_len = u32_at(payload, key_start + key_len)?;
+        let value_start = key_start + key_len + 4;
+        let value_end = value_start.checked_add(value_len as usize)?;
+        if value_end > payload.len() {
+            return None;
+        }
+        ops.push((tree, key, is_put.then_some((value_start, value_len))));
+        at = value_end;
+    }
+    (at == payload.len()).then_some(ops)
+}
+
+fn read_value(file: &File, loc: Loc) -> Result<Vec<u8>, StorageError> {
+    let mut value = vec![0; loc.len as usize];
+    file.read_exact_at(&mut value, loc.offset)?;
+    Ok(value)
+}
+
+fn create_segment(dir: &Path, id: SegmentId) -> Result<File, StorageError> {
+    Ok(OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(dir.join(id.file_name()))?)
+}
+
+fn sync_directory(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> Result<(), StorageError> {
+    match fs::remove_file(path) {
+        Err(error) if error.kind() != ErrorKind::NotFound => Err(error.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Records the segments a merge replaced, durably, before any of them is deleted.
+fn write_superseded(dir: &Path, sealed: &[SegmentId]) -> Result<(), StorageError> {
+    let text: String = sealed.iter().map(|id| id.file_name() + "\n").collect();
+    let temporary = dir.join(format!("{SUPERSEDED_FILE}.tmp"));
+    fs::write(&temporary, text)?;
+    File::open(&temporary)?.sync_all()?;
+    fs::rename(&temporary, dir.join(SUPERSEDED_FILE))?;
+    sync_directory(dir)
+}
+
+/// Deletes what an interrupted merge had already replaced (see the module documentation).
+fn finish_merge(dir: &Path, segments_dir: &Path) -> Result<(), StorageError> {
+    remove_if_present(&dir.join(format!("{SUPERSEDED_FILE}.tmp")))?;
+    let manifest = dir.join(SUPERSEDED_FILE);
+    let text = match fs::read_to_string(&manifest) {
+        Ok(text) => text,
+        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error.into()),
+    };
+    for name in text.lines() {
+        if SegmentId::parse(name).is_none() {
+            return Err(corrupt(format!(
+                "{} names {name:?}, which is not a segment",
+                manifest.display()
+            )));
+        }
+        remove_if_present(&segments_dir.join(name))?;
+    }
+    sync_directory(segments_dir)?;
+    remove_if_present(&manifest)?;
+    sync_directory(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::tests::{Fixture, TempDir, engine_suite};
+
+    engine_suite!(Fixture::log());
+
+    fn put(tree: Tree, key: &str, value: &str) -> WriteOp {
+        WriteOp::put(tree, key.as_bytes().to_vec(), value.as_bytes().to_vec())
+    }
+
+    fn value(engine: &LogEngine, tree: Tree, key: &str) -> Option<String> {
+        let bytes = engine.get(tree, key.as_bytes()).expect("get")?;
+        Some(String::from_utf8(bytes).expect("text"))
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(dir.join(SEGMENTS_DIR))
+            .expect("segments")
+            .map(|entry| entry.expect("entry").path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Small segments and merges, so a test reaches both with a few kilobytes.
+    const SMALL: Limits = Limits {
+        segment_bytes: 4096,
+        merge_min_bytes: 16 * 1024,
+    };
+
+    #[test]
+    fn what_was_written_is_there_after_a_reopen() {
+        let dir = TempDir::new();
+        {
+            let engine = LogEngine::open(dir.path()).expect("open");
+            engine
+                .write(vec![put(Tree::Data, "a", "1"), put(Tree::Hints, "h", "x")])
+                .expect("write");
+            engine
+                .write(vec![put(Tree::Data, "a", "2")])
+                .expect("write");
+            engine
+                .write(vec![put(Tree::Data, "b", "3")])
+                .expect("write");
+            engine
+                .write(vec![WriteOp::remove(Tree::Data, b"b".to_vec())])
+                .expect("write");
+            assert!(matches!(
+                LogEngine::open(dir.path()),
+                Err(StorageError::Locked { .. })
+            ));
+        }
+        let engine = LogEngine::open(dir.path()).expect("reopen");
+        assert_eq!(value(&engine, Tree::Data, "a").as_deref(), Some("2"));
+        assert_eq!(value(&engine, Tree::Data, "b"), None);
+        assert_eq!(value(&engine, Tree::Hints, "h").as_deref(), Some("x"));
+        assert_eq!(value(&engine, Tree::Meta, "h"), None);
+    }
+
+    /// A write cut short (the process died inside `pwrite`) is dropped whole at the next
+    /// open; what came before stays, and later writes follow it.
+    #[test]
+    fn a_torn_last_write_is_dropped_whole() {
+        let dir = TempDir::new();
+        {
+            let engine = LogEngine::open(dir.path()).expect("open");
+            engine
+                .write(vec![put(Tree::Data, "a", "1")])
+                .expect("write");
+            engine
+                .write(vec![put(Tree::Data, "b", "2"), put(Tree::Data, "c", "3")])
+                .expect("write");
+        }
+        let files = segment_files(dir.path());
+        let last = files.last().expect("a segment");
+        let len = fs::metadata(last).expect("metadata").len();
+        let file = OpenOptions::new().write(true).open(last).expect("segment");
+        file.set_len(len - 3).expect("cut");
+        drop(file);
+        {
+            let engine = LogEngine::open(dir.path()).expect("reopen");
+            assert_eq!(value(&engine, Tree::Data, "a").as_deref(), Some("1"));
+            assert_eq!(value(&engine, Tree::Data, "b"), None);
+            assert_eq!(value(&engine, Tree::Data, "c"), None);
+            engine
+                .write(vec![put(Tree::Data, "d", "4")])
+                .expect("write");
+        }
+        let engine = LogEngine::open(dir.path()).expect("reopen");
+        assert_eq!(value(&engine, Tree::Data, "a").as_deref(), Some("1"));
+        assert_eq!(value(&engine, Tree::Data, "d").as_deref(), Some("4"));
+        assert_eq!(value(&engine, Tree::Data, "b"), None);
+    }
+
+    /// Overwrites and deletes pile up dead bytes; a sync then merges: the disk shrinks, every
+    /// live value stays, and no deleted key comes back, then or after a reopen.
+    #[test]
+    fn a_merge_keeps_the_live_values_and_drops_the_dead() {
+        let dir = TempDir::new();
+        let expected: BTreeMap<String, String> = {
+            let engine = LogEngine::open_with(dir.path(), SMALL).expect("open");
+            let mut expected = BTreeMap::new();
+            for round in 0..40 {
+                for key in 0..20 {
+                    let (key, value) =
+                        (format!("k{key:02}"), format!("{round}-{}", "v".repeat(40)));
+                    engine
+                        .write(vec![put(Tree::Data, &key, &value)])
+                        .expect("write");
+                    expected.insert(key, value);
+                }
+            }
+            for key in 0..10 {
+                let key = format!("k{key:02}");
+                engine
+                    .write(vec![WriteOp::remove(Tree::Data, key.as_bytes().to_vec())])
+                    .expect("write");
+                expected.remove(&key);
+            }
+            engine
+                .write(vec![put(Tree::Meta, "m", "kept")])
+                .expect("write");
+            let before = segment_files(dir.path()).len();
+            assert!(engine.needs_merge(), "the test must reach a merge");
+            engine.sync().expect("sync and merge");
+            assert!(!engine.needs_merge());
+            assert!(
+                segment_files(dir.path()).len() < before / 4,
+                "{before} segments before"
+            );
+            assert!(!dir.path().join(SUPERSEDED_FILE).exists());
+            for key in 0..20 {
+                let key = format!("k{key:02}");
+                assert_eq!(
+                    value(&engine, Tree::Data, &key),
+                    expected.get(&key).cloned()
+                );
+            }
+            // Writes after a merge land after its copies.
+            engine
+                .write(vec![put(Tree::Data, "k19", "last")])
+                .expect("write");
+            expected.insert("k19".into(), "last".into());
+            expected
+        };
+        let engine = LogEngine::open_with(dir.path(), SMALL).expect("reopen");
+        let scanned: Vec<(String, String)> = engine
+            .scan(Tree::Data, None, 100)
+            .expect("scan")
+            .into_iter()
+            .map(|(key, value)| {
+                (
+                    String::from_utf8(key).expect("key"),
+                    String::from_utf8(value).expect("value"),
+                )
+            })
+            .collect();
+        assert_eq!(scanned, expected.into_iter().collect::<Vec<_>>());
+        assert_eq!(value(&engine, Tree::Meta, "m").as_deref(), Some("kept"));
+    }
+
+    /// A merge interrupted after its manifest, with the segment holding a delete already
+    /// gone and the older one holding the put still there: the next open deletes what the
+    /// manifest lists before replaying, so the put cannot outlive the delete.
+    #[test]
+    fn an_interrupted_merge_is_finished_at_open() {
+        let dir = TempDir::new();
+        let mut segments = Vec::new();
+        let writes = [
+            put(Tree::Data, "gone", "1"),
+            WriteOp::remove(Tree::Data, b"gone".to_vec()),
+            put(Tree::Data, "kept", "2"),
+        ];
+        for write in writes {
+            let engine = LogEngine::open(dir.path()).expect("open");
+            engine.write(vec![write]).expect("write");
+            drop(engine);
+            let files = segment_files(dir.path());
+            segments.push(files.last().expect("a segment").clone());
+        }
+        let (put_segment, delete_segment) = (&segments[0], &segments[1]);
+        fs::remove_file(delete_segment).expect("the merge deleted this one");
+        let names: Vec<String> = [put_segment, delete_segment]
+            .iter()
+            .map(|path| {
+                path.file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        fs::write(dir.path().join(SUPERSEDED_FILE), names.join("\n")).expect("manifest");
+        let engine = LogEngine::open(dir.path()).expect("reopen");
+        assert_eq!(value(&engine, Tree::Data, "gone"), None);
+        assert_eq!(value(&engine, Tree::Data, "kept").as_deref(), Some("2"));
+        assert!(!put_segment.exists());
+        assert!(!dir.path().join(SUPERSEDED_FILE).exists());
+    }
+
+    #[test]
+    fn neither_engine_opens_the_others_directory() {
+        let dir = TempDir::new();
+        let log = crate::storage::StorageConfig::Log {
+            dir: dir.path().to_path_buf(),
+        };
+        let fjall = crate::storage::StorageConfig::Durable {
+            dir: dir.path().to_path_buf(),
+        };
+        drop(crate::storage::open(&log).expect("a log directory"));
+        let refused = crate::storage::open(&fjall).map(|_| ());
+        assert!(
+            matches!(&refused, Err(StorageError::Engine(message)) if message.contains("another engine")),
+            "{refused:?}"
+        );
+        let other = TempDir::new();
+        drop(
+            crate::storage::open(&crate::storage::StorageConfig::Durable {
+                dir: other.path().to_path_buf(),
+            })
+            .expect("a fjall directory"),
+        );
+        let refused = crate::storage::open(&crate::storage::StorageConfig::Log {
+            dir: other.path().to_path_buf(),
+        })
+        .map(|_| ());
+        assert!(
+            matches!(refused, Err(StorageError::Engine(_))),
+            "{refused:?}"
+        );
+    }
+}
