@@ -14,14 +14,20 @@
 //!   value). It is written with one `pwrite` under the writer's lock, and the index is updated
 //!   under the same lock, so the index follows the log's order. When `write` returns, the
 //!   record is in the page cache: it survives SIGKILL, as fjall's journal does.
-//! - **Atomicity.** Replay reads records in order and stops at the first one whose length or
-//!   checksum does not hold (a torn tail), so a write is replayed whole or not at all.
-//!   Readers see the index change under one lock: all of a write or none of it.
+//! - **Atomicity.** Replay reads each segment's records in order; at the first one whose length
+//!   or checksum does not hold (a write torn by a crash) it cuts the segment, logs an error
+//!   and goes on with the next segment, so a write is replayed whole or not at all. (A
+//!   damaged record in the middle of an old segment is cut the same way, with what follows
+//!   it in that segment: fjall would refuse to start instead.) Readers see the index change
+//!   under one lock: all of a write or none of it.
 //! - **Sync.** [`Engine::sync`] fsyncs the segments written since the last sync, and the
-//!   directory when files were created or removed; the node calls it every second.
+//!   directory when files were created or removed; the node calls it every second. Open
+//!   fsyncs every segment it replays (writes acknowledged before a crash may still have been
+//!   only in the page cache).
 //! - **Segments** are named `<id>-<sub>.seg` and replayed in (id, sub) order. A new one is
 //!   started at open and whenever the active one passes 64 MiB ([`Limits`]).
-//! - **Merge.** Run from `sync` once the segments hold more than 256 MiB and at
+//! - **Merge.** Run by `sync`, which waits for it (and keeps fsyncing new writes every
+//!   second meanwhile), once the segments hold more than 256 MiB and at
 //!   least half of it is dead. It seals the active segment, copies every live value found in
 //!   the sealed ones into new segments numbered just after them (so they replay before any
 //!   later write), and points the index at the copies where it still points at the originals.
@@ -30,8 +36,13 @@
 //!   manifest leaves both, which replay to the same state: the copies hold the latest values
 //!   of their keys as of the copy, and anything later is in a later segment. A crash after it
 //!   is finished at the next open, which deletes what the manifest lists before replaying, so
-//!   no delete is ever undone by an older put left on disk. Readers holding a file handle
-//!   keep reading a deleted segment until they let go.
+//!   no delete is ever undone by an older put left on disk; so does the next merge, if the
+//!   deletion failed. Readers holding a file handle keep reading a deleted segment until they
+//!   let go. A merge does not start without free space for its copies, and a failed one
+//!   removes the copies nothing points at and waits a minute before the next try.
+//! - **Limits.** One write is one record, whose payload must stay under 4 GiB (the node's
+//!   requests are far smaller). Each segment is an open file: 64 MiB segments and merges at
+//!   half dead keep that to a few hundred per node below about 10 GiB of live data.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -39,7 +50,10 @@ use std::io::{ErrorKind, Read};
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError,
+};
+use std::time::{Duration, Instant};
 
 use super::{Engine, KeyValue, StorageError, Tree, WriteOp, check_key, check_ops};
 
@@ -60,13 +74,25 @@ impl Default for Limits {
         }
     }
 }
-/// Index entries copied per step of a merge, between two turns of the index lock.
+/// Index entries copied per step of a merge, between two turns of the index lock; a step
+/// also ends once it holds [`MERGE_STEP_BYTES`], so large values do not pile up in memory.
 const MERGE_STEP: usize = 4096;
+const MERGE_STEP_BYTES: u64 = 16 * 1024 * 1024;
+/// After a failed merge, the next try waits this long (a full disk does not clear in a second).
+const MERGE_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// A merge needs room for what it copies: it does not start with less free space than the
+/// live bytes plus this margin.
+const MERGE_FREE_MARGIN_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes each op adds to a record besides its key and value (tree, kind, two lengths).
+const OP_OVERHEAD_BYTES: u64 = 10;
+/// Largest manifest read at open: far more names than any merge writes.
+const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
 /// Record header: payload length (u32) and checksum (u64).
 const HEADER_BYTES: usize = 12;
 /// The directory of segments inside the data directory; only this engine makes one.
 pub(super) const SEGMENTS_DIR: &str = "segments";
-const LOCK_FILE: &str = "LOCK";
+/// The same name fjall locks, so the two engines cannot both hold one directory.
+const LOCK_FILE: &str = "lock";
 const SUPERSEDED_FILE: &str = "superseded";
 const TREES: [Tree; 3] = [Tree::Data, Tree::Hints, Tree::Meta];
 
@@ -83,13 +109,25 @@ impl SegmentId {
         format!("{:020}-{:05}.seg", self.id, self.sub)
     }
 
+    /// The id of a segment file's name; `None` for any other name, including spellings of a
+    /// segment's name other than the one [`SegmentId::file_name`] writes.
     fn parse(name: &str) -> Option<SegmentId> {
         let stem = name.strip_suffix(".seg")?;
         let (id, sub) = stem.split_once('-')?;
-        Some(SegmentId {
+        let id = SegmentId {
             id: id.parse().ok()?,
             sub: sub.parse().ok()?,
-        })
+        };
+        (id.file_name() == name).then_some(id)
+    }
+
+    /// The id of the active segment that follows this one.
+    fn next(self) -> Result<SegmentId, StorageError> {
+        let id = self
+            .id
+            .checked_add(1)
+            .ok_or_else(|| corrupt("segment ids are exhausted".into()))?;
+        Ok(SegmentId { id, sub: 0 })
     }
 }
 
@@ -114,7 +152,7 @@ fn tree_slot(tree: Tree) -> usize {
 struct Index {
     trees: [BTreeMap<Vec<u8>, Loc>; 3],
     segments: BTreeMap<SegmentId, Segment>,
-    /// Key and value bytes the index points at: what a merge would keep.
+    /// Bytes of the records a merge would write for what the index points at.
     live_bytes: u64,
 }
 
@@ -139,7 +177,7 @@ impl Index {
 
     fn set(&mut self, tree: Tree, key: Vec<u8>, loc: Option<Loc>) {
         let map = &mut self.trees[tree_slot(tree)];
-        let key_len = key.len() as u64;
+        let key_len = key.len() as u64 + OP_OVERHEAD_BYTES;
         let old = match loc {
             Some(loc) => {
                 self.live_bytes += key_len + u64::from(loc.len);
@@ -174,6 +212,8 @@ pub struct LogEngine {
     unsynced: Mutex<Unsynced>,
     /// Held while a merge runs: one at a time.
     merging: Mutex<()>,
+    /// When the last merge failed, if it did.
+    merge_failed_at: Mutex<Option<Instant>>,
     limits: Limits,
     /// Held by the process for as long as the engine is open.
     _lock: File,
@@ -227,11 +267,19 @@ impl LogEngine {
             let path = segments_dir.join(id.file_name());
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
             let len = replay(&file, id, &mut index)?;
-            if len < file.metadata()?.len() {
-                tracing::warn!(segment = %path.display(), kept = len, "a torn or damaged tail was cut off");
+            let found = file.metadata()?.len();
+            if len < found {
+                tracing::error!(
+                    segment = %path.display(),
+                    kept = len,
+                    cut = found - len,
+                    "a record that does not hold (torn by a crash, or damaged) was cut off with \
+                     everything after it in this segment"
+                );
                 file.set_len(len)?;
-                file.sync_all()?;
             }
+            // Writes acknowledged before a crash may still be only in the page cache.
+            file.sync_all()?;
             index.segments.insert(
                 id,
                 Segment {
@@ -240,9 +288,9 @@ impl LogEngine {
                 },
             );
         }
-        let next = SegmentId {
-            id: ids.last().map_or(1, |last| last.id + 1),
-            sub: 0,
+        let next = match ids.last() {
+            Some(last) => last.next()?,
+            None => SegmentId { id: 1, sub: 0 },
         };
         let file = Arc::new(create_segment(&segments_dir, next)?);
         sync_directory(&segments_dir)?;
@@ -264,6 +312,7 @@ impl LogEngine {
             }),
             unsynced: Mutex::new(Unsynced::default()),
             merging: Mutex::new(()),
+            merge_failed_at: Mutex::new(None),
             limits,
             _lock: lock_file,
         })
@@ -297,6 +346,59 @@ impl LogEngine {
         Ok(())
     }
 
+    /// Fsyncs the segments written since the last time, and the directory if files came or
+    /// went. What fails to sync is kept for the next try.
+    fn sync_files(&self) -> Result<(), StorageError> {
+        let active = lock(&self.writer).file.clone();
+        let pending = std::mem::take(&mut *lock(&self.unsynced));
+        let synced = pending
+            .files
+            .iter()
+            .chain(std::iter::once(&active))
+            .try_for_each(|file| file.sync_data())
+            .map_err(StorageError::from)
+            .and_then(|()| {
+                if pending.directory {
+                    sync_directory(&self.segments_dir)
+                } else {
+                    Ok(())
+                }
+            });
+        if synced.is_err() {
+            let mut unsynced = lock(&self.unsynced);
+            unsynced.files.extend(pending.files);
+            unsynced.directory |= pending.directory;
+        }
+        synced
+    }
+
+    /// Is a merge worth it (see [`LogEngine::needs_merge`]), not too soon after a failed one,
+    /// and is there room for its copies?
+    fn merge_due(&self) -> bool {
+        if !self.needs_merge() {
+            return false;
+        }
+        if let Some(failed) = *lock(&self.merge_failed_at)
+            && failed.elapsed() < MERGE_RETRY_AFTER
+        {
+            return false;
+        }
+        let live = self.read_index().live_bytes;
+        match free_bytes(&self.segments_dir) {
+            Ok(free) if free >= live.saturating_add(MERGE_FREE_MARGIN_BYTES) => true,
+            Ok(free) => {
+                tracing::warn!(free, live, "too little free space to merge the log");
+                *lock(&self.merge_failed_at) = Some(Instant::now());
+                false
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot tell the free space; the log is not merged");
+                false
+            }
+        }
+    }
+
+    /// Over [`Limits::merge_min_bytes`] on disk, and at least half of it dead.
     fn needs_merge(&self) -> bool {
         let index = self.read_index();
         let total = index.total_bytes();
@@ -307,12 +409,12 @@ impl LogEngine {
     /// the module documentation).
     fn merge(&self) -> Result<(), StorageError> {
         // Seal the active segment, so that everything written so far is merged.
+        // What an earlier merge failed to delete goes first: its manifest is about to be
+        // replaced.
+        finish_merge(&self.dir, &self.segments_dir)?;
         let sealed: Vec<SegmentId> = {
             let mut writer = lock(&self.writer);
-            let next = SegmentId {
-                id: writer.id.id + 1,
-                sub: 0,
-            };
+            let next = writer.id.next()?;
             self.rotate(&mut writer, next)?;
             let index = self.read_index();
             index
@@ -325,43 +427,17 @@ impl LogEngine {
         let Some(&last) = sealed.last() else {
             return Ok(());
         };
-        let mut output = MergeOutput::new(&self.segments_dir, last, self.limits.segment_bytes)?;
-        for tree in TREES {
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let step = self.live_in(tree, after.as_deref(), &sealed);
-                let Some(step) = step else { break };
-                after = step.next_after;
-                if step.entries.is_empty() {
-                    continue;
-                }
-                let mut ops = Vec::with_capacity(step.entries.len());
-                for (key, loc, file) in &step.entries {
-                    ops.push(WriteOp::put(tree, key.clone(), read_value(file, *loc)?));
-                }
-                let record = encode(&ops)?;
-                let (segment, base) = output.append(&self.segments_dir, &record.bytes)?;
-                let mut index = self.write_index();
-                let file = output.file.clone();
-                index.segments.insert(
-                    segment,
-                    Segment {
-                        file,
-                        len: output.len,
-                    },
-                );
-                for ((key, old, _), value_offset) in step.entries.into_iter().zip(&record.values) {
-                    let slot = tree_slot(tree);
-                    if index.trees[slot].get(&key) == Some(&old) {
-                        let new = Loc {
-                            segment,
-                            offset: base + value_offset,
-                            len: old.len,
-                        };
-                        index.trees[slot].insert(key, new);
-                    }
+        let mut output = MergeOutput::new(last, self.limits.segment_bytes);
+        let copied = self.copy_live(&sealed, &mut output);
+        if let Err(error) = copied {
+            // Copies nothing points at yet are removed; the others are live segments now.
+            let index = self.read_index();
+            for id in &output.ids {
+                if !index.segments.contains_key(id) {
+                    let _ = remove_if_present(&self.segments_dir.join(id.file_name()));
                 }
             }
+            return Err(error);
         }
         for file in &output.files {
             file.sync_all()?;
@@ -388,13 +464,67 @@ impl LogEngine {
         Ok(())
     }
 
-    /// The next up to [`MERGE_STEP`] keys of `tree` after `after`, with those whose value
-    /// lies in a `sealed` segment; `None` once the tree is done.
+    /// Copies the live values of the `sealed` segments into `output`, pointing the index at
+    /// each copy where it still points at the original. Keeps the one-second sync going
+    /// meanwhile, since the sync that runs a merge waits for it.
+    fn copy_live(
+        &self,
+        sealed: &[SegmentId],
+        output: &mut MergeOutput,
+    ) -> Result<(), StorageError> {
+        let mut synced_at = Instant::now();
+        for tree in TREES {
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let step = self.live_in(tree, after.as_deref(), sealed);
+                let Some(step) = step else { break };
+                after = step.next_after;
+                if step.entries.is_empty() {
+                    continue;
+                }
+                let mut ops = Vec::with_capacity(step.entries.len());
+                for (key, loc, file) in &step.entries {
+                    ops.push(WriteOp::put(tree, key.clone(), read_value(file, *loc)?));
+                }
+                let record = encode(&ops)?;
+                let (segment, file, base) = output.append(&self.segments_dir, &record.bytes)?;
+                let mut index = self.write_index();
+                index.segments.insert(
+                    segment,
+                    Segment {
+                        file,
+                        len: output.len,
+                    },
+                );
+                for ((key, old, _), value_offset) in step.entries.into_iter().zip(&record.values) {
+                    let slot = tree_slot(tree);
+                    if index.trees[slot].get(&key) == Some(&old) {
+                        let new = Loc {
+                            segment,
+                            offset: base + value_offset,
+                            len: old.len,
+                        };
+                        index.trees[slot].insert(key, new);
+                    }
+                }
+                if synced_at.elapsed() >= Duration::from_secs(1) {
+                    self.sync_files()?;
+                    synced_at = Instant::now();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next keys of `tree` after `after` (up to [`MERGE_STEP`] of them, or fewer once
+    /// [`MERGE_STEP_BYTES`] are to be copied), with those whose value lies in a `sealed`
+    /// segment; `None` once the tree is done.
     fn live_in(&self, tree: Tree, after: Option<&[u8]>, sealed: &[SegmentId]) -> Option<MergeStep> {
         let index = self.read_index();
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         let mut next_after = None;
         let mut entries = Vec::new();
+        let mut bytes = 0u64;
         for (key, loc) in index.trees[tree_slot(tree)]
             .range::<[u8], _>((start, Bound::Unbounded))
             .take(MERGE_STEP)
@@ -404,6 +534,10 @@ impl LogEngine {
                 && let Some(segment) = index.segments.get(&loc.segment)
             {
                 entries.push((key.clone(), *loc, segment.file.clone()));
+                bytes += key.len() as u64 + u64::from(loc.len);
+                if bytes >= MERGE_STEP_BYTES {
+                    break;
+                }
             }
         }
         next_after.as_ref()?;
@@ -419,43 +553,57 @@ struct MergeStep {
     next_after: Option<Vec<u8>>,
 }
 
-/// The segments a merge writes: `(last.id, last.sub + 1)`, `(last.id, last.sub + 2)`, …
+/// The segments a merge writes: `(last.id, last.sub + 1)`, `(last.id, last.sub + 2)`, …,
+/// each created when the first record goes into it.
 struct MergeOutput {
     segment_bytes: u64,
-    id: SegmentId,
-    file: Arc<File>,
+    last: SegmentId,
+    file: Option<Arc<File>>,
     len: u64,
+    ids: Vec<SegmentId>,
     files: Vec<Arc<File>>,
 }
 
 impl MergeOutput {
-    fn new(dir: &Path, last: SegmentId, segment_bytes: u64) -> Result<Self, StorageError> {
-        let id = SegmentId {
-            id: last.id,
-            sub: last.sub + 1,
-        };
-        let file = Arc::new(create_segment(dir, id)?);
-        Ok(MergeOutput {
+    fn new(last: SegmentId, segment_bytes: u64) -> Self {
+        MergeOutput {
             segment_bytes,
-            id,
-            file: file.clone(),
+            last,
+            file: None,
             len: 0,
-            files: vec![file],
-        })
+            ids: Vec::new(),
+            files: Vec::new(),
+        }
     }
 
-    /// Appends a record; the segment it went to and the record's offset there.
-    fn append(&mut self, dir: &Path, record: &[u8]) -> Result<(SegmentId, u64), StorageError> {
-        if self.len > 0 && self.len + record.len() as u64 > self.segment_bytes {
-            self.id.sub += 1;
-            self.file = Arc::new(create_segment(dir, self.id)?);
-            self.files.push(self.file.clone());
-            self.len = 0;
-        }
+    /// Appends a record; the segment it went to, its file, and the record's offset there.
+    fn append(
+        &mut self,
+        dir: &Path,
+        record: &[u8],
+    ) -> Result<(SegmentId, Arc<File>, u64), StorageError> {
+        let full = self.len > 0 && self.len + record.len() as u64 > self.segment_bytes;
+        let file = match &self.file {
+            Some(file) if !full => file.clone(),
+            _ => {
+                let sub = self
+                    .last
+                    .sub
+                    .checked_add(1)
+                    .ok_or_else(|| corrupt("segment ids are exhausted".into()))?;
+                self.last = SegmentId { sub, ..self.last };
+                self.ids.push(self.last);
+                let file = Arc::new(create_segment(dir, self.last)?);
+                self.files.push(file.clone());
+                self.file = Some(file.clone());
+                self.len = 0;
+                file
+            }
+        };
         let offset = self.len;
-        self.file.write_all_at(record, offset)?;
+        file.write_all_at(record, offset)?;
         self.len += record.len() as u64;
-        Ok((self.id, offset))
+        Ok((self.last, file, offset))
     }
 }
 
@@ -484,10 +632,7 @@ impl Engine for LogEngine {
         let len = record.bytes.len() as u64;
         let mut writer = lock(&self.writer);
         if writer.len > 0 && writer.len + len > self.limits.segment_bytes {
-            let next = SegmentId {
-                id: writer.id.id + 1,
-                sub: 0,
-            };
+            let next = writer.id.next()?;
             self.rotate(&mut writer, next)?;
         }
         let offset = writer.len;
@@ -536,18 +681,18 @@ impl Engine for LogEngine {
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        let active = lock(&self.writer).file.clone();
-        let Unsynced { files, directory } = std::mem::take(&mut *lock(&self.unsynced));
-        for file in files.iter().chain(std::iter::once(&active)) {
-            file.sync_data()?;
-        }
-        if directory {
-            sync_directory(&self.segments_dir)?;
-        }
-        if let Ok(_merging) = self.merging.try_lock()
-            && self.needs_merge()
+        self.sync_files()?;
+        let _merging = match self.merging.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(()),
+        };
+        if self.merge_due()
+            && let Err(error) = self.merge()
         {
-            self.merge()?;
+            // The sync itself succeeded; the merge is tried again later.
+            *lock(&self.merge_failed_at) = Some(Instant::now());
+            tracing::error!(%error, "a merge of the log failed; it is tried again in a minute");
         }
         Ok(())
     }
@@ -688,6 +833,12 @@ fn create_segment(dir: &Path, id: SegmentId) -> Result<File, StorageError> {
         .open(dir.join(id.file_name()))?)
 }
 
+/// Bytes an unprivileged process may still write on `dir`'s file system.
+fn free_bytes(dir: &Path) -> Result<u64, StorageError> {
+    let stats = rustix::fs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
 fn sync_directory(dir: &Path) -> Result<(), StorageError> {
     File::open(dir)?.sync_all()?;
     Ok(())
@@ -714,11 +865,13 @@ fn write_superseded(dir: &Path, sealed: &[SegmentId]) -> Result<(), StorageError
 fn finish_merge(dir: &Path, segments_dir: &Path) -> Result<(), StorageError> {
     remove_if_present(&dir.join(format!("{SUPERSEDED_FILE}.tmp")))?;
     let manifest = dir.join(SUPERSEDED_FILE);
-    let text = match fs::read_to_string(&manifest) {
-        Ok(text) => text,
+    let file = match File::open(&manifest) {
+        Ok(file) => file,
         Err(error) if error.kind() == ErrorKind::NotFound => return Ok(()),
         Err(error) => return Err(error.into()),
     };
+    let mut text = String::new();
+    file.take(MAX_MANIFEST_BYTES).read_to_string(&mut text)?;
     for name in text.lines() {
         if SegmentId::parse(name).is_none() {
             return Err(corrupt(format!(

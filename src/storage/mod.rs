@@ -9,12 +9,18 @@
 //! # Why a trait
 //!
 //! Those four operations are the whole of [`Engine`], so the node logic above it never sees the
-//! engine behind it. Two implementations sit beside each other: [`MemoryEngine`], a `BTreeMap`
-//! per tree behind a lock, which backs `--in-memory` nodes and makes node tests fast; and
-//! [`FjallEngine`], the durable one. One test suite (`tests.rs`) runs against both, so the
-//! contract written on the trait is the contract both engines are checked against.
+//! engine behind it. Three implementations sit beside each other: [`MemoryEngine`], a
+//! `BTreeMap` per tree behind a lock, which backs `--in-memory` nodes and makes node tests
+//! fast; [`LogEngine`], the durable default; and [`FjallEngine`], the durable engine before it,
+//! which still opens the directories it wrote. One test suite (`tests.rs`) runs against all
+//! three, so the contract written on the trait is the contract every engine is checked against.
 //!
-//! # Why fjall
+//! # Why a log, and why fjall before it
+//!
+//! Both are log-structured, for the reason below. What separates them is what a write costs
+//! after its append: fjall inserts every version into a skip list that a flush later walks
+//! whole; the log engine replaces one entry of an in-memory index and later copies only the
+//! live values (`log.rs` has the measurements, and the README's *The put tail*).
 //!
 //! A storage node is write-heavy: every client `put` becomes a write on N replicas, and
 //! hinted handoff and anti-entropy add more. [fjall] is a log-structured merge tree with a
@@ -29,7 +35,8 @@
 //!
 //! # What "durable" means here
 //!
-//! - When [`Engine::write`] returns `Ok`, the write is in the journal in the OS page cache. It
+//! - When [`Engine::write`] returns `Ok`, the write is in the log (or fjall's journal) in the OS
+//!   page cache. It
 //!   survives the *process* dying in any way (panic, `SIGKILL`, the OOM killer), because the
 //!   kernel still writes the page cache out. This is what a node needs before it acknowledges.
 //! - It survives *power loss or a kernel crash* only once [`Engine::sync`] (fsync) has run. The
@@ -38,10 +45,10 @@
 //!   most) on that machine. Replication
 //!   covers that window: a put acknowledged by W replicas is lost only if all W machines lose
 //!   power within the same interval. A shorter interval narrows the window and costs more
-//!   fsyncs (writers do not wait for this one, though they still wait for the fsyncs fjall
-//!   makes itself when it flushes a memtable or rotates its journal: see `durable.rs`).
-//! - Either way the data stays consistent: recovery drops an unfinished batch at the end of the
-//!   journal whole, so a multi-op write is all there or absent.
+//!   fsyncs (writers do not wait for this one, though with fjall they still wait for the fsyncs
+//!   it makes itself when it flushes a memtable or rotates its journal: see `durable.rs`).
+//! - Either way the data stays consistent: recovery drops an unfinished write at the end of the
+//!   log or journal whole, so a multi-op write is all there or absent.
 //!
 //! # Keys
 //!
@@ -194,7 +201,7 @@ pub trait Engine: Send + Sync + 'static {
     /// periodically.
     fn sync(&self) -> Result<(), StorageError>;
 
-    /// Short name for logs/metrics: "memory" or "fjall".
+    /// Short name for logs/metrics: "memory", "log" or "fjall".
     fn name(&self) -> &'static str;
 }
 
@@ -202,7 +209,8 @@ pub trait Engine: Send + Sync + 'static {
 pub const MAX_KEY_BYTES: usize = 65536;
 
 /// Largest value the engine accepts: far above any request the node accepts (32 MiB by
-/// default) and safely below fjall's limit of 4 GiB per stored value.
+/// default) and safely below fjall's limit of 4 GiB per stored value (the log engine's limit
+/// is 4 GiB per write, all its values together).
 pub const MAX_VALUE_BYTES: usize = 1 << 30;
 
 /// Which engine to open.
