@@ -64,6 +64,8 @@ pub struct Limits {
     pub segment_bytes: u64,
     /// No merge below this much on disk: small stores are not worth the copying.
     pub merge_min_bytes: u64,
+    /// How often a running merge fsyncs what was written meanwhile: the node's sync interval.
+    pub sync_every: Duration,
 }
 
 impl Default for Limits {
@@ -78,6 +80,7 @@ impl Default for Limits {
         Limits {
             segment_bytes: 64 * MIB,
             merge_min_bytes: 256 * MIB + crate::random::random_u64() % (128 * MIB),
+            sync_every: Duration::from_secs(1),
         }
     }
 }
@@ -266,8 +269,10 @@ impl LogEngine {
         let mut ids = Vec::new();
         for entry in fs::read_dir(&segments_dir)? {
             let entry = entry?;
-            if let Some(id) = entry.file_name().to_str().and_then(SegmentId::parse) {
-                ids.push(id);
+            let name = entry.file_name();
+            match name.to_str().and_then(SegmentId::parse) {
+                Some(id) => ids.push(id),
+                None => tracing::warn!(file = ?name, "not a segment name; the file is ignored"),
             }
         }
         ids.sort_unstable();
@@ -438,11 +443,16 @@ impl LogEngine {
         let mut output = MergeOutput::new(last, self.limits.segment_bytes);
         let copied = self.copy_live(&sealed, &mut output);
         if let Err(error) = copied {
-            // Copies nothing points at yet are removed; the others are live segments now.
-            let index = self.read_index();
-            for id in &output.ids {
-                if !index.segments.contains_key(id) {
-                    let _ = remove_if_present(&self.segments_dir.join(id.file_name()));
+            // Copies nothing points at yet are removed; the others are live segments now. One
+            // that cannot be removed is kept as an empty segment, so that the next merge
+            // replaces it (and lists it in its manifest) rather than leaving it to be replayed.
+            let mut index = self.write_index();
+            for (id, file) in output.ids.iter().zip(&output.files) {
+                if !index.segments.contains_key(id)
+                    && remove_if_present(&self.segments_dir.join(id.file_name())).is_err()
+                {
+                    let file = file.clone();
+                    index.segments.insert(*id, Segment { file, len: 0 });
                 }
             }
             return Err(error);
@@ -515,7 +525,10 @@ impl LogEngine {
                         index.trees[slot].insert(key, new);
                     }
                 }
-                if synced_at.elapsed() >= Duration::from_secs(1) {
+                // Writers take the writer's lock and then the index's; `sync_files` takes
+                // the writer's, so the index must be let go first.
+                drop(index);
+                if synced_at.elapsed() >= self.limits.sync_every {
                     self.sync_files()?;
                     synced_at = Instant::now();
                 }
@@ -600,8 +613,8 @@ impl MergeOutput {
                     .checked_add(1)
                     .ok_or_else(|| corrupt("segment ids are exhausted".into()))?;
                 self.last = SegmentId { sub, ..self.last };
-                self.ids.push(self.last);
                 let file = Arc::new(create_segment(dir, self.last)?);
+                self.ids.push(self.last);
                 self.files.push(file.clone());
                 self.file = Some(file.clone());
                 self.len = 0;
@@ -879,7 +892,11 @@ fn finish_merge(dir: &Path, segments_dir: &Path) -> Result<(), StorageError> {
         Err(error) => return Err(error.into()),
     };
     let mut text = String::new();
-    file.take(MAX_MANIFEST_BYTES).read_to_string(&mut text)?;
+    file.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(corrupt(format!("{} is too large", manifest.display())));
+    }
     for name in text.lines() {
         if SegmentId::parse(name).is_none() {
             return Err(corrupt(format!(
@@ -923,6 +940,7 @@ mod tests {
     const SMALL: Limits = Limits {
         segment_bytes: 4096,
         merge_min_bytes: 16 * 1024,
+        sync_every: Duration::from_secs(1),
     };
 
     #[test]
@@ -1054,6 +1072,64 @@ mod tests {
             .collect();
         assert_eq!(scanned, expected.into_iter().collect::<Vec<_>>());
         assert_eq!(value(&engine, Tree::Meta, "m").as_deref(), Some("kept"));
+    }
+
+    /// A merge that fsyncs between its steps while other threads write must finish: one that
+    /// still held the index when it went for the writer's lock (to fsync) deadlocked with any
+    /// write holding the writer's lock and waiting for the index.
+    #[test]
+    fn a_merge_finishes_while_writers_write() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = TempDir::new();
+        let limits = Limits {
+            sync_every: Duration::ZERO,
+            ..SMALL
+        };
+        let engine = Arc::new(LogEngine::open_with(dir.path(), limits).expect("open"));
+        for round in 0..6 {
+            for key in 0..2000 {
+                let value = format!("{round}-{}", "v".repeat(20));
+                engine
+                    .write(vec![put(Tree::Data, &format!("k{key:04}"), &value)])
+                    .expect("write");
+            }
+        }
+        assert!(engine.needs_merge());
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..2)
+            .map(|writer| {
+                let (engine, stop) = (engine.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut written = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("w{writer}");
+                        engine
+                            .write(vec![put(Tree::Data, &key, &written.to_string())])
+                            .expect("write");
+                        written += 1;
+                    }
+                    written
+                })
+            })
+            .collect();
+        let (done, finished) = std::sync::mpsc::channel();
+        let merger = engine.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(merger.merge().is_ok());
+        });
+        let outcome = finished.recv_timeout(Duration::from_secs(30));
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(outcome, Ok(true), "the merge did not finish within 30 s");
+        for (writer, handle) in writers.into_iter().enumerate() {
+            let written = handle.join().expect("writer");
+            let last = value(&engine, Tree::Data, &format!("w{writer}"));
+            assert_eq!(last, written.checked_sub(1).map(|n| n.to_string()));
+        }
+        let expected = format!("5-{}", "v".repeat(20));
+        for key in 0..2000 {
+            let found = value(&engine, Tree::Data, &format!("k{key:04}"));
+            assert_eq!(found.as_deref(), Some(expected.as_str()));
+        }
     }
 
     /// A merge interrupted after its manifest, with the segment holding a delete already
