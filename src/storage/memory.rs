@@ -5,10 +5,9 @@
 //! writers are serialised, which costs little since each holds the lock for a few map inserts.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::{Engine, KeyValue, StorageError, Tree, WriteOp, check_key, check_ops};
+use super::{Engine, KeyValue, StorageError, Tree, WriteOp, check_key, check_ops, keys_after};
 
 /// Keeps every tree in a `BTreeMap`; loses everything when dropped.
 #[derive(Debug, Default)]
@@ -89,11 +88,10 @@ impl Engine for MemoryEngine {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StorageError> {
-        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         let trees = self.read();
         let page = trees
             .tree(tree)
-            .range::<[u8], _>((start, Bound::Unbounded))
+            .range::<[u8], _>(keys_after(after))
             .take(limit)
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();

@@ -65,6 +65,7 @@ mod memory;
 #[cfg(test)]
 mod tests;
 
+use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -293,6 +294,15 @@ fn refuse_other_layout(
         )));
     }
     Ok(())
+}
+
+/// The bounds of the keys [`Engine::scan`] pages through: all of them, or those strictly after
+/// `after`.
+fn keys_after(after: Option<&[u8]>) -> (Bound<&[u8]>, Bound<&[u8]>) {
+    (
+        after.map_or(Bound::Unbounded, Bound::Excluded),
+        Bound::Unbounded,
+    )
 }
 
 /// Refuses a write whose keys or values exceed the limits, before any of it is applied.
