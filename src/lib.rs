@@ -21,6 +21,7 @@
 
 pub mod balancer;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod merkle;

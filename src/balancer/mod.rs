@@ -5,8 +5,11 @@
 //! replicas (the preference list, with down nodes replaced by fallbacks: [`targets`], fed by
 //! the failure detector in `health`) and drives them:
 //!
-//! - **put / delete**: the first preferred replica that answers *coordinates*: it stamps the
-//!   write with its dot and stores it (see [`crate::version`] for why the stamp is a node's).
+//! - **put / delete**: the balancer reads the time the request entered the cluster on the
+//!   cluster clock ([`crate::clock`]); the first preferred replica that answers
+//!   *coordinates*: it stamps the write with its dot and that entry time, and stores it (see
+//!   [`crate::version`] for why the dot is a node's, and why a blind write supersedes only
+//!   what entered before it).
 //!   A first replica that is lagging (work outstanding, nothing answered for a couple of
 //!   milliseconds: see [`crate::rpc::batch`]) is passed over for the next preferred one, as
 //!   Dynamo lets any of the top N coordinate, so a write does not queue behind a stall.
@@ -20,12 +23,14 @@
 //! Every replica call runs in its own task with the replica timeout and travels in a batch to
 //! its node ([`crate::rpc::batch`]); it reports on a channel, and when the client has its
 //! answer the receiver may be gone: the remaining tasks simply end when their call does.
-//! Nothing outlives the timeout.
+//! Nothing outlives the timeout, on the node either: each operation carries the moment the
+//! balancer stops waiting for it, and a node refuses one that arrives later.
 
 mod health;
 pub mod targets;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dxr::Value;
@@ -109,6 +114,9 @@ struct Shared {
     nodes: Vec<NodeQueue>,
     health: Health,
     metrics: BalancerMetrics,
+    /// The last entry time handed out, so that requests entering one after another get
+    /// increasing times even when the cluster clock's estimate moves back a little.
+    last_entry_us: AtomicU64,
 }
 
 /// One replica's reply, tagged with the target it came from.
@@ -145,6 +153,7 @@ impl Balancer {
                 nodes,
                 health,
                 metrics: BalancerMetrics::default(),
+                last_entry_us: AtomicU64::new(0),
             }),
         }
     }
@@ -265,12 +274,29 @@ impl Balancer {
         }
     }
 
-    /// A put (`value` Some) or delete (`value` None) through a coordinating replica.
+    /// The time a request entering now entered the cluster: the cluster clock, in microseconds,
+    /// strictly after any entry time this balancer handed out before.
+    fn entry_time_us(&self) -> u64 {
+        let now = self.shared.client.clocks().cluster_now_us();
+        let last = &self.shared.last_entry_us;
+        let mut previous = last.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(previous.saturating_add(1));
+            match last.compare_exchange_weak(previous, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return next,
+                Err(current) => previous = current,
+            }
+        }
+    }
+
+    /// A put (`value` Some) or delete (`value` None) through a coordinating replica; the
+    /// request entered the cluster at `entered_us` (see [`Self::entry_time_us`]).
     pub async fn write(
         &self,
         key: String,
         value: Option<String>,
         context: Option<VClock>,
+        entered_us: u64,
     ) -> Result<()> {
         let (mut targets, mut tally, mut first_failure) =
             self.targets(&key, self.shared.config.write_quorum);
@@ -300,6 +326,7 @@ impl Balancer {
                 value: value.clone(),
                 context: context.clone(),
                 hint_for: self.hint_for(target),
+                entered_us,
             };
             let reply = self
                 .call_replica(target.server, Op::Coordinate(request))
@@ -423,8 +450,9 @@ impl Balancer {
             && seen.iter().all(|(target, _)| !target.is_fallback());
         let everyone_agrees = seen.iter().all(|(_, siblings)| *siblings == merged);
         if all_primaries && everyone_agrees && merged.is_tombstoned() {
-            let age_ms = crate::node::now_ms().saturating_sub(merged.newest_timestamp_ms());
-            if u128::from(age_ms) >= self.shared.config.tombstone_grace.as_millis() {
+            let now_us = self.shared.client.clocks().cluster_now_us();
+            let age_us = now_us.saturating_sub(merged.newest_timestamp_us());
+            if u128::from(age_us) >= self.shared.config.tombstone_grace.as_micros() {
                 let replicas: Vec<Target> = seen.into_iter().map(|(target, _)| target).collect();
                 self.reap(key, &merged, &replicas);
             }
@@ -481,14 +509,16 @@ impl Balancer {
         match method {
             "put" => {
                 metrics.puts.inc();
+                let entered_us = self.entry_time_us();
                 let (key, value, context) = put_params(params)?;
-                self.write(key, Some(value), context).await?;
+                self.write(key, Some(value), context, entered_us).await?;
                 Ok(codec::string_xml("200"))
             }
             "delete" => {
                 metrics.deletes.inc();
+                let entered_us = self.entry_time_us();
                 let (key, context) = delete_params(params)?;
-                self.write(key.clone(), None, context).await?;
+                self.write(key.clone(), None, context, entered_us).await?;
                 self.check_tombstones_later(key);
                 Ok(codec::string_xml("200"))
             }
@@ -531,6 +561,18 @@ impl Balancer {
                 ];
                 if let Some(error) = shared.health.last_error(index) {
                     entry.push(("last_error".to_string(), Value::String(error)));
+                }
+                // How far the node's clock is from this balancer's, as measured (see
+                // `crate::clock`): deadlines are translated by it.
+                if let Some(offset) = shared.client.clocks().offset(address) {
+                    entry.push((
+                        "clock_offset_us".to_string(),
+                        codec::int_value(offset.offset_us),
+                    ));
+                    entry.push((
+                        "clock_error_us".to_string(),
+                        codec::int_value(i64::try_from(offset.error_us).unwrap_or(i64::MAX)),
+                    ));
                 }
                 Value::Struct(entry.into_iter().collect())
             })
@@ -653,7 +695,7 @@ impl Handler for Balancer {
 /// `{values: [...], context: "..."}`, the live siblings latest first.
 fn versions_xml(siblings: &Siblings) -> String {
     let mut live: Vec<_> = siblings.values().collect();
-    live.sort_by_key(|v| std::cmp::Reverse((v.timestamp_ms, v.dot)));
+    live.sort_by_key(|v| std::cmp::Reverse((v.timestamp_us, v.dot)));
     let values = codec::array_xml(live.iter().filter_map(|v| v.value.as_deref()));
     let context = if live.is_empty() {
         String::new()

@@ -287,7 +287,7 @@ impl AntiEntropy {
             .collect();
         // When the bound bites, start at a varying place, so that two peers repairing the same
         // node do not both send it the same first keys.
-        let start = usize::try_from(super::now_ms()).unwrap_or(0);
+        let start = usize::try_from(crate::clock::now_ms()).unwrap_or(0);
         for keys in [&mut push, &mut pull] {
             if keys.len() > self.max_keys {
                 let len = keys.len();
@@ -302,13 +302,17 @@ impl AntiEntropy {
                 .iter()
                 .map(|key| Ok((key.clone(), node.read_own(key)?)))
                 .collect::<Result<Vec<_>>>()?;
+            // Refused by the peer once this call has timed out here (see `Envelope`).
+            let deadline_us = crate::clock::remote_deadline_us(
+                crate::clock::now_us().saturating_add(CALL_TIMEOUT.as_micros() as u64),
+                client.clocks().offset(&address),
+            );
+            let request = MergeManyRequest {
+                entries,
+                deadline_us,
+            };
             let _merged: u64 = self
-                .call(
-                    client,
-                    &address,
-                    messages::MERGE_MANY,
-                    MergeManyRequest { entries },
-                )
+                .call(client, &address, messages::MERGE_MANY, request)
                 .await?;
             self.metrics.keys_pushed.add(chunk.len() as u64);
         }

@@ -182,6 +182,8 @@ async fn deliver(
             })
         })
         .collect();
+    let deadline_us = crate::clock::now_us().saturating_add(batch::micros(HANDOFF_TIMEOUT));
+    let ops: Vec<(&Op, u64)> = ops.iter().map(|op| (op, deadline_us)).collect();
     batch::send_batch(client, owner, &ops, HANDOFF_TIMEOUT).await
 }
 

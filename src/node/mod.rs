@@ -24,7 +24,7 @@ mod transaction;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use dxr::Value;
 use tokio::net::TcpListener;
@@ -34,8 +34,8 @@ use crate::error::{Error, Result};
 use crate::rpc::client::RpcClient;
 use crate::rpc::codec;
 use crate::rpc::messages::{
-    self, CoordinateRequest, MergeManyRequest, MergeRequest, Op, OpReply, ReadManyRequest,
-    ReadRequest, ReapRequest, check_key,
+    self, CoordinateRequest, Envelope, MergeManyRequest, MergeRequest, Op, OpReply,
+    ReadManyRequest, ReadRequest, ReapRequest, check_key,
 };
 use crate::rpc::params;
 use crate::rpc::server::{self, Handler, ServerLimits, expect_params};
@@ -74,6 +74,13 @@ pub const READ_REPLY_BUDGET: usize = 32 * 1024 * 1024;
 
 const _: () =
     assert!(3 * MAX_SET_VALUE_BYTES + READ_REPLY_BUDGET <= crate::rpc::client::MAX_RESPONSE_BYTES);
+
+/// How far ahead of this node's clock a write's entry time may be. Entry times are read on
+/// the cluster clock, which follows the median storage node ([`crate::clock`]), so an entry
+/// time this far ahead means this node's clock (or the coordinator's) is badly off. A version
+/// stamped far in the future would win `get` over every write made until that time came, so
+/// the node refuses to coordinate it (another replica does) and says why.
+pub const MAX_ENTRY_AHEAD_US: u64 = 10_000_000;
 
 const ACTOR_ID_KEY: &[u8] = b"actor_id";
 
@@ -114,6 +121,8 @@ struct NodeMetrics {
     reaps: Counter,
     batches: Counter,
     errors: Counter,
+    /// Operations refused because they arrived after their deadline.
+    expired: Counter,
 }
 
 pub struct StorageNode {
@@ -230,6 +239,16 @@ impl StorageNode {
     /// Merges sibling sets into the node's own copies (anti-entropy push and pull), as one
     /// batch: one transaction, one journal write. Fails with the first refusal.
     pub fn merge_own_many(&self, entries: Vec<(String, Siblings)>) -> Result<()> {
+        self.merge_own_many_until(entries, u64::MAX)
+    }
+
+    /// As [`Self::merge_own_many`], refused as a whole if it is applied after `deadline_us`
+    /// (this node's clock; see [`Envelope`]).
+    pub fn merge_own_many_until(
+        &self,
+        entries: Vec<(String, Siblings)>,
+        deadline_us: u64,
+    ) -> Result<()> {
         let ops = entries
             .into_iter()
             .map(|(key, siblings)| {
@@ -240,9 +259,16 @@ impl StorageNode {
                 })
             })
             .collect();
-        for reply in self.apply_batch(ops) {
-            if let OpReply::Fault { code, message } = reply {
-                return Err(Error::Fault { code, message });
+        for reply in self.apply_until(ops, deadline_us) {
+            match reply {
+                OpReply::Fault { code, message } => return Err(Error::Fault { code, message }),
+                OpReply::Expired { late_by_us } => {
+                    return Err(Error::Internal(format!(
+                        "arrived {} ms after its deadline; refused",
+                        late_by_us / 1000
+                    )));
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -297,7 +323,18 @@ impl StorageNode {
         request: CoordinateRequest,
     ) -> Result<()> {
         self.log("put", place.key(), request.value.is_none());
-        let now = now_ms();
+        let now = request.entered_us;
+        let ahead_us = now.saturating_sub(crate::clock::now_us());
+        if ahead_us > MAX_ENTRY_AHEAD_US {
+            tracing::warn!(
+                ahead_ms = ahead_us / 1000,
+                "refused to coordinate a write stamped ahead of this node's clock: are the machines' clocks synchronised?"
+            );
+            return Err(Error::Internal(format!(
+                "the write entered the cluster {} ms ahead of this node's clock",
+                ahead_us / 1000
+            )));
+        }
         let siblings = transaction.siblings(place)?;
         if siblings.versions().len() < MAX_SIBLINGS
             && siblings.value_bytes().saturating_add(request.value_bytes()) <= MAX_SET_VALUE_BYTES
@@ -412,6 +449,7 @@ impl StorageNode {
                 "connections".to_string(),
                 counter(&server::CONNECTIONS_ACCEPTED),
             ),
+            ("expired".to_string(), counter(&self.metrics.expired)),
             (
                 "cache_bytes".to_string(),
                 codec::int_value(i64::try_from(self.cache.weight()).unwrap_or(i64::MAX)),
@@ -455,10 +493,15 @@ impl Handler for StorageNode {
     const SERVES_BATCHES: bool = true;
 
     async fn batch(&self, body: bytes::Bytes) -> Result<Vec<u8>> {
-        let ops: Vec<Op> = postcard::from_bytes(&body)
+        let envelopes: Vec<Envelope> = postcard::from_bytes(&body)
             .map_err(|_| Error::invalid("batch could not be decoded"))?;
         self.metrics.batches.inc();
-        let replies = self.apply_batch(ops);
+        let replies = self.apply(
+            envelopes
+                .into_iter()
+                .map(|envelope| (envelope.op, envelope.deadline_us))
+                .collect(),
+        );
         postcard::to_allocvec(&replies)
             .map_err(|_| Error::Internal("batch reply could not be encoded".into()))
     }
@@ -489,6 +532,11 @@ impl Handler for StorageNode {
             "Binary batches of replica operations served.",
             m.batches.get(),
         )
+        .counter(
+            "dynamite_node_expired_total",
+            "Replica operations refused unapplied because they arrived after their deadline.",
+            m.expired.get(),
+        )
         .gauge(
             "dynamite_node_keys",
             "Live keys stored here.",
@@ -504,21 +552,32 @@ impl Handler for StorageNode {
 }
 
 impl StorageNode {
+    /// Runs a batch of operations that carry no deadline (this node's own, and tests').
+    pub fn apply_batch(&self, ops: Vec<Op>) -> Vec<OpReply> {
+        self.apply_until(ops, u64::MAX)
+    }
+
+    fn apply_until(&self, ops: Vec<Op>, deadline_us: u64) -> Vec<OpReply> {
+        self.apply(ops.into_iter().map(|op| (op, deadline_us)).collect())
+    }
+
     /// Runs a batch: its writes as one transaction, so one engine commit, then its reads until
     /// the replies carry [`READ_REPLY_BUDGET`] of values (the reads left are deferred; the
     /// first read runs unless the writes' replies alone passed the budget, so a batch of reads
     /// only, as deferred reads are sent again, always gets one answered). A refused operation
     /// gets its own fault and the others go on; a failed commit fails every write of the
-    /// batch. Replies are in the order of `ops`.
-    pub fn apply_batch(&self, ops: Vec<Op>) -> Vec<OpReply> {
+    /// batch. An operation whose deadline (this node's clock, microseconds) has passed when
+    /// its turn comes is answered [`OpReply::Expired`] and not applied. Replies are in the
+    /// order of `ops`.
+    fn apply(&self, ops: Vec<(Op, u64)>) -> Vec<OpReply> {
         let mut replies: Vec<Option<OpReply>> = vec![None; ops.len()];
         let mut reads = Vec::new();
         let mut writes = Vec::new();
-        for (index, op) in ops.into_iter().enumerate() {
+        for (index, (op, deadline_us)) in ops.into_iter().enumerate() {
             let op = match op {
                 // Counted when it runs: a deferred read comes back in a later batch.
                 Op::Read(request) => {
-                    reads.push((index, request));
+                    reads.push((index, request, deadline_us));
                     continue;
                 }
                 write => write,
@@ -526,15 +585,19 @@ impl StorageNode {
             self.count(&op);
             let place = op_place(&op);
             match check_key(place.key()) {
-                Ok(()) => writes.push((index, place, op)),
+                Ok(()) => writes.push((index, place, op, deadline_us)),
                 Err(error) => replies[index] = Some(self.fault(&error)),
             }
         }
         self.apply_writes(writes, &mut replies);
         let mut reply_bytes: usize = replies.iter().flatten().map(OpReply::value_bytes).sum();
-        for (index, request) in reads {
+        for (index, request, deadline_us) in reads {
             if reply_bytes > READ_REPLY_BUDGET {
                 replies[index] = Some(OpReply::Deferred);
+                continue;
+            }
+            if let Some(expired) = self.expired(deadline_us) {
+                replies[index] = Some(expired);
                 continue;
             }
             self.metrics.reads.inc();
@@ -553,14 +616,28 @@ impl StorageNode {
             .collect()
     }
 
-    fn apply_writes(&self, writes: Vec<(usize, Place, Op)>, replies: &mut [Option<OpReply>]) {
+    /// The refusal of an operation whose deadline has passed; `None` while it has not.
+    fn expired(&self, deadline_us: u64) -> Option<OpReply> {
+        let late_by_us = crate::clock::now_us().checked_sub(deadline_us)?;
+        if late_by_us == 0 {
+            return None;
+        }
+        self.metrics.expired.inc();
+        tracing::debug!(
+            late_by_us,
+            "refused an operation that arrived after its deadline"
+        );
+        Some(OpReply::Expired { late_by_us })
+    }
+
+    fn apply_writes(&self, writes: Vec<(usize, Place, Op, u64)>, replies: &mut [Option<OpReply>]) {
         if writes.is_empty() {
             return;
         }
         // A place written again later in the batch answers its state at that point (a copy);
         // the last write to a place answers the committed state itself.
         let mut last_write = std::collections::HashMap::new();
-        for (position, (_, place, _)) in writes.iter().enumerate() {
+        for (position, (_, place, _, _)) in writes.iter().enumerate() {
             last_write.insert(place, position);
         }
         let is_last: Vec<bool> = (0..writes.len())
@@ -568,10 +645,16 @@ impl StorageNode {
             .collect();
         drop(last_write);
 
-        let mut transaction = Transaction::begin(self, writes.iter().map(|(_, place, _)| place));
+        let mut transaction = Transaction::begin(self, writes.iter().map(|(_, place, _, _)| place));
         let mut finals = Vec::new();
         let mut staged = Vec::new();
-        for ((index, place, op), is_last) in writes.into_iter().zip(is_last) {
+        for ((index, place, op, deadline_us), is_last) in writes.into_iter().zip(is_last) {
+            // Checked once the keys are locked, right before the write: time spent waiting for
+            // a lock counts.
+            if let Some(expired) = self.expired(deadline_us) {
+                replies[index] = Some(expired);
+                continue;
+            }
             let outcome = match op {
                 Op::Coordinate(request) => self
                     .stage_coordinate(&mut transaction, &place, request)
@@ -657,7 +740,9 @@ impl StorageNode {
             messages::MERGE_MANY => {
                 let request: MergeManyRequest = messages::from_params(&params)?;
                 let merged = request.entries.len() as u64;
-                tokio::task::block_in_place(|| self.merge_own_many(request.entries))?;
+                tokio::task::block_in_place(|| {
+                    self.merge_own_many_until(request.entries, request.deadline_us)
+                })?;
                 messages::reply_xml(&merged)
             }
             messages::READ_MANY => {
@@ -681,6 +766,7 @@ impl StorageNode {
                     value: Some(value),
                     context,
                     hint_for,
+                    entered_us: crate::clock::now_us(),
                 })?;
                 Ok(codec::string_xml("200"))
             }
@@ -816,12 +902,6 @@ fn scan_data(engine: &dyn Engine, aae: Option<&AntiEntropy>) -> Result<(i64, i64
     Ok((live, tombstoned))
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// A key as it appears in the request log: cut short and with control characters escaped.
 fn printable_key(key: &str) -> String {
     const SHOWN_CHARS: usize = 64;
@@ -859,6 +939,7 @@ mod tests {
 
     fn put(node: &StorageNode, key: &str, value: Option<&str>) -> Siblings {
         let request = CoordinateRequest {
+            entered_us: crate::clock::now_us(),
             key: key.into(),
             value: value.map(str::to_owned),
             context: None,
@@ -938,6 +1019,7 @@ mod tests {
         let stale = Some(crate::version::VClock::new());
         let write = |context: Option<crate::version::VClock>| {
             node.coordinate(CoordinateRequest {
+                entered_us: crate::clock::now_us(),
                 key: "k".into(),
                 value: Some("<value>v</value>".into()),
                 context,
@@ -967,6 +1049,7 @@ mod tests {
         let third = MAX_SET_VALUE_BYTES / 3 + 1;
         let write = |context: Option<crate::version::VClock>, bytes: usize| {
             node.coordinate(CoordinateRequest {
+                entered_us: crate::clock::now_us(),
                 key: "k".into(),
                 value: Some("x".repeat(bytes)),
                 context,
@@ -1003,6 +1086,7 @@ mod tests {
         let half = MAX_SET_VALUE_BYTES / 2 + 1;
         let sibling = |node: &StorageNode| {
             node.coordinate(CoordinateRequest {
+                entered_us: crate::clock::now_us(),
                 key: "m".into(),
                 value: Some("y".repeat(half)),
                 context: stale.clone(),
@@ -1025,6 +1109,7 @@ mod tests {
         );
         let deleted = node
             .coordinate(CoordinateRequest {
+                entered_us: crate::clock::now_us(),
                 key: "m".into(),
                 value: None,
                 context: stale.clone(),
@@ -1033,6 +1118,7 @@ mod tests {
             .expect("a delete of a heavy key");
         assert_eq!(deleted.value_bytes(), merged.value_bytes());
         node.coordinate(CoordinateRequest {
+            entered_us: crate::clock::now_us(),
             key: "m".into(),
             value: Some("z".into()),
             context: Some(deleted.context()),
@@ -1047,6 +1133,7 @@ mod tests {
         let big = READ_REPLY_BUDGET / 2 + 1;
         for key in ["a", "b", "c"] {
             node.coordinate(CoordinateRequest {
+                entered_us: crate::clock::now_us(),
                 key: key.into(),
                 value: Some("x".repeat(big)),
                 context: None,
@@ -1078,6 +1165,7 @@ mod tests {
         // runs.
         let replies = node.apply_batch(vec![
             Op::Coordinate(CoordinateRequest {
+                entered_us: crate::clock::now_us(),
                 key: "d".into(),
                 value: Some("x".repeat(READ_REPLY_BUDGET + 1)),
                 context: None,
@@ -1097,6 +1185,7 @@ mod tests {
         let node = node();
         let write = |key: &str, value: &str, hint_for: Option<&str>| {
             Op::Coordinate(CoordinateRequest {
+                entered_us: crate::clock::now_us(),
                 key: key.into(),
                 value: Some(value.into()),
                 context: None,
@@ -1185,6 +1274,103 @@ mod tests {
         })]);
         assert_eq!(replies, [OpReply::Merged]);
         assert_eq!(replica.load("m").expect("load"), set);
+    }
+
+    /// An operation that reaches the node after its deadline is refused and leaves nothing
+    /// behind, whatever it is; one within its deadline is applied as usual.
+    #[test]
+    fn operations_past_their_deadline_are_refused_unapplied() {
+        let node = node();
+        let now = crate::clock::now_us();
+        let (past, future) = (now - 1_000_000, now + 60_000_000);
+        let coordinate = |key: &str| {
+            Op::Coordinate(CoordinateRequest {
+                key: key.into(),
+                value: Some("<value>v</value>".into()),
+                context: None,
+                hint_for: None,
+                entered_us: now,
+            })
+        };
+        let elsewhere = put(&super::tests::node(), "m", Some("<value>m</value>"));
+        let merge = Op::Merge(MergeRequest {
+            key: "m".into(),
+            siblings: elsewhere.clone(),
+            hint_for: None,
+        });
+        let read = Op::Read(ReadRequest {
+            key: "k".into(),
+            hint_for: None,
+        });
+        let replies = node.apply(vec![
+            (coordinate("late"), past),
+            (merge.clone(), past),
+            (coordinate("k"), future),
+            (read.clone(), past),
+        ]);
+        let late = |reply: &OpReply| matches!(reply, OpReply::Expired { late_by_us } if *late_by_us >= 1_000_000);
+        assert!(late(&replies[0]), "{:?}", replies[0]);
+        assert!(late(&replies[1]), "{:?}", replies[1]);
+        assert!(matches!(&replies[2], OpReply::Siblings(set) if set.is_live()));
+        assert!(late(&replies[3]), "{:?}", replies[3]);
+        assert!(
+            node.load("late").expect("load").is_empty(),
+            "nothing applied"
+        );
+        assert!(node.load("m").expect("load").is_empty(), "nothing merged");
+        assert_eq!(counts(&node), (1, 0));
+        assert_eq!(node.metrics.expired.get(), 3);
+        assert!(node.metrics().contains("\ndynamite_node_expired_total 3\n"));
+        // The same merge in time goes through.
+        assert_eq!(node.apply(vec![(merge, future)]), [OpReply::Merged]);
+        assert_eq!(node.load("m").expect("load"), elsewhere);
+        // So does a merge from anti-entropy, and the same one late is refused.
+        let error = node
+            .merge_own_many_until(vec![("n".into(), elsewhere.clone())], past)
+            .expect_err("a late push");
+        assert!(error.fault_string().contains("deadline"), "{error}");
+        assert!(node.load("n").expect("load").is_empty());
+    }
+
+    /// A blind put that reaches the node after newer writes (it entered the cluster before
+    /// them) supersedes only what is older than it: the newer write stays what a read shows.
+    #[test]
+    fn a_late_blind_put_leaves_newer_writes_in_place() {
+        let node = node();
+        let write = |value: &str, entered_us: u64| {
+            node.coordinate(CoordinateRequest {
+                key: "k".into(),
+                value: Some(value.into()),
+                context: None,
+                hint_for: None,
+                entered_us,
+            })
+            .expect("coordinate")
+        };
+        let now = crate::clock::now_us();
+        write("<value>31</value>", now - 3_000);
+        write("<value>33</value>", now - 1_000);
+        let held = write("<value>32</value>", now - 2_000);
+        assert_eq!(held.versions().len(), 2, "{held:?}");
+        assert_eq!(held.latest_value(), Some("<value>33</value>"));
+    }
+
+    /// A write stamped far ahead of this node's clock would win every read until that time
+    /// came: the node refuses to coordinate it, and says why.
+    #[test]
+    fn a_write_stamped_far_ahead_of_the_node_clock_is_refused() {
+        let node = node();
+        let error = node
+            .coordinate(CoordinateRequest {
+                key: "k".into(),
+                value: Some("<value>v</value>".into()),
+                context: None,
+                hint_for: None,
+                entered_us: crate::clock::now_us() + 2 * MAX_ENTRY_AHEAD_US,
+            })
+            .expect_err("refused");
+        assert!(error.fault_string().contains("ahead"), "{error}");
+        assert!(node.load("k").expect("load").is_empty());
     }
 
     #[test]

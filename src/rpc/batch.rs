@@ -10,7 +10,11 @@
 //! latency; when it is busy, batches grow by themselves, like a journal's group commit.
 //!
 //! Each operation keeps its own deadline: it fails with [`CallError::Timeout`] after the
-//! replica timeout even if its batch is still queued, and late replies are dropped.
+//! replica timeout even if its batch is still queued, and late replies are dropped. The
+//! deadline also travels with the operation, translated into the node's clock
+//! ([`crate::clock`]), and the node refuses it unapplied once it has passed
+//! ([`messages::Envelope`]): an operation the balancer gave up on cannot be applied later,
+//! when a retransmitted or long-queued request finally reaches the node.
 //!
 //! The queue also tells whether its node is *lagging*: it has work outstanding and has made
 //! no progress (answered nothing) for [`LAG_THRESHOLD`]. On a busy machine a node's threads
@@ -28,6 +32,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use serde::Serialize;
+
+use crate::clock;
 use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::messages::{self, Op, OpReply};
 
@@ -142,6 +149,8 @@ impl Drop for Outstanding<'_> {
 
 struct Pending {
     op: Op,
+    /// When the caller stops waiting, on this machine's clock (microseconds since the epoch).
+    deadline_us: u64,
     reply: oneshot::Sender<Result<OpReply, CallError>>,
 }
 
@@ -190,8 +199,13 @@ impl NodeQueue {
         }
         let _outstanding = Outstanding::new(&self.progress, value_len(&op))?;
         let (reply, answer) = oneshot::channel();
+        let deadline_us = clock::now_us().saturating_add(micros(timeout));
         self.queue
-            .try_send(Pending { op, reply })
+            .try_send(Pending {
+                op,
+                deadline_us,
+                reply,
+            })
             .map_err(|_| CallError::Transport("too many operations queued for this node".into()))?;
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => result,
@@ -260,26 +274,22 @@ async fn send(
     timeout: Duration,
     progress: &Progress,
 ) {
-    let (mut ops, mut replies): (Vec<Op>, Vec<_>) =
-        batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+    let mut batch = batch;
     loop {
         // Operations whose caller gave up are not sent.
-        (ops, replies) = ops
-            .into_iter()
-            .zip(replies)
-            .filter(|(_, reply)| !reply.is_closed())
-            .unzip();
-        if ops.is_empty() {
+        batch.retain(|pending| !pending.reply.is_closed());
+        if batch.is_empty() {
             return;
         }
+        let ops: Vec<(&Op, u64)> = batch.iter().map(|p| (&p.op, p.deadline_us)).collect();
         let answers = match send_batch(client, address, &ops, timeout).await {
             Ok(answers) => answers,
             Err(error) => {
                 if !matches!(error, CallError::Timeout | CallError::Transport(_)) {
                     progress.mark();
                 }
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
+                for pending in batch {
+                    let _ = pending.reply.send(Err(error.clone()));
                 }
                 return;
             }
@@ -288,46 +298,65 @@ async fn send(
         // Resent batches hold only reads, and a node runs the first read of a batch whose
         // writes answered nothing large: a node deferring a whole batch, or anything but a
         // read, would be asked forever or made to write twice.
-        let deferred_wrongly = answers
-            .iter()
-            .zip(&ops)
-            .any(|(answer, op)| matches!(answer, OpReply::Deferred) && !matches!(op, Op::Read(_)));
+        let deferred_wrongly = answers.iter().zip(&batch).any(|(answer, pending)| {
+            matches!(answer, OpReply::Deferred) && !matches!(pending.op, Op::Read(_))
+        });
         if deferred_wrongly
             || answers
                 .iter()
                 .all(|answer| matches!(answer, OpReply::Deferred))
         {
             let error = CallError::BadResponse("the node deferred what it must answer".into());
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
+            for pending in batch {
+                let _ = pending.reply.send(Err(error.clone()));
             }
             return;
         }
-        let mut deferred = (Vec::new(), Vec::new());
-        for ((op, reply), answer) in ops.into_iter().zip(replies).zip(answers) {
+        let mut deferred = Vec::new();
+        for (pending, answer) in batch.into_iter().zip(answers) {
             let result = match answer {
                 OpReply::Deferred => {
-                    deferred.0.push(op);
-                    deferred.1.push(reply);
+                    deferred.push(pending);
                     continue;
                 }
                 OpReply::Fault { code, message } => Err(CallError::Fault { code, message }),
+                OpReply::Expired { late_by_us } => Err(CallError::Expired {
+                    late_by_ms: late_by_us / 1000,
+                }),
                 other => Ok(other),
             };
-            let _ = reply.send(result);
+            let _ = pending.reply.send(result);
         }
-        (ops, replies) = deferred;
+        batch = deferred;
     }
 }
 
-/// Sends `ops` to the node at `address` as one batch; the node's answer to each, in order.
+/// An operation as it goes on the wire: encodes as a [`messages::Envelope`] without copying
+/// the operation (values can be large).
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    deadline_us: u64,
+    op: &'a Op,
+}
+
+/// Sends `ops` to the node at `address` as one batch, each with the moment its sender stops
+/// waiting for it (this machine's clock, microseconds since the epoch), which the node gets
+/// translated into its own clock; the node's answer to each, in order.
 pub async fn send_batch(
     client: &RpcClient,
     address: &str,
-    ops: &[Op],
+    ops: &[(&Op, u64)],
     timeout: Duration,
 ) -> Result<Vec<OpReply>, CallError> {
-    let body = postcard::to_allocvec(ops)
+    let offset = client.clocks().offset(address);
+    let envelopes: Vec<EnvelopeRef<'_>> = ops
+        .iter()
+        .map(|&(op, deadline_us)| EnvelopeRef {
+            deadline_us: clock::remote_deadline_us(deadline_us, offset),
+            op,
+        })
+        .collect();
+    let body = postcard::to_allocvec(&envelopes)
         .map_err(|_| CallError::BadResponse("batch could not be encoded".into()))?;
     let reply = client
         .post_bytes(address, messages::BATCH_PATH, Bytes::from(body), timeout)
@@ -341,6 +370,11 @@ pub async fn send_batch(
             "batch reply has the wrong length".into(),
         ))
     }
+}
+
+/// A duration in whole microseconds, saturating.
+pub fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Bytes of values an operation carries, to keep batches of huge values small.
@@ -367,17 +401,28 @@ mod tests {
     /// A stand-in node on a plain socket: answers each batch with `answer` (which may take its
     /// time; connections are served side by side) and records the batches' sizes.
     fn fake_node(answer: fn(&[Op]) -> Vec<OpReply>) -> FakeNode {
+        fake_node_with_clock(answer, None)
+    }
+
+    /// As [`fake_node`], answering with a clock header `ahead_us` ahead of this machine's
+    /// (none when `None`), and recording the deadlines the batches carry.
+    fn fake_node_with_clock(answer: fn(&[Op]) -> Vec<OpReply>, ahead_us: Option<u64>) -> FakeNode {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let node = FakeNode {
             address: listener.local_addr().expect("address").to_string(),
             sizes: Arc::default(),
             busy: Arc::default(),
+            deadlines: Arc::default(),
         };
-        let (seen, busy) = (node.sizes.clone(), node.busy.clone());
+        let (seen, busy, deadlines) = (
+            node.sizes.clone(),
+            node.busy.clone(),
+            node.deadlines.clone(),
+        );
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (seen, busy) = (seen.clone(), busy.clone());
+                let (seen, busy, deadlines) = (seen.clone(), busy.clone(), deadlines.clone());
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
                     let mut writer = stream;
@@ -398,13 +443,30 @@ mod tests {
                         }
                         let mut body = vec![0; length];
                         reader.read_exact(&mut body).expect("body");
-                        let ops: Vec<Op> = postcard::from_bytes(&body).expect("a batch");
+                        let envelopes: Vec<messages::Envelope> =
+                            postcard::from_bytes(&body).expect("a batch");
+                        let received_us = clock::now_us() + ahead_us.unwrap_or(0);
+                        deadlines
+                            .lock()
+                            .expect("deadlines")
+                            .extend(envelopes.iter().map(|e| e.deadline_us));
+                        let ops: Vec<Op> = envelopes.into_iter().map(|e| e.op).collect();
                         seen.lock().expect("sizes").push(ops.len());
                         busy.lock().expect("busy").begin();
                         let reply = postcard::to_allocvec(&answer(&ops)).expect("reply");
                         busy.lock().expect("busy").end();
-                        let head =
-                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", reply.len());
+                        let clock_header = match ahead_us {
+                            Some(ahead) => format!(
+                                "{}: {received_us},{}\r\n",
+                                clock::CLOCK_HEADER,
+                                clock::now_us() + ahead
+                            ),
+                            None => String::new(),
+                        };
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{clock_header}\r\n",
+                            reply.len()
+                        );
                         writer.write_all(head.as_bytes()).expect("head");
                         writer.write_all(&reply).expect("reply");
                     }
@@ -419,6 +481,8 @@ mod tests {
         /// The size of each batch received, in order.
         sizes: Arc<std::sync::Mutex<Vec<usize>>>,
         busy: Arc<std::sync::Mutex<Busy>>,
+        /// The deadline of every operation received, in order.
+        deadlines: Arc<std::sync::Mutex<Vec<u64>>>,
     }
 
     /// Batches being answered at once: now, and the most so far.
@@ -482,6 +546,7 @@ mod tests {
         (
             Pending {
                 op: read(key),
+                deadline_us: u64::MAX,
                 reply,
             },
             answer,
@@ -559,7 +624,9 @@ mod tests {
                 value: Some("<value>v</value>".into()),
                 context: None,
                 hint_for: None,
+                entered_us: 1,
             }),
+            deadline_us: u64::MAX,
             reply,
         };
         let batch = vec![read_pending, write];
@@ -585,6 +652,52 @@ mod tests {
             ));
         }
         assert_eq!(*sizes.lock().expect("sizes"), [2]);
+    }
+
+    /// Deadlines travel in the node's clock: widened by a second for a node never measured,
+    /// then moved by the offset its answers showed (here, an hour ahead).
+    #[tokio::test]
+    async fn deadlines_travel_in_the_node_clock() {
+        const HOUR_US: u64 = 3_600_000_000;
+        let node = fake_node_with_clock(
+            |ops| vec![OpReply::Siblings(crate::version::Siblings::new()); ops.len()],
+            Some(HOUR_US),
+        );
+        let client = RpcClient::new();
+        let op = read("a");
+        let deadline = clock::now_us() + 1_000_000;
+        let ops = [(&op, deadline)];
+        let send = || send_batch(&client, &node.address, &ops, Duration::from_secs(5));
+        send().await.expect("answered");
+        let offset = client.clocks().offset(&node.address).expect("measured");
+        send().await.expect("answered");
+        let seen = node.deadlines.lock().expect("deadlines").clone();
+        assert_eq!(seen[0], deadline + clock::UNMEASURED_SKEW_US);
+        assert!(
+            offset.offset_us.abs_diff(HOUR_US as i64) < 1_000_000,
+            "{offset:?}"
+        );
+        assert_eq!(
+            seen[1],
+            clock::remote_deadline_us(deadline, Some(offset)),
+            "translated by the estimate"
+        );
+        assert!(seen[1] > deadline + HOUR_US);
+    }
+
+    /// A node's refusal of an operation that came too late reaches the caller as such.
+    #[tokio::test]
+    async fn an_expired_operation_is_an_error_of_its_own() {
+        let FakeNode { address, .. } =
+            fake_node(|ops| vec![OpReply::Expired { late_by_us: 7_000 }; ops.len()]);
+        let (batch, answers): (Vec<_>, Vec<_>) = ["a"].map(pending).into_iter().unzip();
+        send_to(&address, batch).await;
+        for answer in answers {
+            assert!(matches!(
+                answer.await.expect("an answer"),
+                Err(CallError::Expired { late_by_ms: 7 })
+            ));
+        }
     }
 
     #[test]

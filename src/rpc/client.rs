@@ -4,7 +4,12 @@
 //! connections per peer, so a busy balancer reuses warm connections instead of paying a TCP
 //! handshake per replica call. Each call is bounded by a timeout; a late reply is dropped
 //! with the future that awaited it, so nothing lingers after the timeout.
+//!
+//! Every answer carries the peer's clock ([`clock::CLOCK_HEADER`]); the client records each
+//! exchange in its [`PeerClocks`], so whatever a daemon calls, it learns how far each peer's
+//! clock is from its own.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::clock::{self, Exchange, PeerClocks};
 use crate::rpc::codec;
 
 /// Idle connections kept per peer; enough for the concurrency one balancer drives.
@@ -38,12 +44,18 @@ pub enum CallError {
     Fault { code: i32, message: String },
     #[error("bad response: {0}")]
     BadResponse(String),
+    /// The node received the operation after the moment its sender stopped waiting for it,
+    /// and refused it unapplied.
+    #[error("arrived {late_by_ms} ms after its deadline; refused")]
+    Expired { late_by_ms: u64 },
 }
 
 #[derive(Clone)]
 pub struct RpcClient {
     http: Client<HttpConnector, Full<Bytes>>,
     max_response_bytes: usize,
+    /// The peers' clocks, from every answer this client (and its clones) received.
+    clocks: Arc<PeerClocks>,
 }
 
 impl Default for RpcClient {
@@ -64,7 +76,13 @@ impl RpcClient {
         RpcClient {
             http,
             max_response_bytes: MAX_RESPONSE_BYTES,
+            clocks: Arc::default(),
         }
+    }
+
+    /// What the exchanges so far tell of the peers' clocks.
+    pub fn clocks(&self) -> &PeerClocks {
+        &self.clocks
     }
 
     /// A client that accepts smaller replies, so tests can pass the cap without 256 MiB.
@@ -141,7 +159,9 @@ impl RpcClient {
             return false;
         };
         let answered = async {
+            let sent_us = clock::now_us();
             let response = self.http.request(request).await.ok()?;
+            self.record_clock(address, sent_us, response.headers());
             let healthy = response.status().is_success();
             // Read the small body so the connection goes back to the pool.
             response.into_body().collect().await.ok()?;
@@ -165,11 +185,13 @@ impl RpcClient {
             .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
             .body(Full::new(body))
             .map_err(|error| CallError::Transport(error.to_string()))?;
+        let sent_us = clock::now_us();
         let response = self
             .http
             .request(request)
             .await
             .map_err(|error| CallError::Transport(error.to_string()))?;
+        self.record_clock(address, sent_us, response.headers());
         let status = response.status();
         let bytes = Limited::new(response.into_body(), self.max_response_bytes)
             .collect()
@@ -188,6 +210,29 @@ impl RpcClient {
             })?
             .to_bytes();
         Ok((status, bytes))
+    }
+}
+
+impl RpcClient {
+    /// Records the exchange an answer's clock header completes (see [`crate::clock`]).
+    fn record_clock(&self, address: &str, sent_us: u64, headers: &hyper::HeaderMap) {
+        let answered_us = clock::now_us();
+        let Some((received_us, replied_us)) = headers
+            .get(clock::CLOCK_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(clock::parse_header)
+        else {
+            return;
+        };
+        self.clocks.record(
+            address,
+            &Exchange {
+                sent_us,
+                received_us,
+                replied_us,
+                answered_us,
+            },
+        );
     }
 }
 

@@ -24,8 +24,13 @@ pub struct CoordinateRequest {
     pub key: String,
     /// The value's XML text; `None` writes a tombstone (delete).
     pub value: Option<String>,
-    /// What the client had seen; `None` for a blind write that supersedes what the node holds.
+    /// What the client had seen; `None` for a blind write, which supersedes the versions the
+    /// node holds that are no newer than `entered_us`.
     pub context: Option<VClock>,
+    /// When the client's request entered the cluster, on the coordinator's cluster clock
+    /// ([`crate::clock`]), in microseconds: the new version's timestamp, stamped once and carried by every
+    /// copy, hint and repair of it.
+    pub entered_us: u64,
     /// Set when the node stands in for an unreachable replica (sloppy quorum): the owner's
     /// address, so the node keeps the write as a hint and hands it over later.
     pub hint_for: Option<String>,
@@ -65,7 +70,7 @@ pub struct ReapRequest {
 pub const BATCH_PATH: &str = "/internal/batch";
 
 /// One replica operation inside a batch. The balancer's hot path sends these, many per HTTP
-/// request, as one postcard-encoded `Vec<Op>` to [`BATCH_PATH`]; the node answers a
+/// request, as one postcard-encoded `Vec<Envelope>` to [`BATCH_PATH`]; the node answers a
 /// `Vec<OpReply>` in the same order. Batching concurrent operations to one node amortises the
 /// HTTP exchange and the syscalls over all of them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +79,18 @@ pub enum Op {
     Merge(MergeRequest),
     Read(ReadRequest),
     Reap(ReapRequest),
+}
+
+/// An operation as it travels: with the moment, on the *receiving* node's clock, after which
+/// the node must refuse it unapplied ([`OpReply::Expired`]). It is when its sender stops
+/// waiting for it, translated into the receiver's clock (see [`crate::clock`]): an operation
+/// held up in a kernel's retransmit queue or behind a paused process must not act on state
+/// written after its sender gave up on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Microseconds since the Unix epoch, receiver's clock.
+    pub deadline_us: u64,
+    pub op: Op,
 }
 
 /// The answer to one [`Op`].
@@ -93,6 +110,8 @@ pub enum OpReply {
     /// in a later batch. Without it, a few concurrent reads of large keys could add up to a
     /// reply over the balancer's cap, and a healthy node would be marked down.
     Deferred,
+    /// The operation arrived after its deadline and was not applied.
+    Expired { late_by_us: u64 },
 }
 
 impl OpReply {
@@ -140,6 +159,8 @@ pub enum AaeReply {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeManyRequest {
     pub entries: Vec<(String, Siblings)>,
+    /// As in [`Envelope::deadline_us`].
+    pub deadline_us: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

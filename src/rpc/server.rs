@@ -100,7 +100,24 @@ pub async fn serve<H: Handler>(
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connections.shutdown()).await;
 }
 
+/// Answers one request, with two readings of this daemon's clock in a header so that the
+/// caller can tell how far its clock is from ours (see [`crate::clock`]).
 async fn respond<H: Handler>(
+    handler: &H,
+    limits: ServerLimits,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let received_us = crate::clock::now_us();
+    let mut response = route(handler, limits, request).await;
+    if let Ok(value) = HeaderValue::from_str(&crate::clock::header_value(received_us)) {
+        response
+            .headers_mut()
+            .insert(crate::clock::CLOCK_HEADER, value);
+    }
+    response
+}
+
+async fn route<H: Handler>(
     handler: &H,
     limits: ServerLimits,
     request: Request<Incoming>,
