@@ -508,7 +508,8 @@ struct ProxiedCluster {
 }
 
 impl ProxiedCluster {
-    fn start(timeout_ms: u64) -> ProxiedCluster {
+    /// With n1's wall clock `n1_skew_s` seconds off the machine's (0: untouched).
+    fn start(timeout_ms: u64, n1_skew_s: i64) -> ProxiedCluster {
         let dir = tempfile::Builder::new()
             .prefix("dynamite-late-write-")
             .tempdir()
@@ -540,12 +541,12 @@ impl ProxiedCluster {
                     args.extend(["-s".into(), peer.clone()]);
                 }
             }
-            nodes.push(Daemon::storage_node(
-                dir.path(),
-                &format!("n{}", i + 1),
-                port,
-                &args,
-            ));
+            let name = format!("n{}", i + 1);
+            nodes.push(if i == 0 && n1_skew_s != 0 {
+                Daemon::storage_node_with_clock(dir.path(), &name, port, &args, n1_skew_s)
+            } else {
+                Daemon::storage_node(dir.path(), &name, port, &args)
+            });
         }
         let timeout_ms = timeout_ms.to_string();
         let balancer_args =
@@ -745,9 +746,27 @@ fn put_seq(lb: &Rpc, key: &str, seq: u32, when: &str) {
 /// must not roll the key back to 32 when it finally arrives.
 #[test]
 fn a_put_that_reaches_its_coordinator_after_the_deadline_does_not_erase_later_writes() {
+    late_after_the_deadline(0);
+}
+
+/// The same story with n1's clock 5 s behind the balancer's: read on n1's clock as it was
+/// sent, the deadline would still be seconds away when the late request arrives. Deadlines
+/// travel in the receiver's clock, so n1 refuses it all the same.
+#[test]
+fn a_node_whose_clock_is_behind_still_refuses_a_late_put() {
+    if !faketime_available() {
+        eprintln!(
+            "skipped: libfaketime (Debian package faketime) is missing; tests/run.sh installs it"
+        );
+        return;
+    }
+    late_after_the_deadline(-5);
+}
+
+fn late_after_the_deadline(n1_skew_s: i64) {
     const LATE: u32 = 32;
     const LAST: u32 = 230;
-    let cluster = ProxiedCluster::start(1000);
+    let cluster = ProxiedCluster::start(1000, n1_skew_s);
     let lb = cluster.balancer.rpc();
     let key = cluster.key_coordinated_by_n1();
     let last = seq_value(&key, LAST);
@@ -841,7 +860,7 @@ fn a_put_released_before_its_deadline_does_not_erase_writes_acknowledged_meanwhi
     const K: u32 = 11;
     const AFTER: u32 = 5;
     const TIMEOUT_MS: u64 = 10_000;
-    let cluster = ProxiedCluster::start(TIMEOUT_MS);
+    let cluster = ProxiedCluster::start(TIMEOUT_MS, 0);
     let lb = cluster.balancer.rpc();
     let key = cluster.key_coordinated_by_n1();
     let last = seq_value(&key, K + AFTER);

@@ -318,8 +318,12 @@ impl Balancer {
             targets[..=position].rotate_right(1);
         }
 
-        // The first replica that answers coordinates; the ones before it count as failed.
+        // The first replica that answers coordinates; the ones before it count as failed,
+        // except those that answered but would not coordinate (a node refusing a write stamped
+        // far ahead of its clock, an operation that expired on the way): they are passed over
+        // like a lagging replica, and still get the write as a copy.
         let mut coordinated = None;
+        let mut passed_over = Vec::new();
         for (position, &target) in targets.iter().enumerate() {
             let request = CoordinateRequest {
                 key: key.clone(),
@@ -341,6 +345,11 @@ impl Balancer {
             {
                 return Err(Error::Fault { code, message });
             }
+            if let Err(error @ (CallError::Fault { .. } | CallError::Expired { .. })) = &reply {
+                first_failure.get_or_insert_with(|| self.describe_failure(target, error));
+                passed_over.push(target);
+                continue;
+            }
             match siblings_of(reply) {
                 Ok(siblings) => {
                     coordinated = Some((position, siblings));
@@ -355,11 +364,14 @@ impl Balancer {
             }
         }
         let Some((position, siblings)) = coordinated else {
+            for _ in &passed_over {
+                tally.failure();
+            }
             return Err(self.quorum_error(QuorumKind::Write, &tally, first_failure));
         };
         let outcome = tally.success();
-        let rest = &targets[position + 1..];
-        let calls = self.calls(rest, |hint_for| {
+        passed_over.extend_from_slice(&targets[position + 1..]);
+        let calls = self.calls(&passed_over, |hint_for| {
             Op::Merge(MergeRequest {
                 key: key.clone(),
                 siblings: siblings.clone(),

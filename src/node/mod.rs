@@ -77,10 +77,15 @@ const _: () =
 
 /// How far ahead of this node's clock a write's entry time may be. Entry times are read on
 /// the cluster clock, which follows the median storage node ([`crate::clock`]), so an entry
-/// time this far ahead means this node's clock (or the coordinator's) is badly off. A version
-/// stamped far in the future would win `get` over every write made until that time came, so
-/// the node refuses to coordinate it (another replica does) and says why.
+/// time this far ahead means this node's clock (or the coordinator's) is badly off: NTP keeps
+/// machines within milliseconds. A version stamped far in the future would win `get` over
+/// every write made until that time came, so the node refuses to coordinate it (another
+/// replica does, and this node still takes the write as a copy) and says why.
 pub const MAX_ENTRY_AHEAD_US: u64 = 10_000_000;
+
+/// Least time between two log lines about writes refused for [`MAX_ENTRY_AHEAD_US`]: a node
+/// with a bad clock meets one per write it would coordinate.
+const CLOCK_WARNING_INTERVAL_US: u64 = 10_000_000;
 
 const ACTOR_ID_KEY: &[u8] = b"actor_id";
 
@@ -123,6 +128,8 @@ struct NodeMetrics {
     errors: Counter,
     /// Operations refused because they arrived after their deadline.
     expired: Counter,
+    /// Writes refused because they entered the cluster too far ahead of this node's clock.
+    clock_refusals: Counter,
 }
 
 pub struct StorageNode {
@@ -142,6 +149,8 @@ pub struct StorageNode {
     aae: Option<AntiEntropy>,
     /// Tombstones reaped lately, refused if a replica sends them back.
     reaped: ReapedTombstones,
+    /// When the log last said this node refused writes for its clock (microseconds).
+    last_clock_warning_us: std::sync::atomic::AtomicU64,
     /// Stored bytes of recently used keys of the `Data` tree.
     cache: RowCache,
     log_requests: bool,
@@ -176,6 +185,7 @@ impl StorageNode {
             corrupt_hints: AtomicI64::new(0),
             aae,
             reaped: ReapedTombstones::default(),
+            last_clock_warning_us: std::sync::atomic::AtomicU64::new(0),
             cache: RowCache::new(config.cache_bytes),
             log_requests: config.log_requests,
             port: config.listen.port(),
@@ -324,12 +334,23 @@ impl StorageNode {
     ) -> Result<()> {
         self.log("put", place.key(), request.value.is_none());
         let now = request.entered_us;
-        let ahead_us = now.saturating_sub(crate::clock::now_us());
+        let clock_now = crate::clock::now_us();
+        let ahead_us = now.saturating_sub(clock_now);
         if ahead_us > MAX_ENTRY_AHEAD_US {
-            tracing::warn!(
-                ahead_ms = ahead_us / 1000,
-                "refused to coordinate a write stamped ahead of this node's clock: are the machines' clocks synchronised?"
-            );
+            self.metrics.clock_refusals.inc();
+            let last = self.last_clock_warning_us.load(Ordering::Relaxed);
+            if clock_now.saturating_sub(last) >= CLOCK_WARNING_INTERVAL_US
+                && self
+                    .last_clock_warning_us
+                    .compare_exchange(last, clock_now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    ahead_ms = ahead_us / 1000,
+                    refused = self.metrics.clock_refusals.get(),
+                    "refusing to coordinate writes stamped ahead of this node's clock (other replicas coordinate them): is this machine's clock synchronised?"
+                );
+            }
             return Err(Error::Internal(format!(
                 "the write entered the cluster {} ms ahead of this node's clock",
                 ahead_us / 1000
@@ -451,6 +472,10 @@ impl StorageNode {
             ),
             ("expired".to_string(), counter(&self.metrics.expired)),
             (
+                "clock_refusals".to_string(),
+                counter(&self.metrics.clock_refusals),
+            ),
+            (
                 "cache_bytes".to_string(),
                 codec::int_value(i64::try_from(self.cache.weight()).unwrap_or(i64::MAX)),
             ),
@@ -536,6 +561,11 @@ impl Handler for StorageNode {
             "dynamite_node_expired_total",
             "Replica operations refused unapplied because they arrived after their deadline.",
             m.expired.get(),
+        )
+        .counter(
+            "dynamite_node_clock_refusals_total",
+            "Writes this node refused to coordinate: stamped over 10 s ahead of its clock.",
+            m.clock_refusals.get(),
         )
         .gauge(
             "dynamite_node_keys",

@@ -251,6 +251,8 @@ pub struct Daemon {
     /// How many times the process was spawned; each spawn logs to its own files.
     generation: u32,
     child: Option<Child>,
+    /// Environment variables set for the process, beyond the harness's own.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -266,6 +268,58 @@ impl Daemon {
         ];
         all.extend_from_slice(args);
         Daemon::start(log_dir, name, STORAGE_NODE, port, all)
+    }
+
+    /// As [`Daemon::storage_node`], with the process's wall clock `skew_s` seconds off this
+    /// machine's (libfaketime; see [`faketime_available`]).
+    pub fn storage_node_with_clock(
+        log_dir: &Path,
+        name: &str,
+        port: u16,
+        args: &[String],
+        skew_s: i64,
+    ) -> Daemon {
+        let mut all = vec![
+            "-p".to_owned(),
+            port.to_string(),
+            "--bind".to_owned(),
+            "127.0.0.1".to_owned(),
+            "--quiet".to_owned(),
+        ];
+        all.extend_from_slice(args);
+        Daemon::start_with_env(log_dir, name, STORAGE_NODE, port, all, skewed_clock(skew_s))
+    }
+
+    /// As [`Daemon::load_balancer`], with the process's wall clock `skew_s` seconds off this
+    /// machine's.
+    pub fn load_balancer_with_clock(
+        log_dir: &Path,
+        name: &str,
+        port: u16,
+        servers: &[String],
+        args: &[String],
+        skew_s: i64,
+    ) -> Daemon {
+        let mut all = Vec::new();
+        for server in servers {
+            all.push("-s".to_owned());
+            all.push(server.clone());
+        }
+        all.extend([
+            "-p".to_owned(),
+            port.to_string(),
+            "--bind".to_owned(),
+            "127.0.0.1".to_owned(),
+        ]);
+        all.extend_from_slice(args);
+        Daemon::start_with_env(
+            log_dir,
+            name,
+            LOAD_BALANCER,
+            port,
+            all,
+            skewed_clock(skew_s),
+        )
     }
 
     /// Starts a load balancer on `port` over `servers` (`HOST:PORT`, passed as `-s` in this
@@ -302,6 +356,18 @@ impl Daemon {
         port: u16,
         args: Vec<String>,
     ) -> Daemon {
+        Daemon::start_with_env(log_dir, name, program, port, args, Vec::new())
+    }
+
+    /// As [`Daemon::start`], with `env` set for the process.
+    pub fn start_with_env(
+        log_dir: &Path,
+        name: &str,
+        program: impl Into<PathBuf>,
+        port: u16,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Daemon {
         let mut daemon = Daemon {
             name: name.to_owned(),
             program: program.into(),
@@ -310,6 +376,7 @@ impl Daemon {
             log_dir: log_dir.to_owned(),
             generation: 0,
             child: None,
+            env,
         };
         daemon.spawn_and_wait_healthy();
         daemon
@@ -413,6 +480,7 @@ impl Daemon {
             .stdout(stdout)
             .stderr(stderr)
             .env("RUST_BACKTRACE", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {} ({:?}): {e}", self.name, self.program));
         self.child = Some(child);
@@ -460,6 +528,57 @@ impl Drop for Daemon {
             eprintln!("{}", self.logs());
         }
     }
+}
+
+/// libfaketime, as Debian's `faketime` package installs it (the test script does).
+pub fn libfaketime() -> Option<PathBuf> {
+    let lib = std::fs::read_dir("/usr/lib")
+        .ok()?
+        .flatten()
+        .find_map(|dir| {
+            let candidate = dir.path().join("faketime/libfaketime.so.1");
+            candidate.exists().then_some(candidate)
+        });
+    lib.or_else(|| {
+        let candidate = PathBuf::from("/usr/lib/faketime/libfaketime.so.1");
+        candidate.exists().then_some(candidate)
+    })
+}
+
+/// Whether daemons can be started with a skewed clock: libfaketime is installed and shifts
+/// a program's wall clock.
+pub fn faketime_available() -> bool {
+    if libfaketime().is_none() {
+        return false;
+    }
+    let output = Command::new("date")
+        .arg("+%s")
+        .envs(skewed_clock(3600))
+        .output();
+    let Ok(output) = output else {
+        return false;
+    };
+    let shifted: Option<u64> = String::from_utf8_lossy(&output.stdout).trim().parse().ok();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    shifted.is_some_and(|shifted| shifted.abs_diff(now + 3600) < 60)
+}
+
+/// The environment that runs a program with its wall clock `skew_s` seconds off this
+/// machine's (its monotonic clock untouched); empty without libfaketime. The program keeps
+/// its pid, which the harness checks.
+fn skewed_clock(skew_s: i64) -> Vec<(String, String)> {
+    let Some(lib) = libfaketime() else {
+        return Vec::new();
+    };
+    vec![
+        ("LD_PRELOAD".to_owned(), lib.to_string_lossy().into_owned()),
+        ("FAKETIME".to_owned(), format!("{skew_s:+}")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
+        // Read FAKETIME once: a daemon calls the clock often.
+        ("FAKETIME_NO_CACHE".to_owned(), "0".to_owned()),
+    ]
 }
 
 /// The last `max` bytes of a file, lossily decoded; empty if it cannot be read.
