@@ -31,7 +31,9 @@
 # LOADGEN_THREADS CARGO_TARGET_DIR, PARTS (default "ceiling node balancer"; "hung" also exists)
 # to run only some of the set-ups, BUILD=0 to use the binaries already built, TIMEOUT_MS (the
 # balancer's --timeout-ms, default 1000 as the daemon's), ONSET_SECS (default 3: the mixed
-# load measured right after the hang, with no warm-up). The load generator shares the
+# load measured right after the hang, with no warm-up), PEERS=1 to start the balancer's three
+# nodes with each other as -s peers (anti-entropy on, as examples/local_cluster.sh does;
+# default 0, as the README's table was measured). The load generator shares the
 # machine with the daemons it measures: on a 2-core machine the figures are what both sides
 # together can do, and any other work on the machine lowers them (the CPU time per request
 # is the steadier figure).
@@ -50,6 +52,7 @@ PARTS=${PARTS:-ceiling node balancer}
 BUILD=${BUILD:-1}
 TIMEOUT_MS=${TIMEOUT_MS:-1000}
 ONSET_SECS=${ONSET_SECS:-3}
+PEERS=${PEERS:-0}
 target_dir=${CARGO_TARGET_DIR:-target}
 
 if [[ $BUILD != 0 ]]; then
@@ -270,8 +273,14 @@ if part balancer || part hung; then
     cluster_node_pids=()
     for i in 1 2 3; do
         port=$((PORT_BASE + 2 + i))
+        peers=()
+        if [[ $PEERS != 0 ]]; then
+            for j in 1 2 3; do
+                [[ $j == "$i" ]] || peers+=(-s "127.0.0.1:$((PORT_BASE + 2 + j))")
+            done
+        fi
         "$bin/storage_node" --bind 127.0.0.1 -p "$port" --data-dir "$work/cluster-$i" --quiet \
-            >"$work/cluster-$i.log" 2>&1 &
+            "${peers[@]}" >"$work/cluster-$i.log" 2>&1 &
         pids+=($!)
         cluster_node_pids+=($!)
         servers+=(-s "127.0.0.1:$port")

@@ -17,7 +17,9 @@
 //! two readings of its clock ([`CLOCK_HEADER`]: when it began handling the request, when it
 //! answered), and the caller pairs them with its own send and receive times, as NTP does:
 //! the peer's offset is known within half the exchange's network delay. Each peer keeps the
-//! best (least delayed) of its last few exchanges ([`OffsetEstimate`]). Deadlines are then
+//! best of its last few exchanges ([`OffsetEstimate`]), a sample growing less certain with
+//! age (clocks drift), and all of them dropped when an exchange contradicts them (a clock
+//! was stepped). Deadlines are then
 //! translated into the receiver's clock, widened by that uncertainty and a small margin, so a
 //! skewed clock neither refuses live operations nor lets late ones through. Entry times are
 //! read on the *cluster clock*: this daemon's clock plus the median offset of the peers it
@@ -27,9 +29,9 @@
 //! The estimate's error is half the round trip of the best recent exchange: tens of
 //! microseconds on one machine, well under a millisecond on a LAN. What this does not fix:
 //! the storage nodes' clocks disagreeing among themselves moves the reference by up to that
-//! disagreement when the median node changes, and before the first exchange with any peer a
-//! daemon has only its own clock (a balancer asks every node at start, so that window is its
-//! first few milliseconds).
+//! disagreement when the median node changes. Before its first exchange with any peer a
+//! daemon has only its own clock; a balancer therefore measures the nodes before it serves,
+//! and stamps no write until it has measured one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -41,10 +43,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// (`"received,replied"`).
 pub const CLOCK_HEADER: &str = "dynamite-clock";
 
-/// Exchanges an estimate keeps; the least delayed one is used. A handful is enough to ride
-/// out a burst of slow replies, and few enough that a peer whose clock was stepped is
-/// followed within a few exchanges.
+/// Exchanges an estimate keeps; the least uncertain one is used. A handful is enough to ride
+/// out a burst of slow replies.
 const SAMPLES: usize = 8;
+
+/// How fast two clocks may drift apart, in microseconds per second (100 ppm: a quartz
+/// clock with no NTP at all; NTP keeps them within a few ppm). A sample's uncertainty grows
+/// by this much per second of its age, so an old sample from a quick exchange does not
+/// outweigh a fresh one from a slower exchange, and the deadline sent to a peer not heard
+/// from for a while is widened by what the clocks may have drifted since.
+const DRIFT_US_PER_S: u64 = 100;
 
 /// Added to a translated deadline beyond the estimate's own uncertainty: drift since the
 /// sample was taken and the time between the receiver's check and its commit. A node
@@ -90,6 +98,15 @@ pub struct Offset {
     pub error_us: u64,
 }
 
+impl Offset {
+    /// Whether the two estimates can both be true: their intervals overlap. When a new
+    /// exchange contradicts the samples kept, the peer's clock (or ours) was stepped.
+    fn agrees_with(&self, other: &Offset) -> bool {
+        let gap = self.offset_us.abs_diff(other.offset_us);
+        gap <= self.error_us.saturating_add(other.error_us)
+    }
+}
+
 impl Exchange {
     /// Time the request and its answer spent on the network, without the peer's own time;
     /// `None` when the readings contradict each other (a clock stepped mid-exchange).
@@ -113,28 +130,59 @@ impl Exchange {
     }
 }
 
-/// A peer's offset from the least delayed of its last [`SAMPLES`] exchanges.
+/// A peer's offset from the least uncertain of its last [`SAMPLES`] exchanges, each sample's
+/// uncertainty grown by its age ([`DRIFT_US_PER_S`]).
 #[derive(Debug, Clone, Default)]
 pub struct OffsetEstimate {
-    samples: Vec<Offset>,
+    /// Each with the time (ours, microseconds) the exchange ended.
+    samples: Vec<(Offset, u64)>,
     next: usize,
 }
 
 impl OffsetEstimate {
+    /// Adds an exchange that ended at `exchange.answered_us`. One that contradicts every
+    /// sample kept (a clock was stepped: NTP corrected it, a VM resumed) replaces them all,
+    /// since the old samples no longer describe the clocks.
     pub fn record(&mut self, exchange: &Exchange) {
         let Some(offset) = exchange.offset() else {
             return;
         };
+        let at = exchange.answered_us;
+        let contradicted = !self.samples.is_empty()
+            && self
+                .samples
+                .iter()
+                .all(|(sample, taken)| !aged(sample, *taken, at).agrees_with(&offset));
+        if contradicted {
+            self.samples.clear();
+            self.next = 0;
+        }
         if self.samples.len() < SAMPLES {
-            self.samples.push(offset);
+            self.samples.push((offset, at));
         } else {
-            self.samples[self.next] = offset;
+            self.samples[self.next] = (offset, at);
         }
         self.next = (self.next + 1) % SAMPLES;
     }
 
-    pub fn estimate(&self) -> Option<Offset> {
-        self.samples.iter().copied().min_by_key(|s| s.error_us)
+    /// The best estimate as of `now_us` (our clock).
+    pub fn estimate(&self, now_us: u64) -> Option<Offset> {
+        self.samples
+            .iter()
+            .map(|(sample, taken)| aged(sample, *taken, now_us))
+            .min_by_key(|offset| offset.error_us)
+    }
+}
+
+/// A sample taken at `taken_us`, its uncertainty grown by what the clocks may have drifted
+/// apart until `now_us`.
+fn aged(sample: &Offset, taken_us: u64, now_us: u64) -> Offset {
+    let age_s = now_us.saturating_sub(taken_us) / 1_000_000;
+    Offset {
+        offset_us: sample.offset_us,
+        error_us: sample
+            .error_us
+            .saturating_add(age_s.saturating_mul(DRIFT_US_PER_S)),
     }
 }
 
@@ -164,43 +212,49 @@ pub fn median_offset_us(offsets: impl IntoIterator<Item = i64>) -> i64 {
 /// What a daemon knows of its peers' clocks, filled by every exchange its client makes.
 #[derive(Debug, Default)]
 pub struct PeerClocks {
-    estimates: Mutex<HashMap<String, OffsetEstimate>>,
-    /// The median of the peers' estimated offsets, kept up to date by [`Self::record`], so
-    /// that reading the cluster clock costs no lock.
+    peers: Mutex<Peers>,
+    /// The median of the peers' best offsets, kept up to date by [`Self::record`], so that
+    /// reading the cluster clock costs no lock.
     median_us: AtomicI64,
+}
+
+#[derive(Debug, Default)]
+struct Peers {
+    estimates: HashMap<String, OffsetEstimate>,
+    /// Each peer's best offset when the median was last computed: the median is computed
+    /// again only when one of them changes.
+    best_us: HashMap<String, i64>,
 }
 
 impl PeerClocks {
     pub fn record(&self, peer: &str, exchange: &Exchange) {
-        let mut estimates = self.lock();
-        match estimates.get_mut(peer) {
-            Some(estimate) => estimate.record(exchange),
-            None => {
-                let mut estimate = OffsetEstimate::default();
-                estimate.record(exchange);
-                estimates.insert(peer.to_owned(), estimate);
-            }
+        let mut peers = self.lock();
+        let Peers { estimates, best_us } = &mut *peers;
+        let estimate = match estimates.get_mut(peer) {
+            Some(estimate) => estimate,
+            None => estimates.entry(peer.to_owned()).or_default(),
+        };
+        estimate.record(exchange);
+        let Some(best) = estimate.estimate(exchange.answered_us) else {
+            return;
+        };
+        if best_us.get(peer) == Some(&best.offset_us) {
+            return;
         }
-        let median = median_offset_us(
-            estimates
-                .values()
-                .filter_map(OffsetEstimate::estimate)
-                .map(|offset| offset.offset_us),
-        );
+        best_us.insert(peer.to_owned(), best.offset_us);
+        let median = median_offset_us(best_us.values().copied());
         self.median_us.store(median, Ordering::Relaxed);
     }
 
-    /// The peer's offset, if it was ever measured.
+    /// The peer's offset now, if it was ever measured.
     pub fn offset(&self, peer: &str) -> Option<Offset> {
-        self.lock().get(peer).and_then(OffsetEstimate::estimate)
+        let now = now_us();
+        self.lock().estimates.get(peer)?.estimate(now)
     }
 
-    /// Every measured peer with its offset, in no particular order.
-    pub fn offsets(&self) -> Vec<(String, Offset)> {
-        self.lock()
-            .iter()
-            .filter_map(|(peer, estimate)| Some((peer.clone(), estimate.estimate()?)))
-            .collect()
+    /// How many peers have been measured.
+    pub fn measured(&self) -> usize {
+        self.lock().best_us.len()
     }
 
     /// Microseconds since the epoch on the cluster clock: ours moved by the median offset
@@ -209,11 +263,9 @@ impl PeerClocks {
         now_us().saturating_add_signed(self.median_us.load(Ordering::Relaxed))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, OffsetEstimate>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Peers> {
         // Plain estimates: a panic elsewhere cannot leave them half-updated.
-        self.estimates
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -269,31 +321,66 @@ mod tests {
     }
 
     #[test]
-    fn the_least_delayed_recent_exchange_wins() {
+    fn the_least_uncertain_recent_exchange_wins() {
         let mut estimate = OffsetEstimate::default();
-        assert_eq!(estimate.estimate(), None);
+        assert_eq!(estimate.estimate(0), None);
         // A slow exchange, then a quick one: the quick one is trusted.
         estimate.record(&exchange(0, 2_000, 2_000, 10_000)); // offset -3000 ± 5000
         estimate.record(&exchange(20_000, 20_550, 20_550, 20_100)); // offset 500 ± 50
+        let quick = Offset {
+            offset_us: 500,
+            error_us: 50,
+        };
+        assert_eq!(estimate.estimate(20_100), Some(quick));
+        // Ten minutes later, with nothing heard since, the quick sample is 60 ms less sure
+        // (the clocks may have drifted apart by that much).
+        let later = 20_100 + 600_000_000;
         assert_eq!(
-            estimate.estimate(),
+            estimate.estimate(later),
             Some(Offset {
-                offset_us: 500,
-                error_us: 50
+                error_us: 50 + 600 * DRIFT_US_PER_S,
+                ..quick
             })
         );
-        // The peer's clock is stepped by a second: once the old quick sample has aged out of
-        // the window, the new offset is what counts, even from slower exchanges.
-        for i in 0..SAMPLES as u64 {
-            let t = 100_000 + i * 10_000;
-            estimate.record(&exchange(t, t + 1_000_100, t + 1_000_100, t + 200));
-        }
+        // A slower exchange made then is trusted over the old quick one.
+        estimate.record(&exchange(
+            later,
+            later + 1_500,
+            later + 1_500,
+            later + 2_000,
+        ));
         assert_eq!(
-            estimate.estimate(),
+            estimate.estimate(later + 2_000),
+            Some(Offset {
+                offset_us: 500,
+                error_us: 1_000
+            })
+        );
+    }
+
+    /// A peer's clock stepped by a second (NTP corrected it, a VM resumed): the first
+    /// exchange that contradicts every sample kept replaces them, so deadlines follow the
+    /// new clock at once.
+    #[test]
+    fn a_stepped_clock_is_followed_at_once() {
+        let mut estimate = OffsetEstimate::default();
+        for i in 0..SAMPLES as u64 {
+            let t = i * 10_000;
+            estimate.record(&exchange(t, t + 50, t + 50, t + 100)); // offset 0 ± 50
+        }
+        estimate.record(&exchange(200_000, 1_200_100, 1_200_100, 200_200));
+        assert_eq!(
+            estimate.estimate(200_200),
             Some(Offset {
                 offset_us: 1_000_000,
                 error_us: 100
             })
+        );
+        // An exchange consistent with the kept samples (a slow one) adds to them instead.
+        estimate.record(&exchange(300_000, 1_300_000, 1_300_000, 302_000));
+        assert_eq!(
+            estimate.estimate(302_000).map(|o| o.offset_us),
+            Some(1_000_000)
         );
     }
 
@@ -346,7 +433,7 @@ mod tests {
         );
         assert_eq!(clocks.offset("b").map(|o| o.offset_us), Some(11_000_000));
         assert_eq!(clocks.offset("unknown"), None);
-        assert_eq!(clocks.offsets().len(), 3);
+        assert_eq!(clocks.measured(), 3);
     }
 
     #[test]

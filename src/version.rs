@@ -247,7 +247,7 @@ impl Version {
         self.value.is_none()
     }
 
-    /// Order in which `get` prefers siblings: latest wall clock, then the dot as a tie-break
+    /// Order in which `get` prefers siblings: latest entry time, then the dot as a tie-break
     /// that every node and balancer computes the same way.
     fn recency(&self) -> (u64, Dot) {
         (self.timestamp_us, self.dot)
@@ -327,6 +327,18 @@ impl Siblings {
         }
         clock.prune(MAX_CLOCK_ENTRIES);
         clock
+    }
+
+    /// The versions that entered after `entered_us`.
+    pub fn newer_than(&self, entered_us: u64) -> Siblings {
+        Siblings {
+            versions: self
+                .versions
+                .iter()
+                .filter(|v| v.timestamp_us > entered_us)
+                .cloned()
+                .collect(),
+        }
     }
 
     /// The dots present, which identify the set: two replicas with equal dots hold the same data.
@@ -550,8 +562,10 @@ mod tests {
         assert_eq!(s.latest_value(), value("231").as_deref());
     }
 
-    /// The same request applied twice (a coordinator that timed out and did apply it, and
-    /// the replica that took over) leaves one version wherever both copies meet.
+    /// A request applied a second time where its first application is held (sent again to
+    /// a replica that had already applied it) supersedes the first: one version, not two.
+    /// (Applied at two replicas that each lacked the other's, it leaves two versions with
+    /// one value, until the next write.)
     #[test]
     fn a_blind_write_supersedes_a_version_with_its_own_entry_time() {
         let mut s = Siblings::new();
@@ -725,11 +739,16 @@ mod tests {
     /// Plays a client's sequential writes against three replicas with noise before each
     /// (noise at position i, taken modulo the writes + 1, happens after write i-1 was
     /// acknowledged), then lets anti-entropy bring every replica up to date. Returns the
-    /// replicas and the writes as sent.
-    fn play(writes: &[ClientWrite], noise: &[(usize, Noise)]) -> (Vec<Siblings>, Vec<Sent>) {
+    /// replicas, the writes as sent, and every quorum read (R = 2: any two replicas merged)
+    /// made right after a write was acknowledged that did not show it.
+    fn play(
+        writes: &[ClientWrite],
+        noise: &[(usize, Noise)],
+    ) -> (Vec<Siblings>, Vec<Sent>, Vec<String>) {
         let mut replicas = vec![Siblings::new(); REPLICAS];
         let actor = |replica: usize| replica as ActorId + 1;
         let mut sent: Vec<Sent> = Vec::new();
+        let mut stale_reads = Vec::new();
         let mut entered_us = 1_700_000_000_000_000u64;
         for position in 0..=writes.len() {
             let here = |at: &usize| at % (writes.len() + 1) == position;
@@ -774,6 +793,16 @@ mod tests {
             );
             let coordinated = coordinator.clone();
             replicas[write.copy_to].merge(&coordinated);
+            for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+                let mut read = replicas[a].clone();
+                read.merge(&replicas[b]);
+                if read.latest_value() != value.as_deref() {
+                    stale_reads.push(format!(
+                        "after write {position}, replicas {a} and {b} read {:?}",
+                        read.latest_value()
+                    ));
+                }
+            }
             sent.push(Sent {
                 context,
                 value,
@@ -789,7 +818,7 @@ mod tests {
         for replica in &mut replicas {
             replica.merge(&all);
         }
-        (replicas, sent)
+        (replicas, sent, stale_reads)
     }
 
     proptest! {
@@ -874,15 +903,17 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(2048))]
 
         /// However late, duplicated or reordered the requests and copies of a client's
-        /// sequential writes reach the replicas, blind or with a context, the newest
-        /// acknowledged write survives on every replica and is what `get` shows (nothing,
-        /// when it was a delete).
+        /// sequential writes reach the replicas, blind or with a context, a quorum read right
+        /// after each acknowledgement shows that write, and the newest acknowledged write
+        /// survives on every replica and is what `get` shows (nothing, when it was a
+        /// delete).
         #[test]
         fn the_newest_acknowledged_write_survives_late_and_duplicated_requests(
             writes in prop::collection::vec(arb_client_write(), 1..10),
             noise in prop::collection::vec((any::<usize>(), arb_noise()), 0..24),
         ) {
-            let (replicas, sent) = play(&writes, &noise);
+            let (replicas, sent, stale_reads) = play(&writes, &noise);
+            prop_assert!(stale_reads.is_empty(), "{:?}", stale_reads);
             let newest = sent.last().expect("at least one write");
             for (i, replica) in replicas.iter().enumerate() {
                 prop_assert_eq!(replica, &replicas[0], "replica {} converged", i);
@@ -917,7 +948,7 @@ mod tests {
                 .into_iter()
                 .filter(|(_, event)| !matches!(event, Noise::LateCoordinate { .. }))
                 .collect();
-            let (replicas, sent) = play(&writes, &noise);
+            let (replicas, sent, _) = play(&writes, &noise);
             for replica in &replicas {
                 prop_assert_eq!(replica.versions().len(), 1, "{:?}", replica);
                 prop_assert_eq!(replica.latest_value(), sent.last().and_then(|w| w.value.as_deref()));

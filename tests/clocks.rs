@@ -9,8 +9,8 @@
 //! send deadlines in the receiving node's clock. Skewed by tens of seconds here, far more
 //! than NTP ever lets a machine drift, so that an ignored offset could not go unnoticed.
 //!
-//! The tests skip, saying why, where `faketime` is not installed (the test script installs
-//! it).
+//! The tests skip, saying why, where libfaketime is not installed (the test script installs
+//! it; CI fails instead, see `common::skip`).
 
 mod common;
 
@@ -20,17 +20,6 @@ use common::*;
 
 /// How long a balancer may take to have measured every node's clock.
 const MEASURE_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn skip_without_faketime() -> bool {
-    if faketime_available() {
-        return false;
-    }
-    eprintln!(
-        "skipped: libfaketime (Debian package faketime) is missing or does not shift clocks; \
-         tests/run.sh installs it"
-    );
-    true
-}
 
 /// `clock_offset_us` of every server in a balancer's `stats()`, once it has one for all of
 /// them: how far ahead of the balancer each node's clock is.
@@ -73,7 +62,7 @@ fn measured_offsets_s(lb: &Rpc, servers: &[String]) -> Vec<f64> {
 /// ahead of them. On the cluster clock, each put supersedes the one before.
 #[test]
 fn balancers_with_skewed_clocks_order_one_clients_writes() {
-    if skip_without_faketime() {
+    if !faketime_or_skip("balancers_with_skewed_clocks_order_one_clients_writes") {
         return;
     }
     let cluster = Cluster::builder().nodes(3).balancers(0).start();
@@ -134,7 +123,7 @@ fn balancers_with_skewed_clocks_order_one_clients_writes() {
 /// refuses late ones is `late_write.rs`'s story, told there with a node behind too.)
 #[test]
 fn nodes_with_skewed_clocks_take_operations_in_time_and_order_writes() {
-    if skip_without_faketime() {
+    if !faketime_or_skip("nodes_with_skewed_clocks_take_operations_in_time_and_order_writes") {
         return;
     }
     let dir = tempfile::Builder::new()
@@ -212,7 +201,7 @@ fn nodes_with_skewed_clocks_take_operations_in_time_and_order_writes() {
 /// write as a copy, so nothing is lost and the key reads right.
 #[test]
 fn a_node_far_behind_the_others_lets_them_coordinate() {
-    if skip_without_faketime() {
+    if !faketime_or_skip("a_node_far_behind_the_others_lets_them_coordinate") {
         return;
     }
     let dir = tempfile::Builder::new()
@@ -262,4 +251,54 @@ fn a_node_far_behind_the_others_lets_them_coordinate() {
             .logs()
             .contains("is this machine's clock synchronised")
     });
+}
+
+/// A balancer 30 s ahead starts before any node is up. It must not stamp a write on its own
+/// clock: a put fails (503, saying why) while no node answers, and once the nodes are up the
+/// next put measures them first and is stamped on their time (a write stamped 30 s ahead
+/// would be refused by every node, and would win every read for 30 s if it were not).
+#[test]
+fn a_balancer_stamps_nothing_before_it_has_measured_a_node() {
+    if !faketime_or_skip("a_balancer_stamps_nothing_before_it_has_measured_a_node") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("dynamite-clocks-")
+        .tempdir()
+        .expect("create temp dir");
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let servers: Vec<String> = ports.iter().map(|&p| addr(p)).collect();
+    let args: Vec<String> = ["-N", "3", "-R", "2", "-W", "2"].map(str::to_owned).into();
+    let balancer =
+        Daemon::load_balancer_with_clock(dir.path(), "balancer", free_port(), &servers, &args, 30);
+    let lb = balancer.rpc();
+    match lb.put("k", s("before")) {
+        Err((503, message)) => assert!(
+            message.contains("time is unknown"),
+            "the fault says why: {message}"
+        ),
+        other => panic!("a put with no node up: expected fault 503, got {other:?}"),
+    }
+
+    let nodes: Vec<Daemon> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &port)| {
+            Daemon::storage_node(
+                dir.path(),
+                &format!("node-{i}"),
+                port,
+                &["--in-memory".to_owned()],
+            )
+        })
+        .collect();
+    assert_eq!(lb.put("k", s("after")), ok200());
+    assert_eq!(lb.get("k"), Ok(s("after")));
+    for (i, node) in nodes.iter().enumerate() {
+        assert_eq!(
+            int_member(&node.rpc().stats(), "clock_refusals"),
+            0,
+            "node {i} took the write's entry time as its own time"
+        );
+    }
 }

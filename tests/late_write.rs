@@ -754,10 +754,7 @@ fn a_put_that_reaches_its_coordinator_after_the_deadline_does_not_erase_later_wr
 /// travel in the receiver's clock, so n1 refuses it all the same.
 #[test]
 fn a_node_whose_clock_is_behind_still_refuses_a_late_put() {
-    if !faketime_available() {
-        eprintln!(
-            "skipped: libfaketime (Debian package faketime) is missing; tests/run.sh installs it"
-        );
+    if !faketime_or_skip("a_node_whose_clock_is_behind_still_refuses_a_late_put") {
         return;
     }
     late_after_the_deadline(-5);

@@ -43,7 +43,7 @@ use crate::config::BalancerConfig;
 use crate::error::{Error, QuorumKind, Result};
 use crate::quorum::{Outcome, Tally};
 use crate::ring::Ring;
-use crate::rpc::batch::NodeQueue;
+use crate::rpc::batch::{NodeQueue, micros};
 use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::codec;
 use crate::rpc::messages::{
@@ -60,6 +60,17 @@ use targets::Target;
 /// tombstones are strictly older than the grace period when the check runs.
 const TOMBSTONE_CHECK_SLACK: Duration = Duration::from_millis(100);
 
+/// How far a balancer's entry times may run ahead of the cluster clock to stay increasing
+/// when the clock's estimate moves back (the median node changed, an estimate improved: a
+/// few milliseconds between NTP-kept machines). Moved back further, the estimate was wrong
+/// before, and entry times follow the clock rather than stay ahead of every other
+/// balancer's.
+const MAX_ENTRY_CARRY: Duration = Duration::from_secs(1);
+
+/// How long a balancer waits for the nodes' clocks to be measured, at start or before its
+/// first write.
+const MEASURE_TIMEOUT: Duration = Duration::from_millis(500);
+
 const METHODS: &[(&str, &str)] = &[
     (
         "put",
@@ -67,7 +78,7 @@ const METHODS: &[(&str, &str)] = &[
     ),
     (
         "get",
-        "get(key) -> the value (the latest sibling by wall clock), or nil",
+        "get(key) -> the value of the version written last, or nil",
     ),
     (
         "get_versions",
@@ -274,19 +285,56 @@ impl Balancer {
         }
     }
 
-    /// The time a request entering now entered the cluster: the cluster clock, in microseconds,
-    /// strictly after any entry time this balancer handed out before.
-    fn entry_time_us(&self) -> u64 {
-        let now = self.shared.client.clocks().cluster_now_us();
+    /// The time a request entering now entered the cluster: the cluster clock, in
+    /// microseconds, after any entry time this balancer handed out before, unless the
+    /// cluster clock moved back by more than [`MAX_ENTRY_CARRY`] (then it follows the
+    /// clock). A balancer that has measured no node's clock yet measures them first, and
+    /// stamps nothing while none answers: its own clock may be far off.
+    async fn entry_time_us(&self) -> Result<u64> {
+        let clocks = self.shared.client.clocks();
+        if clocks.measured() == 0 {
+            self.measure_clocks().await;
+            if clocks.measured() == 0 {
+                let config = &self.shared.config;
+                return Err(self.quorum_error(
+                    QuorumKind::Write,
+                    &Tally::new(config.replicas, config.write_quorum),
+                    Some(
+                        "no storage node has answered yet, so the cluster's time is unknown".into(),
+                    ),
+                ));
+            }
+        }
+        let now = clocks.cluster_now_us();
         let last = &self.shared.last_entry_us;
         let mut previous = last.load(Ordering::Relaxed);
         loop {
-            let next = now.max(previous.saturating_add(1));
+            let carried = previous.saturating_add(1);
+            let next = if carried > now.saturating_add(micros(MAX_ENTRY_CARRY)) {
+                tracing::warn!(
+                    back_ms = (carried - now) / 1000,
+                    "the cluster clock moved back; entry times follow it"
+                );
+                now
+            } else {
+                now.max(carried)
+            };
             match last.compare_exchange_weak(previous, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return next,
+                Ok(_) => return Ok(next),
                 Err(current) => previous = current,
             }
         }
+    }
+
+    /// Asks every node for `GET /health`, which measures its clock (see [`crate::clock`]).
+    async fn measure_clocks(&self) {
+        let shared = &self.shared;
+        let probes = shared
+            .ring
+            .servers()
+            .iter()
+            .map(|address| shared.client.probe(address, MEASURE_TIMEOUT));
+        futures_util::future::join_all(probes).await;
     }
 
     /// A put (`value` Some) or delete (`value` None) through a coordinating replica; the
@@ -521,15 +569,15 @@ impl Balancer {
         match method {
             "put" => {
                 metrics.puts.inc();
-                let entered_us = self.entry_time_us();
                 let (key, value, context) = put_params(params)?;
+                let entered_us = self.entry_time_us().await?;
                 self.write(key, Some(value), context, entered_us).await?;
                 Ok(codec::string_xml("200"))
             }
             "delete" => {
                 metrics.deletes.inc();
-                let entered_us = self.entry_time_us();
                 let (key, context) = delete_params(params)?;
+                let entered_us = self.entry_time_us().await?;
                 self.write(key.clone(), None, context, entered_us).await?;
                 self.check_tombstones_later(key);
                 Ok(codec::string_xml("200"))
@@ -738,6 +786,8 @@ pub async fn run(
         "load balancer serving"
     );
     let balancer = Arc::new(Balancer::new(config));
+    // Entry times are read on the cluster clock: measure it before the first write comes.
+    balancer.measure_clocks().await;
     let prober = tokio::spawn(probe_periodically(balancer.clone()));
     server::serve(listener, balancer, limits, shutdown).await;
     prober.abort();

@@ -252,8 +252,9 @@ impl StorageNode {
         self.merge_own_many_until(entries, u64::MAX)
     }
 
-    /// As [`Self::merge_own_many`], refused as a whole if it is applied after `deadline_us`
-    /// (this node's clock; see [`Envelope`]).
+    /// As [`Self::merge_own_many`], each entry refused if its turn comes after `deadline_us`
+    /// (this node's clock; see [`Envelope`]): the entries in time are merged, and the call
+    /// fails if any was refused.
     pub fn merge_own_many_until(
         &self,
         entries: Vec<(String, Siblings)>,
@@ -356,6 +357,18 @@ impl StorageNode {
                 ahead_us / 1000
             )));
         }
+        if !place.is_hint()
+            && self
+                .reaped
+                .reaped_at(place.key())
+                .is_some_and(|reaped_us| now <= reaped_us)
+        {
+            // A write that entered before a delete whose tombstones every replica has since
+            // dropped (it reached this node late): the delete supersedes it, and it must not
+            // bring the value back.
+            transaction.siblings(place)?;
+            return Ok(());
+        }
         let siblings = transaction.siblings(place)?;
         if siblings.versions().len() < MAX_SIBLINGS
             && siblings.value_bytes().saturating_add(request.value_bytes()) <= MAX_SET_VALUE_BYTES
@@ -404,7 +417,10 @@ impl StorageNode {
     ) -> Result<()> {
         self.log("store", place.key(), false);
         let siblings = transaction.siblings(place)?;
-        if !place.is_hint() && self.reaped.is_reaped(place.key(), incoming) {
+        if !place.is_hint()
+            && let Some(reaped_us) = self.reaped.reaped_at(place.key())
+        {
+            siblings.merge(&incoming.newer_than(reaped_us));
             return Ok(());
         }
         siblings.merge(incoming);
@@ -423,11 +439,12 @@ impl StorageNode {
         if !(siblings.is_tombstoned() && siblings.dots().eq(dots.iter().copied())) {
             return Ok(false);
         }
+        let newest_us = siblings.newest_timestamp_us();
         *siblings = Siblings::new();
         // Remembered at once, so a merge later in the same batch cannot bring them back; if
         // the commit fails the node still holds these tombstones and skipping their merge is
         // a no-op.
-        self.reaped.remember(place.key(), dots.to_vec());
+        self.reaped.remember(place.key(), newest_us);
         Ok(true)
     }
 
@@ -1383,6 +1400,50 @@ mod tests {
         let held = write("<value>32</value>", now - 2_000);
         assert_eq!(held.versions().len(), 2, "{held:?}");
         assert_eq!(held.latest_value(), Some("<value>33</value>"));
+    }
+
+    /// Once a key's tombstones are reaped, a write that entered before the delete and reaches
+    /// the node only now (a put delayed within its deadline, a copy read before the delete
+    /// arrived) must not bring the value back; a write that entered after it goes through.
+    #[test]
+    fn a_write_older_than_a_reaped_delete_does_not_bring_the_value_back() {
+        let node = node();
+        let now = crate::clock::now_us();
+        let write = |value: Option<&str>, entered_us: u64| {
+            node.coordinate(CoordinateRequest {
+                key: "k".into(),
+                value: value.map(str::to_owned),
+                context: None,
+                hint_for: None,
+                entered_us,
+            })
+            .expect("coordinate")
+        };
+        write(Some("<value>old</value>"), now - 3_000);
+        let tombstone = write(None, now - 2_000);
+        assert!(
+            node.reap(&ReapRequest {
+                key: "k".into(),
+                dots: tombstone.dots().collect(),
+            })
+            .expect("reap")
+        );
+        // A put that entered before the delete, arriving late.
+        assert!(write(Some("<value>late</value>"), now - 2_500).is_empty());
+        // A copy of the old value, from a replica that read it before the delete came.
+        let mut old_copy = Siblings::new();
+        old_copy.write(7, None, Some("<value>old</value>".into()), now - 3_000);
+        node.merge(MergeRequest {
+            key: "k".into(),
+            siblings: old_copy,
+            hint_for: None,
+        })
+        .expect("merge");
+        assert!(node.load("k").expect("load").is_empty(), "still deleted");
+        assert_eq!(counts(&node), (0, 0));
+        // A put after the delete is a put.
+        let again = write(Some("<value>again</value>"), now);
+        assert_eq!(again.latest_value(), Some("<value>again</value>"));
     }
 
     /// A write stamped far ahead of this node's clock would win every read until that time

@@ -1,22 +1,27 @@
-//! Memory of recently reaped tombstones, so that a replica does not take them back.
+//! Memory of recently reaped deletes, so that nothing older than them comes back.
 //!
 //! A reap reaches the replicas of a key one by one. In between, a replica that has not reaped
 //! yet still holds the tombstones, and anti-entropy would dutifully copy them back to the one
 //! that already did; once every replica holds them again nothing reaps them until a client
-//! reads the key. So each node remembers, for a while, which tombstones it reaped and refuses
-//! to merge exactly those back. Anything else for the key (a new write, a new delete) has
-//! other dots and goes through.
+//! reads the key. Worse, a write that entered the cluster before the delete and reaches a
+//! replica only after the reap (a request delayed within its deadline, a copy pushed by
+//! anti-entropy from a read made just before the delete arrived) would find no tombstone to
+//! lose to, and bring the deleted value back. So each node remembers, for a while, the entry
+//! time of the newest tombstone it reaped for a key, and drops every incoming version that
+//! entered no later: the tombstones themselves, and any write the delete came after, which
+//! would read as deleted anyway (`get` shows the version that entered last). Anything newer
+//! (a new write, a new delete) goes through.
 //!
 //! The memory is bounded in time and size and lives only in memory: forgetting early costs a
-//! tombstone that lingers until the next read reaps it, never data.
+//! tombstone that lingers until the next read reaps it; the writes it guards against arrive
+//! within their senders' deadlines, seconds after the reap at most.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::version::{Dot, Siblings};
-
-/// How long a reap is remembered: many anti-entropy rounds.
+/// How long a reap is remembered: many anti-entropy rounds, far beyond any deadline.
 const REMEMBER_FOR: Duration = Duration::from_secs(600);
 /// Most reaps remembered at once; the oldest are forgotten first.
 const MAX_REMEMBERED: usize = 100_000;
@@ -24,41 +29,46 @@ const MAX_REMEMBERED: usize = 100_000;
 #[derive(Default)]
 pub struct ReapedTombstones {
     inner: Mutex<Memory>,
+    /// Keys remembered, so that a node that reaped nothing lately takes no lock per write.
+    remembered: AtomicUsize,
 }
 
 #[derive(Default)]
 struct Memory {
-    by_key: HashMap<String, (Vec<Dot>, Instant)>,
+    /// For each key, the newest entry time among the tombstones reaped, and when.
+    by_key: HashMap<String, (u64, Instant)>,
     order: VecDeque<(String, Instant)>,
 }
 
 impl ReapedTombstones {
-    pub fn remember(&self, key: &str, dots: Vec<Dot>) {
+    /// Remembers that `key`'s tombstones, the newest of which entered at `newest_us`, were
+    /// reaped.
+    pub fn remember(&self, key: &str, newest_us: u64) {
         let now = Instant::now();
-        let mut memory = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut memory = self.lock();
         memory.forget_old(now);
-        memory.by_key.insert(key.to_owned(), (dots, now));
+        memory.by_key.insert(key.to_owned(), (newest_us, now));
         memory.order.push_back((key.to_owned(), now));
+        self.remembered
+            .store(memory.by_key.len(), Ordering::Relaxed);
     }
 
-    /// Is `incoming` exactly (a subset of) the tombstones this node reaped for `key`?
-    pub fn is_reaped(&self, key: &str, incoming: &Siblings) -> bool {
-        if !incoming.is_tombstoned() {
-            return false;
+    /// The entry time of the newest tombstone reaped lately for `key`.
+    pub fn reaped_at(&self, key: &str) -> Option<u64> {
+        if self.remembered.load(Ordering::Relaxed) == 0 {
+            return None; // the common case, without the lock
         }
-        let memory = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let memory = self.lock();
         match memory.by_key.get(key) {
-            Some((dots, when)) if when.elapsed() < REMEMBER_FOR => {
-                incoming.dots().all(|dot| dots.contains(&dot))
-            }
-            _ => false,
+            Some((newest_us, when)) if when.elapsed() < REMEMBER_FOR => Some(*newest_us),
+            _ => None,
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -81,39 +91,53 @@ impl Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::version::Siblings;
 
-    fn tombstone(actor: u64) -> Siblings {
+    fn write(actor: u64, value: Option<&str>, entered_us: u64) -> Siblings {
         let mut s = Siblings::new();
-        s.write(actor, None, None, 1);
+        s.write(actor, None, value.map(str::to_owned), entered_us);
         s
     }
 
+    /// What a node keeps of an incoming set for a key reaped lately.
+    fn kept(memory: &ReapedTombstones, key: &str, incoming: &Siblings) -> Siblings {
+        match memory.reaped_at(key) {
+            Some(reaped_us) => incoming.newer_than(reaped_us),
+            None => incoming.clone(),
+        }
+    }
+
     #[test]
-    fn remembers_exactly_the_reaped_tombstones() {
+    fn drops_what_entered_no_later_than_the_reaped_delete() {
         let memory = ReapedTombstones::default();
-        let reaped = tombstone(1);
-        memory.remember("k", reaped.dots().collect());
-        assert!(memory.is_reaped("k", &reaped));
-        assert!(!memory.is_reaped("other", &reaped));
+        assert_eq!(memory.reaped_at("k"), None);
+        let reaped = write(1, None, 100);
+        memory.remember("k", 100);
+        assert!(kept(&memory, "k", &reaped).is_empty(), "the tombstones");
+        let older_put = write(2, Some("<value>old</value>"), 90);
         assert!(
-            !memory.is_reaped("k", &tombstone(2)),
-            "a new delete has other dots"
+            kept(&memory, "k", &older_put).is_empty(),
+            "a put the delete came after"
         );
-        let mut live = Siblings::new();
-        live.write(1, None, Some("<value>v</value>".into()), 2);
-        assert!(
-            !memory.is_reaped("k", &live),
-            "a live value is never refused"
-        );
+        let newer = write(3, Some("<value>new</value>"), 110);
+        assert_eq!(kept(&memory, "k", &newer), newer);
+        assert_eq!(kept(&memory, "other", &older_put), older_put, "another key");
+        // A set holding both keeps only the newer version.
+        let mut both = older_put.clone();
+        both.merge(&newer);
+        assert_eq!(both.versions().len(), 2);
+        let left = kept(&memory, "k", &both);
+        assert_eq!(left.latest_value(), Some("<value>new</value>"));
+        assert_eq!(left.versions().len(), 1);
     }
 
     #[test]
     fn memory_is_bounded() {
         let memory = ReapedTombstones::default();
         for i in 0..MAX_REMEMBERED + 10 {
-            memory.remember(&format!("k{i}"), vec![]);
+            memory.remember(&format!("k{i}"), 1);
         }
-        let inner = memory.inner.lock().expect("lock");
+        let inner = memory.lock();
         assert!(inner.by_key.len() <= MAX_REMEMBERED + 1);
     }
 }

@@ -530,6 +530,28 @@ impl Drop for Daemon {
     }
 }
 
+/// A test that cannot run on this machine (no root, no libfaketime) says why and passes,
+/// except where `DYNAMITE_REQUIRE_ALL` is set (CI sets it): there it fails, so that a
+/// machine missing something cannot pass a run that skipped the story.
+pub fn skip(test: &str, reason: &str) {
+    if std::env::var_os("DYNAMITE_REQUIRE_ALL").is_some() {
+        panic!("{test} cannot run here, and DYNAMITE_REQUIRE_ALL is set: {reason}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+}
+
+/// Skips `test` (see [`skip`]) unless libfaketime can skew daemons' clocks; whether to go on.
+pub fn faketime_or_skip(test: &str) -> bool {
+    if faketime_available() {
+        return true;
+    }
+    skip(
+        test,
+        "libfaketime (Debian package faketime) is missing or does not shift clocks; tests/run.sh installs it",
+    );
+    false
+}
+
 /// libfaketime, as Debian's `faketime` package installs it (the test script does).
 pub fn libfaketime() -> Option<PathBuf> {
     let lib = std::fs::read_dir("/usr/lib")
