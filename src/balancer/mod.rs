@@ -9,23 +9,25 @@
 //!   cluster clock ([`crate::clock`]); the first preferred replica that answers
 //!   *coordinates*: it stamps the write with its dot and that entry time, and stores it (see
 //!   [`crate::version`] for why the dot is a node's, and why a blind write supersedes only
-//!   what entered before it).
-//!   A first replica that is lagging (work outstanding, nothing answered for a couple of
-//!   milliseconds: see [`crate::rpc::batch`]) is passed over for the next preferred one, as
-//!   Dynamo lets any of the top N coordinate, so a write does not queue behind a stall.
-//!   Its reconciled sibling set then goes to the other replicas in parallel (fallbacks keep it
-//!   as a hint), and the client gets `"200"` once W replicas have it in their journal.
+//!   what entered before it). A first replica that is lagging (work outstanding, nothing
+//!   answered for a couple of milliseconds: see [`crate::rpc::batch`]) is passed over for the
+//!   next preferred one, as Dynamo lets any of the top N coordinate, so a write does not
+//!   queue behind a stall. Its reconciled sibling set then goes to the other replicas in
+//!   parallel (fallbacks keep it as a hint), and the client gets `"200"` once W replicas have
+//!   it in their journal.
 //! - **get**: every replica is asked in parallel; the answer goes out after R replies, merged.
-//!   The task that asked keeps listening for the stragglers (each bounded by the timeout) and
-//!   then writes the merged set back to every replica that answered with less (read repair),
-//!   or reaps the key when all N hold the same old tombstones; both off the client's path.
+//!   The stragglers are still awaited (each bounded by the timeout); then every replica that
+//!   answered with less gets the merged set (read repair), or the key is reaped when all N
+//!   hold the same old tombstones; both off the client's path.
 //!
-//! Every replica call runs in its own task with the replica timeout and travels in a batch to
-//! its node ([`crate::rpc::batch`]); it reports on a channel, and when the client has its
-//! answer the receiver may be gone: the remaining tasks simply end when their call does.
-//! Nothing outlives the timeout, on the node either: each operation carries the moment the
+//! The rules are the pure machines of [`coordinator`], one per request, with table tests;
+//! this module is their async shell: it plans the targets, sends what a machine asks, feeds
+//! it the replies with the time on the cluster clock, and answers the client. Every replica
+//! call travels in a batch to its node ([`crate::rpc::batch`]) and is bounded by the replica
+//! timeout; nothing outlives it, on the node either: each operation carries the moment the
 //! balancer stops waiting for it, and a node refuses one that arrives later.
 
+mod coordinator;
 mod health;
 pub mod targets;
 
@@ -37,24 +39,22 @@ use dxr::Value;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::config::BalancerConfig;
 use crate::error::{Error, QuorumKind, Result};
-use crate::quorum::{Outcome, Tally};
 use crate::ring::Ring;
 use crate::rpc::batch::{NodeQueue, micros};
 use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::codec;
-use crate::rpc::messages::{
-    CoordinateRequest, MergeRequest, Op, OpReply, ReadRequest, ReapRequest,
-};
+use crate::rpc::messages::{Op, OpReply};
 use crate::rpc::params::{delete_params, key_param, put_params};
 use crate::rpc::server::{self, Handler, ServerLimits};
 use crate::telemetry::{Counter, Exposition};
 use crate::version::{Siblings, VClock};
+use coordinator::{Action, Event, Machine, Read, Servers, Write, WriteRequest};
 use health::Health;
-use targets::Target;
+use targets::Plan;
 
 /// Extra wait after the grace period before a delete's tombstones are checked, so that the
 /// tombstones are strictly older than the grace period when the check runs.
@@ -118,6 +118,8 @@ pub struct Balancer {
 struct Shared {
     config: BalancerConfig,
     ring: Ring,
+    /// The ring's servers, as the coordinator's machines name them.
+    servers: Servers,
     /// The ring's fingerprint with N, as storage nodes with peers report theirs.
     fingerprint: String,
     client: RpcClient,
@@ -128,20 +130,6 @@ struct Shared {
     /// The last entry time handed out, so that requests entering one after another get
     /// increasing times even when the cluster clock's estimate moves back a little.
     last_entry_us: AtomicU64,
-}
-
-/// One replica's reply, tagged with the target it came from.
-type Reply = (Target, std::result::Result<OpReply, CallError>);
-
-/// The sibling set a replica answered, or why it did not.
-fn siblings_of(
-    reply: std::result::Result<OpReply, CallError>,
-) -> std::result::Result<Siblings, String> {
-    match reply {
-        Ok(OpReply::Siblings(siblings)) => Ok(siblings),
-        Ok(other) => Err(format!("unexpected reply {other:?}")),
-        Err(error) => Err(error.to_string()),
-    }
 }
 
 impl Balancer {
@@ -155,11 +143,13 @@ impl Balancer {
             .iter()
             .map(|address| NodeQueue::new(address.clone(), client.clone(), config.replica_timeout))
             .collect();
+        let servers = Servers(ring.servers().to_vec().into());
         Balancer {
             shared: Arc::new(Shared {
                 config,
                 fingerprint,
                 ring,
+                servers,
                 client,
                 nodes,
                 health,
@@ -169,55 +159,22 @@ impl Balancer {
         }
     }
 
-    /// The replicas for a request needing `needed` of them: the preference list with down
-    /// nodes replaced by fallbacks (see [`targets`]). Down nodes with no fallback are left out
-    /// (and counted as failed in the returned tally) while the others can still meet the
-    /// quorum; when they cannot, the down nodes are tried after all, as a last resort: the
-    /// request would fail anyway, and the node may be back before the prober noticed.
-    fn targets(&self, key: &str, needed: usize) -> (Vec<Target>, Tally, Option<String>) {
+    /// The replicas a request for `key` asks, needing `needed` of them (see
+    /// [`targets::plan`]), as the failure detector sees the nodes now.
+    fn plan(&self, key: &str, needed: usize) -> Plan {
         let shared = &self.shared;
         let walk: Vec<usize> = shared.ring.walk(key.as_bytes()).collect();
-        let (mut targets, missing) = targets::choose(&walk, shared.config.replicas, |server| {
+        targets::plan(&walk, shared.config.replicas, needed, |server| {
             shared.health.is_up(server)
-        });
-        let mut tally = Tally::new(shared.config.replicas, needed);
-        let mut detail = None;
-        if targets.len() >= needed {
-            for _ in &missing {
-                tally.failure();
-            }
-            if !missing.is_empty() {
-                detail = Some(format!(
-                    "{} replica(s) down with no fallback",
-                    missing.len()
-                ));
-            }
-        } else {
-            targets.extend(missing.into_iter().map(|owner| Target {
-                server: owner,
-                owner,
-            }));
-        }
-        (targets, tally, detail)
+        })
     }
 
     fn address(&self, server: usize) -> &str {
         &self.shared.ring.servers()[server]
     }
 
-    /// The owner's address when `target` is a fallback: what the hint names.
-    fn hint_for(&self, target: Target) -> Option<String> {
-        target
-            .is_fallback()
-            .then(|| self.address(target.owner).to_owned())
-    }
-
-    fn describe_failure(&self, target: Target, error: &dyn std::fmt::Display) -> String {
-        format!("{}: {error}", self.address(target.server))
-    }
-
     /// One operation on one replica, bounded by the replica timeout; records the outcome in
-    /// `health`. Operations travel in batches per node (see [`crate::rpc::batch`]).
+    /// `health`. Operations travel in batches per node (see [`NodeQueue`]).
     async fn call_replica(&self, server: usize, op: Op) -> std::result::Result<OpReply, CallError> {
         let shared = &self.shared;
         let result = shared.nodes[server]
@@ -234,54 +191,68 @@ impl Balancer {
         result
     }
 
-    /// Each target's operation, running concurrently inside whichever task polls them; a
-    /// reply comes out as soon as it is in. Calls are bounded by the replica timeout.
-    fn replica_calls(
+    /// Runs a request's machine to its end in a task of its own: sends what it asks, feeds
+    /// it every reply with the cluster clock's time, counts what it notes. The client's
+    /// answer comes out on the returned channel as soon as the machine gives it; the task
+    /// stays for the rest (a write's copies, a read's stragglers and repairs), so what the
+    /// machine decides after the answer happens even if the client has gone. One task drives
+    /// all of a request's calls (a task per call cost a spawn and a wake-up each, in the
+    /// profile), and nothing outlives the replica timeout.
+    fn drive<M: Machine>(
         &self,
-        calls: Vec<(Target, Op)>,
-    ) -> FuturesUnordered<impl Future<Output = Reply> + '_> {
-        calls
-            .into_iter()
-            .map(|(target, op)| async move { (target, self.call_replica(target.server, op).await) })
-            .collect()
-    }
-
-    /// Sends each target its operation at once; replies arrive on the channel as they come.
-    /// One task drives all the calls (a task per call cost a spawn and a wake-up each, in the
-    /// profile), and ends when the last call does.
-    fn fan_out(&self, calls: Vec<(Target, Op)>) -> mpsc::Receiver<Reply> {
-        let (sender, receiver) = mpsc::channel(calls.len().max(1));
+        mut machine: M,
+        first: Vec<Action<M::Output>>,
+    ) -> oneshot::Receiver<Result<M::Output>> {
+        let (answer, answered) = oneshot::channel();
         let this = self.clone();
         tokio::spawn(async move {
-            let mut pending = this.replica_calls(calls);
-            while let Some(reply) = pending.next().await {
-                // The receiver is gone once the client has its answer: that is fine.
-                let _ = sender.send(reply).await;
+            let mut answer = Some(answer);
+            let mut pending = FuturesUnordered::new();
+            let mut actions = first;
+            loop {
+                for action in actions {
+                    match action {
+                        Action::Send(target, op) => {
+                            let this = this.clone();
+                            pending.push(async move {
+                                let reply = this.call_replica(target.server, op).await;
+                                (target, reply)
+                            });
+                        }
+                        Action::Answer(result) => {
+                            if let Some(answer) = answer.take() {
+                                // The client may have gone: the rest goes on regardless.
+                                let _ = answer.send(result);
+                            }
+                        }
+                        Action::Note(event) => this.note(event),
+                    }
+                }
+                let Some((target, reply)) = pending.next().await else {
+                    break;
+                };
+                let now_us = this.shared.client.clocks().cluster_now_us();
+                actions = machine.on_reply(target, reply, now_us);
             }
         });
-        receiver
+        answered
     }
 
-    /// Builds one operation per target from one that differs only in its hint.
-    fn calls(&self, targets: &[Target], op: impl Fn(Option<String>) -> Op) -> Vec<(Target, Op)> {
-        targets
-            .iter()
-            .map(|&target| (target, op(self.hint_for(target))))
-            .collect()
+    /// Waits for the answer [`Self::drive`] gives.
+    async fn answer<T>(answered: oneshot::Receiver<Result<T>>) -> Result<T> {
+        answered
+            .await
+            .map_err(|_| Error::Internal("the request ended without an answer".into()))?
     }
 
-    fn quorum_error(&self, kind: QuorumKind, tally: &Tally, detail: Option<String>) -> Error {
+    fn note(&self, event: Event) {
         let metrics = &self.shared.metrics;
-        match kind {
-            QuorumKind::Write => metrics.write_quorum_failures.inc(),
-            QuorumKind::Read => metrics.read_quorum_failures.inc(),
-        }
-        Error::Quorum {
-            kind,
-            needed: tally.needed,
-            answered: tally.succeeded,
-            replicas: tally.replicas,
-            detail,
+        match event {
+            Event::CoordinatorSwitched => metrics.coordinator_switches.inc(),
+            Event::QuorumFailed(QuorumKind::Write) => metrics.write_quorum_failures.inc(),
+            Event::QuorumFailed(QuorumKind::Read) => metrics.read_quorum_failures.inc(),
+            Event::ReadRepairs(count) => metrics.read_repairs.add(count as u64),
+            Event::Reaped => metrics.reaps.inc(),
         }
     }
 
@@ -296,13 +267,16 @@ impl Balancer {
             self.measure_clocks().await;
             if clocks.measured() == 0 {
                 let config = &self.shared.config;
-                return Err(self.quorum_error(
-                    QuorumKind::Write,
-                    &Tally::new(config.replicas, config.write_quorum),
-                    Some(
+                self.note(Event::QuorumFailed(QuorumKind::Write));
+                return Err(Error::Quorum {
+                    kind: QuorumKind::Write,
+                    needed: config.write_quorum,
+                    answered: 0,
+                    replicas: config.replicas,
+                    detail: Some(
                         "no storage node has answered yet, so the cluster's time is unknown".into(),
                     ),
-                ));
+                });
             }
         }
         let now = clocks.cluster_now_us();
@@ -346,189 +320,37 @@ impl Balancer {
         context: Option<VClock>,
         entered_us: u64,
     ) -> Result<()> {
-        let (mut targets, mut tally, mut first_failure) =
-            self.targets(&key, self.shared.config.write_quorum);
-        // A preferred replica coordinates whenever one is up: it holds the key's history, so a
-        // blind write or delete supersedes what is there. A fallback holds only hints for the
-        // key, and a write it stamped would merely sit beside the old versions as a sibling.
-        targets.sort_by_key(Target::is_fallback);
-        // Any preferred replica may coordinate (Dynamo §6.4). The first one does, unless it is
-        // lagging, i.e. stalled with work outstanding: then the next preferred one that is not
-        // takes the write instead of queueing it behind the stall. The lagging one still gets
-        // the merge like any other replica.
-        let keeping_up = targets.iter().position(|target| {
-            !target.is_fallback() && !self.shared.nodes[target.server].is_lagging()
-        });
-        if let Some(position) = keeping_up {
-            if position > 0 {
-                self.shared.metrics.coordinator_switches.inc();
-            }
-            targets[..=position].rotate_right(1);
-        }
-
-        // The first replica that answers coordinates; the ones before it count as failed,
-        // except those that answered but would not coordinate (a node refusing a write stamped
-        // far ahead of its clock, an operation that expired on the way): they are passed over
-        // like a lagging replica, and still get the write as a copy.
-        let mut coordinated = None;
-        let mut passed_over = Vec::new();
-        for (position, &target) in targets.iter().enumerate() {
-            let request = CoordinateRequest {
-                key: key.clone(),
-                value: value.clone(),
-                context: context.clone(),
-                hint_for: self.hint_for(target),
-                entered_us,
-            };
-            let reply = self
-                .call_replica(target.server, Op::Coordinate(request))
-                .await;
-            // A replica refusing the write itself (too many siblings, too many bytes) is the
-            // client's to fix, and every other replica would refuse it too: its fault goes to
-            // the client as it is.
-            if let Err(CallError::Fault {
-                code: code @ crate::error::FAULT_INVALID_PARAMS,
-                message,
-            }) = reply
-            {
-                return Err(Error::Fault { code, message });
-            }
-            if let Err(error @ (CallError::Fault { .. } | CallError::Expired { .. })) = &reply {
-                first_failure.get_or_insert_with(|| self.describe_failure(target, error));
-                passed_over.push(target);
-                continue;
-            }
-            match siblings_of(reply) {
-                Ok(siblings) => {
-                    coordinated = Some((position, siblings));
-                    break;
-                }
-                Err(error) => {
-                    first_failure.get_or_insert_with(|| self.describe_failure(target, &error));
-                    if tally.failure() == Outcome::Failed {
-                        break;
-                    }
-                }
-            }
-        }
-        let Some((position, siblings)) = coordinated else {
-            for _ in &passed_over {
-                tally.failure();
-            }
-            return Err(self.quorum_error(QuorumKind::Write, &tally, first_failure));
+        let shared = &self.shared;
+        let mut plan = self.plan(&key, shared.config.write_quorum);
+        let (order, switched) =
+            targets::order_for_write(std::mem::take(&mut plan.targets), |server| {
+                shared.nodes[server].is_lagging()
+            });
+        plan.targets = order;
+        let request = WriteRequest {
+            key,
+            value,
+            context,
+            entered_us,
         };
-        let outcome = tally.success();
-        passed_over.extend_from_slice(&targets[position + 1..]);
-        let calls = self.calls(&passed_over, |hint_for| {
-            Op::Merge(MergeRequest {
-                key: key.clone(),
-                siblings: siblings.clone(),
-                hint_for,
-            })
-        });
-        let mut replies = self.fan_out(calls);
-        if outcome == Outcome::Met {
-            return Ok(());
-        }
-        while let Some((target, reply)) = replies.recv().await {
-            let outcome = match reply {
-                Ok(_) => tally.success(),
-                Err(error) => {
-                    first_failure.get_or_insert_with(|| self.describe_failure(target, &error));
-                    tally.failure()
-                }
-            };
-            match outcome {
-                Outcome::Met => return Ok(()),
-                Outcome::Failed => break,
-                Outcome::Pending => {}
-            }
-        }
-        Err(self.quorum_error(QuorumKind::Write, &tally, first_failure))
+        let (machine, first) = Write::start(shared.servers.clone(), request, plan, switched);
+        Self::answer(self.drive(machine, first)).await
     }
 
     /// Reads the key from R replicas and returns their merged sibling set; read repair (or
     /// reaping) follows in the background once the stragglers answered.
     pub async fn read(&self, key: String) -> Result<Siblings> {
-        let (targets, mut tally, mut first_failure) =
-            self.targets(&key, self.shared.config.read_quorum);
-        let calls = self.calls(&targets, |hint_for| {
-            Op::Read(ReadRequest {
-                key: key.clone(),
-                hint_for,
-            })
-        });
-        let (answer, answered) = oneshot::channel::<Result<Siblings>>();
-        let this = self.clone();
-        // One task asks the replicas, answers the client at R, and stays for the stragglers.
-        tokio::spawn(async move {
-            let mut replies = this.replica_calls(calls);
-            let mut answer = Some(answer);
-            let mut merged = Siblings::new();
-            let mut seen: Vec<(Target, Siblings)> = Vec::with_capacity(targets.len());
-            while let Some((target, reply)) = replies.next().await {
-                let outcome = match siblings_of(reply) {
-                    Ok(siblings) => {
-                        merged.merge(&siblings);
-                        seen.push((target, siblings));
-                        tally.success()
-                    }
-                    Err(error) => {
-                        first_failure.get_or_insert_with(|| this.describe_failure(target, &error));
-                        tally.failure()
-                    }
-                };
-                // Once the client has its answer, stragglers only feed the repair below.
-                let Some(client) = answer.take_if(|_| outcome != Outcome::Pending) else {
-                    continue;
-                };
-                let result = match outcome {
-                    Outcome::Met => Ok(merged.clone()),
-                    _ => Err(this.quorum_error(QuorumKind::Read, &tally, first_failure.clone())),
-                };
-                let _ = client.send(result);
-            }
-            // Every reply is in and neither outcome was reached (no replica to ask at all).
-            if let Some(answer) = answer.take() {
-                let _ = answer.send(Err(this.quorum_error(
-                    QuorumKind::Read,
-                    &tally,
-                    first_failure,
-                )));
-            }
-            this.after_read(key, merged, seen);
-        });
-        answered
-            .await
-            .map_err(|_| Error::Internal("read coordinator stopped without an answer".into()))?
-    }
-
-    /// Once every reply is in: repair the replicas that answered with less, or, when all N
-    /// preferred replicas hold the same old tombstones, reap the key.
-    fn after_read(&self, key: String, merged: Siblings, seen: Vec<(Target, Siblings)>) {
-        let all_primaries = seen.len() == self.shared.config.replicas
-            && seen.iter().all(|(target, _)| !target.is_fallback());
-        let everyone_agrees = seen.iter().all(|(_, siblings)| *siblings == merged);
-        if all_primaries && everyone_agrees && merged.is_tombstoned() {
-            let now_us = self.shared.client.clocks().cluster_now_us();
-            let age_us = now_us.saturating_sub(merged.newest_timestamp_us());
-            if u128::from(age_us) >= self.shared.config.tombstone_grace.as_micros() {
-                let replicas: Vec<Target> = seen.into_iter().map(|(target, _)| target).collect();
-                self.reap(key, &merged, &replicas);
-            }
-            return;
-        }
-        self.repair(key, merged, seen);
-    }
-
-    /// Removes a key's tombstones from every replica (each checks it still holds exactly them).
-    fn reap(&self, key: String, tombstones: &Siblings, replicas: &[Target]) {
-        self.shared.metrics.reaps.inc();
-        let request = ReapRequest {
+        let shared = &self.shared;
+        let plan = self.plan(&key, shared.config.read_quorum);
+        let grace_us = micros(shared.config.tombstone_grace);
+        let (machine, first) = Read::start(
+            shared.servers.clone(),
             key,
-            dots: tombstones.dots().collect(),
-        };
-        drop(self.fan_out(self.calls(replicas, |_| Op::Reap(request.clone()))));
+            plan,
+            shared.config.replicas,
+            grace_us,
+        );
+        Self::answer(self.drive(machine, first)).await
     }
 
     /// A delete's tombstones can go once the grace period is over and every replica has
@@ -540,28 +362,6 @@ impl Balancer {
             tokio::time::sleep(wait).await;
             let _ = this.read(key).await;
         });
-    }
-
-    /// Writes the merged set back to every replica whose answer lacked part of it.
-    fn repair(&self, key: String, merged: Siblings, seen: Vec<(Target, Siblings)>) {
-        let stale: Vec<Target> = seen
-            .into_iter()
-            .filter(|(_, siblings)| *siblings != merged)
-            .map(|(target, _)| target)
-            .collect();
-        if stale.is_empty() {
-            return;
-        }
-        self.shared.metrics.read_repairs.add(stale.len() as u64);
-        let calls = self.calls(&stale, |hint_for| {
-            Op::Merge(MergeRequest {
-                key: key.clone(),
-                siblings: merged.clone(),
-                hint_for,
-            })
-        });
-        // Nobody waits for these replies; the tasks end with their calls.
-        drop(self.fan_out(calls));
     }
 
     async fn handle(&self, method: &str, params: Vec<Value>) -> Result<String> {

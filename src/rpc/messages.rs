@@ -19,7 +19,7 @@ pub const MERGE_MANY: &str = "node.merge_many";
 /// Read many keys' sibling sets at once (anti-entropy pull).
 pub const READ_MANY: &str = "node.read_many";
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CoordinateRequest {
     pub key: String,
     /// The value's XML text; `None` writes a tombstone (delete).
@@ -43,7 +43,7 @@ impl CoordinateRequest {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MergeRequest {
     pub key: String,
     pub siblings: Siblings,
@@ -51,14 +51,14 @@ pub struct MergeRequest {
     pub hint_for: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReadRequest {
     pub key: String,
     /// Read the hint held for this owner instead of the node's own copy.
     pub hint_for: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReapRequest {
     pub key: String,
     /// The tombstones' dots the balancer saw on every replica; the node reaps only if it holds
@@ -73,7 +73,7 @@ pub const BATCH_PATH: &str = "/internal/batch";
 /// request, as one postcard-encoded `Vec<Envelope>` to [`BATCH_PATH`]; the node answers a
 /// `Vec<OpReply>` in the same order. Batching concurrent operations to one node amortises the
 /// HTTP exchange and the syscalls over all of them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     Coordinate(CoordinateRequest),
     Merge(MergeRequest),
@@ -86,7 +86,7 @@ pub enum Op {
 /// waiting for it, translated into the receiver's clock (see [`crate::clock`]): an operation
 /// held up in a kernel's retransmit queue or behind a paused process must not act on state
 /// written after its sender gave up on it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
     /// Microseconds since the Unix epoch, receiver's clock.
     pub deadline_us: u64,
