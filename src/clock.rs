@@ -72,6 +72,11 @@ pub fn now_us() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// A duration in whole microseconds, saturating.
+pub fn micros(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// Milliseconds since the Unix epoch on this machine's wall clock.
 pub fn now_ms() -> u64 {
     now_us() / 1000

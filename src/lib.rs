@@ -9,7 +9,7 @@
 //!    preference list: the first N distinct storage nodes clockwise, a down one replaced by
 //!    the next up node, which keeps the write as a hint (sloppy quorum).
 //! 3. It fans the operation out to those replicas in per-node binary batches over pooled
-//!    keep-alive HTTP ([`rpc::batch`], [`rpc::client`]), each operation with the moment the
+//!    keep-alive HTTP ([`balancer::node_queue`], [`rpc::batch`]), each operation with the moment the
 //!    balancer stops waiting for it, and counts replies ([`quorum`]) until W (writes) or R
 //!    (reads) of them answered, or until that can no longer happen.
 //! 4. Each `storage_node` ([`node`]) refuses an operation that arrives after that moment,

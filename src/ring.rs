@@ -164,6 +164,13 @@ impl Ring {
         }
     }
 
+    /// What two daemons that work on the same keys compare before they do: the ring's
+    /// [`Self::fingerprint`] and N (nodes with `-s` peers show it in `stats()`, and a
+    /// balancer leaves out a node whose fingerprint differs).
+    pub fn fingerprint_with_replicas(&self, replicas: usize) -> String {
+        format!("{}/N{replicas}", self.fingerprint())
+    }
+
     /// A short hex string identifying (sorted servers, vnodes, hash scheme).
     ///
     /// Two balancers with different fingerprints route keys differently, so a value put

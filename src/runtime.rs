@@ -46,10 +46,9 @@ where
 ///
 /// mimalloc advises the kernel to back its arenas with 2 MiB pages. A node's memtables grow
 /// and are freed all the time, so the kernel kept zeroing fresh huge pages inside request
-/// threads and splitting them again when mimalloc returned parts of them: about 190 huge page
-/// faults and 130 splits per 8 s of put load, and the put p99 through the balancer went from
-/// 8.4 to 5.5 ms without them (README, performance). Where the call fails (an old kernel),
-/// the daemon runs as before.
+/// threads and splitting them again when mimalloc returned parts of them, stalling requests;
+/// the put p99 was much lower without them (docs/performance.md, third round). Where the call
+/// fails (an old kernel), the daemon runs as before.
 fn refuse_transparent_huge_pages(daemon: &str) {
     #[cfg(target_os = "linux")]
     if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {

@@ -10,7 +10,7 @@
 //!   *coordinates*: it stamps the write with its dot and that entry time, and stores it (see
 //!   [`crate::version`] for why the dot is a node's, and why a blind write supersedes only
 //!   what entered before it). A first replica that is lagging (work outstanding, nothing
-//!   answered for a couple of milliseconds: see [`crate::rpc::batch`]) is passed over for the
+//!   answered for a couple of milliseconds: see [`node_queue`]) is passed over for the
 //!   next preferred one, as Dynamo lets any of the top N coordinate, so a write does not
 //!   queue behind a stall. Its reconciled sibling set then goes to the other replicas in
 //!   parallel (fallbacks keep it as a hint), and the client gets `"200"` once W replicas have
@@ -23,12 +23,13 @@
 //! The rules are the pure machines of [`coordinator`], one per request, with table tests;
 //! this module is their async shell: it plans the targets, sends what a machine asks, feeds
 //! it the replies with the time on the cluster clock, and answers the client. Every replica
-//! call travels in a batch to its node ([`crate::rpc::batch`]) and is bounded by the replica
+//! call travels in a batch to its node ([`node_queue`]) and is bounded by the replica
 //! timeout; nothing outlives it, on the node either: each operation carries the moment the
 //! balancer stops waiting for it, and a node refuses one that arrives later.
 
-mod coordinator;
+pub mod coordinator;
 mod health;
+pub mod node_queue;
 pub mod targets;
 
 use std::sync::Arc;
@@ -41,10 +42,10 @@ use futures_util::stream::FuturesUnordered;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::clock::micros;
 use crate::config::BalancerConfig;
 use crate::error::{Error, QuorumKind, Result};
 use crate::ring::Ring;
-use crate::rpc::batch::{NodeQueue, micros};
 use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::codec;
 use crate::rpc::messages::{Op, OpReply};
@@ -54,6 +55,7 @@ use crate::telemetry::{Counter, Exposition};
 use crate::version::{Siblings, VClock};
 use coordinator::{Action, Event, Machine, Read, Servers, Write, WriteRequest};
 use health::Health;
+use node_queue::NodeQueue;
 use targets::Plan;
 
 /// Extra wait after the grace period before a delete's tombstones are checked, so that the
@@ -136,7 +138,7 @@ impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
         let ring = Ring::new(&config.servers, config.vnodes);
         let health = Health::new(ring.servers());
-        let fingerprint = crate::node::anti_entropy::fingerprint(&ring, config.replicas);
+        let fingerprint = ring.fingerprint_with_replicas(config.replicas);
         let client = RpcClient::new();
         let nodes = ring
             .servers()

@@ -89,7 +89,7 @@ impl AntiEntropy {
             .ok_or_else(|| Error::Internal("this node is missing from its own ring".into()))?;
         let servers = ring.servers().len();
         Ok(AntiEntropy {
-            fingerprint: fingerprint(&ring, config.replicas),
+            fingerprint: ring.fingerprint_with_replicas(config.replicas),
             ring,
             me,
             me_address: config.me.clone(),
@@ -383,11 +383,6 @@ impl AntiEntropy {
             }
         }
     }
-}
-
-/// The fingerprint two daemons compare: the ring's (servers, vnodes, hash) and N.
-pub fn fingerprint(ring: &Ring, replicas: usize) -> String {
-    format!("{}/N{replicas}", ring.fingerprint())
 }
 
 fn payload_len(value: &Value) -> u64 {

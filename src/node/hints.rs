@@ -182,7 +182,7 @@ async fn deliver(
             })
         })
         .collect();
-    let deadline_us = crate::clock::now_us().saturating_add(batch::micros(HANDOFF_TIMEOUT));
+    let deadline_us = crate::clock::now_us().saturating_add(crate::clock::micros(HANDOFF_TIMEOUT));
     let ops: Vec<(&Op, u64)> = ops.iter().map(|op| (op, deadline_us)).collect();
     batch::send_batch(client, owner, &ops, HANDOFF_TIMEOUT).await
 }

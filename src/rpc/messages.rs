@@ -105,8 +105,8 @@ pub enum OpReply {
     /// A merge is in the node's journal. Nobody needs the merged set back: the balancer only
     /// counts merges, so sending it would cost an encoding on each side for nothing.
     Merged,
-    /// A read the node did not run because the batch's reply already carried
-    /// [`READ_REPLY_BUDGET`](crate::node::READ_REPLY_BUDGET) of values; the sender asks again
+    /// A read the node did not run because the batch's reply already carried its budget of
+    /// values (the node's to set); the sender asks again
     /// in a later batch. Without it, a few concurrent reads of large keys could add up to a
     /// reply over the balancer's cap, and a healthy node would be marked down.
     Deferred,

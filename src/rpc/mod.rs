@@ -1,6 +1,7 @@
-//! XML-RPC over HTTP: the server both daemons run, the pooled client the balancer uses to reach
-//! storage nodes, the codec between bodies and values, and the internal messages nodes and
-//! balancers exchange.
+//! The transport: XML-RPC over HTTP, the server both daemons run, the pooled client they use
+//! to reach each other, the codec between bodies and values, and the internal messages nodes
+//! and balancers exchange (with the binary batch they travel in). Nothing here decides
+//! anything about replicas or quorums.
 
 pub mod batch;
 pub mod client;
@@ -9,3 +10,5 @@ pub mod messages;
 pub mod params;
 mod plain_call;
 pub mod server;
+#[cfg(test)]
+pub(crate) mod test_node;

@@ -1,0 +1,610 @@
+//! Batching replica operations to one storage node.
+//!
+//! Under load a balancer has many operations in flight to each node at once. Sending each in
+//! its own HTTP request costs a request's worth of parsing and syscalls on both sides per
+//! operation; the profile of the first version showed those, not the work, dominating. So
+//! operations for a node go into a queue, and a dispatcher sends whatever has accumulated as
+//! one binary batch ([`crate::rpc::batch`]) per request. A batch has its node to itself while it is
+//! answered promptly; one slow to answer lets a second go beside it ([`SOLE_BATCH_FOR`]).
+//! When the node is idle a batch holds one operation and leaves at once, so batching adds no
+//! latency; when it is busy, batches grow by themselves, like a journal's group commit.
+//!
+//! Each operation keeps its own deadline: it fails with [`CallError::Timeout`] after the
+//! replica timeout even if its batch is still queued, and late replies are dropped. The
+//! deadline also travels with the operation, translated into the node's clock
+//! ([`crate::clock`]), and the node refuses it unapplied once it has passed
+//! ([`crate::rpc::messages::Envelope`]): an operation the balancer gave up on cannot be applied later,
+//! when a retransmitted or long-queued request finally reaches the node.
+//!
+//! The queue also tells whether its node is *lagging*: it has work outstanding and has made
+//! no progress (answered nothing) for [`LAG_THRESHOLD`]. On a busy machine a node's threads
+//! are now and then descheduled for several milliseconds; the balancer lets another replica
+//! coordinate a write meanwhile, instead of queueing it behind the stalled one. A node that
+//! has answered nothing for half the replica timeout is *stuck*: new operations for it fail
+//! at once, so the failure detector marks it down without waiting for the first timeout,
+//! and a hung node does not collect a queue of doomed operations (with their values) first.
+//! The values waiting for one node are bounded in bytes too
+//! ([`MAX_OUTSTANDING_VALUE_BYTES`]).
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::clock::{self, micros};
+use crate::rpc::batch::send_batch;
+use crate::rpc::client::{CallError, RpcClient};
+use crate::rpc::messages::{Op, OpReply};
+
+/// Batches in flight to one node at most.
+const BATCHES_IN_FLIGHT: usize = 2;
+/// How long a batch has its node to itself before a second one may follow it. One batch at a
+/// time makes the biggest batches, so the fewest requests, wake-ups and journal writes per
+/// operation: more throughput and a lower p99 than two at all times (docs/performance.md,
+/// item 13). A batch that is slow to answer (a large value travelling either way, a node
+/// stalled in a flush) then lets a second one go, so small operations do not queue behind
+/// it. The same 2 ms as [`LAG_THRESHOLD`]: a
+/// batch not answered by then is late by the same measure that passes a node over as
+/// coordinator.
+const SOLE_BATCH_FOR: Duration = LAG_THRESHOLD;
+/// A batch carrying this many bytes of values never has its node to itself.
+const HEAVY_BATCH_VALUE_BYTES: usize = 1024 * 1024;
+/// Most operations in one batch.
+const MAX_BATCH_OPS: usize = 256;
+/// A batch stops growing past this many bytes of values (it always takes one operation).
+const MAX_BATCH_VALUE_BYTES: usize = 4 * 1024 * 1024;
+/// Operations that may wait for one node before new ones are refused at once.
+const QUEUE_CAPACITY: usize = 16 * 1024;
+/// Bytes of values that may be queued or in flight for one node before new operations are
+/// refused at once (one operation alone is always taken). Without it, a node that stopped
+/// answering would collect every copy sent to it until the failure detector noticed: at full
+/// speed with large values, gigabytes of the balancer's memory.
+pub const MAX_OUTSTANDING_VALUE_BYTES: usize = 128 * 1024 * 1024;
+/// How long a node with work outstanding may go without answering before it counts as
+/// lagging. A batch is typically answered within a millisecond under full load; the stalls
+/// worth avoiding last several milliseconds (docs/performance.md).
+pub const LAG_THRESHOLD: Duration = Duration::from_millis(2);
+
+/// Whether the node keeps up, shared by the queue's clones and its dispatcher.
+#[derive(Default)]
+struct Progress {
+    load: Mutex<Load>,
+}
+
+/// The three change together (an operation arriving at an idle node restarts the silence),
+/// so they sit under one lock: counters apart could show work outstanding with the time of
+/// an answer from before the node went idle, a long silence that never was.
+#[derive(Default)]
+struct Load {
+    /// Operations queued or in flight.
+    operations: usize,
+    /// Bytes of values those operations carry.
+    value_bytes: usize,
+    /// When the node last answered a batch, or was given work while it had none; `None`
+    /// before either.
+    last_progress: Option<Instant>,
+}
+
+impl Progress {
+    fn load(&self) -> MutexGuard<'_, Load> {
+        // Plain counters: a panic elsewhere cannot leave them half-updated.
+        self.load.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The node answered.
+    fn mark(&self) {
+        self.load().last_progress = Some(Instant::now());
+    }
+
+    /// How long the node has had work outstanding without answering anything.
+    fn silent_for(&self) -> Duration {
+        let load = self.load();
+        match load.last_progress {
+            Some(since) if load.operations > 0 => since.elapsed(),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// Counts an operation and its value bytes as outstanding until dropped.
+struct Outstanding<'a> {
+    progress: &'a Progress,
+    value_bytes: usize,
+}
+
+impl<'a> Outstanding<'a> {
+    /// Takes the operation in, unless the node already has too many value bytes waiting.
+    fn new(progress: &'a Progress, value_bytes: usize) -> Result<Self, CallError> {
+        let mut load = progress.load();
+        if load.value_bytes > 0
+            && load.value_bytes.saturating_add(value_bytes) > MAX_OUTSTANDING_VALUE_BYTES
+        {
+            return Err(CallError::Transport(format!(
+                "more than {} MiB of values waiting for this node",
+                MAX_OUTSTANDING_VALUE_BYTES >> 20
+            )));
+        }
+        if load.operations == 0 {
+            load.last_progress = Some(Instant::now());
+        }
+        load.operations += 1;
+        load.value_bytes += value_bytes;
+        Ok(Outstanding {
+            progress,
+            value_bytes,
+        })
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        let mut load = self.progress.load();
+        load.operations = load.operations.saturating_sub(1);
+        load.value_bytes = load.value_bytes.saturating_sub(self.value_bytes);
+    }
+}
+
+struct Pending {
+    op: Op,
+    /// When the caller stops waiting, on this machine's clock (microseconds since the epoch).
+    deadline_us: u64,
+    reply: oneshot::Sender<Result<OpReply, CallError>>,
+}
+
+/// The queue of operations for one storage node.
+#[derive(Clone)]
+pub struct NodeQueue {
+    queue: mpsc::Sender<Pending>,
+    progress: Arc<Progress>,
+    /// How long the node may go without answering, work outstanding, before it is stuck.
+    stuck_after: Duration,
+}
+
+impl NodeQueue {
+    /// Starts the dispatcher for the node at `address`; it stops when every clone is dropped.
+    pub fn new(address: String, client: RpcClient, batch_timeout: Duration) -> Self {
+        let (queue, pending) = mpsc::channel(QUEUE_CAPACITY);
+        let progress = Arc::new(Progress::default());
+        tokio::spawn(dispatch(
+            address,
+            client,
+            batch_timeout,
+            pending,
+            progress.clone(),
+        ));
+        NodeQueue {
+            queue,
+            progress,
+            stuck_after: batch_timeout / 2,
+        }
+    }
+
+    /// Whether the node has had work outstanding without answering anything for
+    /// [`LAG_THRESHOLD`].
+    pub fn is_lagging(&self) -> bool {
+        self.progress.silent_for() > LAG_THRESHOLD
+    }
+
+    /// Runs one operation on the node, within `timeout`.
+    pub async fn call(&self, op: Op, timeout: Duration) -> Result<OpReply, CallError> {
+        let silent = self.progress.silent_for();
+        if silent > self.stuck_after {
+            return Err(CallError::Transport(format!(
+                "no answer for {} ms with work outstanding",
+                silent.as_millis()
+            )));
+        }
+        let _outstanding = Outstanding::new(&self.progress, value_len(&op))?;
+        let (reply, answer) = oneshot::channel();
+        let deadline_us = clock::now_us().saturating_add(micros(timeout));
+        self.queue
+            .try_send(Pending {
+                op,
+                deadline_us,
+                reply,
+            })
+            .map_err(|_| CallError::Transport("too many operations queued for this node".into()))?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CallError::Transport("batch dispatcher stopped".into())),
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+}
+
+async fn dispatch(
+    address: String,
+    client: RpcClient,
+    batch_timeout: Duration,
+    mut pending: mpsc::Receiver<Pending>,
+    progress: Arc<Progress>,
+) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let sole = Arc::new(Semaphore::new(1));
+    loop {
+        // Take a slot and the turn first: while a batch has the node to itself, or every slot
+        // is busy, operations pile up into the next batch.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok(turn) = sole.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = pending.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        let mut value_bytes = value_len(&batch[0].op);
+        while batch.len() < MAX_BATCH_OPS && value_bytes < MAX_BATCH_VALUE_BYTES {
+            match pending.try_recv() {
+                Ok(next) => {
+                    value_bytes += value_len(&next.op);
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let (client, address, progress) = (client.clone(), address.clone(), progress.clone());
+        tokio::spawn(async move {
+            let mut sending =
+                std::pin::pin!(send(&client, &address, batch, batch_timeout, &progress));
+            if value_bytes < HEAVY_BATCH_VALUE_BYTES {
+                tokio::select! {
+                    () = &mut sending => return,
+                    () = tokio::time::sleep(SOLE_BATCH_FOR) => {}
+                }
+            }
+            drop(turn);
+            sending.await;
+            drop(slot);
+        });
+    }
+}
+
+/// Sends a batch and hands out the answers, sending the reads the node deferred again until
+/// none is left. Each answered round counts as the node's progress (a timeout or a failed
+/// connection is none; an error status is an answer).
+async fn send(
+    client: &RpcClient,
+    address: &str,
+    batch: Vec<Pending>,
+    timeout: Duration,
+    progress: &Progress,
+) {
+    let mut batch = batch;
+    loop {
+        // Operations whose caller gave up are not sent.
+        batch.retain(|pending| !pending.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
+        let ops: Vec<(&Op, u64)> = batch.iter().map(|p| (&p.op, p.deadline_us)).collect();
+        let answers = match send_batch(client, address, &ops, timeout).await {
+            Ok(answers) => answers,
+            Err(error) => {
+                if !matches!(error, CallError::Timeout | CallError::Transport(_)) {
+                    progress.mark();
+                }
+                for pending in batch {
+                    let _ = pending.reply.send(Err(error.clone()));
+                }
+                return;
+            }
+        };
+        progress.mark();
+        // Resent batches hold only reads, and a node runs the first read of a batch whose
+        // writes answered nothing large: a node deferring a whole batch, or anything but a
+        // read, would be asked forever or made to write twice.
+        let deferred_wrongly = answers.iter().zip(&batch).any(|(answer, pending)| {
+            matches!(answer, OpReply::Deferred) && !matches!(pending.op, Op::Read(_))
+        });
+        if deferred_wrongly
+            || answers
+                .iter()
+                .all(|answer| matches!(answer, OpReply::Deferred))
+        {
+            let error = CallError::BadResponse("the node deferred what it must answer".into());
+            for pending in batch {
+                let _ = pending.reply.send(Err(error.clone()));
+            }
+            return;
+        }
+        let mut deferred = Vec::new();
+        for (pending, answer) in batch.into_iter().zip(answers) {
+            let result = match answer {
+                OpReply::Deferred => {
+                    deferred.push(pending);
+                    continue;
+                }
+                OpReply::Fault { code, message } => Err(CallError::Fault { code, message }),
+                OpReply::Expired { late_by_us } => Err(CallError::Expired {
+                    late_by_ms: late_by_us / 1000,
+                }),
+                other => Ok(other),
+            };
+            let _ = pending.reply.send(result);
+        }
+        batch = deferred;
+    }
+}
+
+/// Bytes of values an operation carries, to keep batches of huge values small.
+fn value_len(op: &Op) -> usize {
+    match op {
+        Op::Coordinate(request) => request.value_bytes(),
+        Op::Merge(request) => request.siblings.value_bytes(),
+        Op::Read(_) | Op::Reap(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::messages::ReadRequest;
+    use crate::rpc::test_node::{FakeNode, fake_node};
+
+    fn read(key: &str) -> Op {
+        Op::Read(ReadRequest {
+            key: key.into(),
+            hint_for: None,
+        })
+    }
+
+    /// A node's answer to a batch of `len`: the first operation answered, the rest deferred.
+    fn answer_first_defer_rest(ops: &[Op]) -> Vec<OpReply> {
+        let mut answers = vec![OpReply::Deferred; ops.len()];
+        answers[0] = OpReply::Siblings(crate::version::Siblings::new());
+        answers
+    }
+
+    /// Sends `batch` to the node at `address`; the progress it recorded.
+    async fn send_to(address: &str, batch: Vec<Pending>) -> Progress {
+        let progress = Progress::default();
+        send(
+            &RpcClient::new(),
+            address,
+            batch,
+            Duration::from_secs(5),
+            &progress,
+        )
+        .await;
+        progress
+    }
+
+    fn pending(key: &str) -> (Pending, oneshot::Receiver<Result<OpReply, CallError>>) {
+        let (reply, answer) = oneshot::channel();
+        (
+            Pending {
+                op: read(key),
+                deadline_us: u64::MAX,
+                reply,
+            },
+            answer,
+        )
+    }
+
+    /// The node defers all but the first read of each batch: they are sent again, fewer each
+    /// time, until every caller has its answer.
+    #[tokio::test]
+    async fn deferred_operations_are_sent_again_until_answered() {
+        let FakeNode { address, sizes, .. } = fake_node(answer_first_defer_rest);
+        let (batch, answers): (Vec<_>, Vec<_>) = ["a", "b", "c"].map(pending).into_iter().unzip();
+        let progress = send_to(&address, batch).await;
+        assert!(
+            progress.load().last_progress.is_some(),
+            "answers are progress"
+        );
+        for answer in answers {
+            assert!(matches!(
+                answer.await.expect("an answer"),
+                Ok(OpReply::Siblings(_))
+            ));
+        }
+        assert_eq!(*sizes.lock().expect("sizes"), [3, 2, 1]);
+    }
+
+    /// A node's answer to a batch: a refusal of each operation, 1000 bytes long.
+    fn answer_long_faults(ops: &[Op]) -> Vec<OpReply> {
+        let fault = OpReply::Fault {
+            code: -32602,
+            message: "x".repeat(1000),
+        };
+        vec![fault; ops.len()]
+    }
+
+    /// A reply over the cap is a bad answer, not silence: the node is up, and a balancer that
+    /// took it for unreachable would mark a healthy node down (`health.rs` only counts
+    /// timeouts and transport errors).
+    #[tokio::test]
+    async fn a_reply_over_the_cap_is_a_bad_response_from_a_node_that_answered() {
+        let FakeNode { address, .. } = fake_node(answer_long_faults);
+        let (batch, answers): (Vec<_>, Vec<_>) = ["a", "b"].map(pending).into_iter().unzip();
+        let progress = Progress::default();
+        let client = RpcClient::with_max_response_bytes(1000);
+        send(&client, &address, batch, Duration::from_secs(5), &progress).await;
+        for answer in answers {
+            let answer = answer.await.expect("an answer");
+            assert!(
+                matches!(&answer, Err(CallError::BadResponse(message)) if message.contains("1000 bytes")),
+                "{answer:?}"
+            );
+        }
+        assert!(progress.load().last_progress.is_some(), "the node answered");
+        // Within the cap, the same reply is read as usual.
+        let (batch, answers): (Vec<_>, Vec<_>) = ["a"].map(pending).into_iter().unzip();
+        let client = RpcClient::with_max_response_bytes(10_000);
+        send(&client, &address, batch, Duration::from_secs(5), &progress).await;
+        for answer in answers {
+            assert!(matches!(
+                answer.await.expect("an answer"),
+                Err(CallError::Fault { code: -32602, .. })
+            ));
+        }
+    }
+
+    /// Only reads may be deferred: a write sent twice could be applied twice.
+    #[tokio::test]
+    async fn a_deferred_write_is_a_bad_response() {
+        let FakeNode { address, sizes, .. } = fake_node(answer_first_defer_rest);
+        let (read_pending, read_answer) = pending("a");
+        let (reply, write_answer) = oneshot::channel();
+        let write = Pending {
+            op: Op::Coordinate(crate::rpc::messages::CoordinateRequest {
+                key: "b".into(),
+                value: Some("<value>v</value>".into()),
+                context: None,
+                hint_for: None,
+                entered_us: 1,
+            }),
+            deadline_us: u64::MAX,
+            reply,
+        };
+        let batch = vec![read_pending, write];
+        send_to(&address, batch).await;
+        assert!(matches!(
+            write_answer.await.expect("an answer"),
+            Err(CallError::BadResponse(_))
+        ));
+        assert!(read_answer.await.expect("an answer").is_err());
+        assert_eq!(*sizes.lock().expect("sizes"), [2], "nothing was sent twice");
+    }
+
+    /// A node that defers a whole batch would be asked forever: its callers get an error.
+    #[tokio::test]
+    async fn a_node_deferring_everything_is_a_bad_response() {
+        let FakeNode { address, sizes, .. } = fake_node(|ops| vec![OpReply::Deferred; ops.len()]);
+        let (batch, answers): (Vec<_>, Vec<_>) = ["a", "b"].map(pending).into_iter().unzip();
+        send_to(&address, batch).await;
+        for answer in answers {
+            assert!(matches!(
+                answer.await.expect("an answer"),
+                Err(CallError::BadResponse(_))
+            ));
+        }
+        assert_eq!(*sizes.lock().expect("sizes"), [2]);
+    }
+
+    /// A node's refusal of an operation that came too late reaches the caller as such.
+    #[tokio::test]
+    async fn an_expired_operation_is_an_error_of_its_own() {
+        let FakeNode { address, .. } =
+            fake_node(|ops| vec![OpReply::Expired { late_by_us: 7_000 }; ops.len()]);
+        let (batch, answers): (Vec<_>, Vec<_>) = ["a"].map(pending).into_iter().unzip();
+        send_to(&address, batch).await;
+        for answer in answers {
+            assert!(matches!(
+                answer.await.expect("an answer"),
+                Err(CallError::Expired { late_by_ms: 7 })
+            ));
+        }
+    }
+
+    #[test]
+    fn values_waiting_for_one_node_are_bounded_in_bytes() {
+        let progress = Progress::default();
+        let huge = Outstanding::new(&progress, MAX_OUTSTANDING_VALUE_BYTES * 2)
+            .expect("one operation alone is always taken");
+        assert!(matches!(
+            Outstanding::new(&progress, 0),
+            Err(CallError::Transport(_))
+        ));
+        drop(huge);
+        let half = MAX_OUTSTANDING_VALUE_BYTES / 2;
+        let first = Outstanding::new(&progress, half).expect("within the bound");
+        let second = Outstanding::new(&progress, half).expect("up to the bound");
+        assert!(Outstanding::new(&progress, 1).is_err());
+        drop((first, second));
+        let load = progress.load();
+        assert_eq!((load.operations, load.value_bytes), (0, 0));
+    }
+
+    /// A node that accepts connections and never answers (like one under SIGSTOP) is lagging
+    /// at once, and stuck after half the timeout: then new calls fail at once instead of
+    /// joining the queue.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_node_is_lagging_then_stuck() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        // Accepts and holds every connection, reading nothing.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                held.push(stream);
+            }
+        });
+        let timeout = Duration::from_secs(4);
+        let queue = NodeQueue::new(address, RpcClient::new(), timeout);
+        assert!(!queue.is_lagging(), "nothing outstanding, nothing lagging");
+
+        let first = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.call(read("a"), timeout).await })
+        };
+        tokio::time::sleep(LAG_THRESHOLD * 10).await;
+        assert!(queue.is_lagging());
+
+        // Past half the timeout, before the first call's own timeout.
+        tokio::time::sleep(timeout * 13 / 20).await;
+        match queue.call(read("b"), timeout).await {
+            Err(CallError::Transport(message)) => {
+                assert!(message.contains("no answer"), "{message}")
+            }
+            other => panic!("a call to a stuck node: expected a transport error, got {other:?}"),
+        }
+        assert!(matches!(
+            first.await.expect("first call's task"),
+            Err(CallError::Timeout)
+        ));
+    }
+
+    /// Answers every operation with an empty set; a batch whose first key starts with "slow"
+    /// only after `SLOW_ANSWER`.
+    fn answer_slow_keys_late(ops: &[Op]) -> Vec<OpReply> {
+        if matches!(ops.first(), Some(Op::Read(request)) if request.key.starts_with("slow")) {
+            std::thread::sleep(SLOW_ANSWER);
+        }
+        vec![OpReply::Siblings(crate::version::Siblings::new()); ops.len()]
+    }
+
+    const SLOW_ANSWER: Duration = Duration::from_millis(600);
+
+    /// Calls `key` on `queue` in a task of its own.
+    fn call_in_task(
+        queue: &NodeQueue,
+        key: &'static str,
+    ) -> tokio::task::JoinHandle<Result<OpReply, CallError>> {
+        let queue = queue.clone();
+        tokio::spawn(async move { queue.call(read(key), Duration::from_secs(10)).await })
+    }
+
+    /// A batch slow to answer has the node to itself only briefly: an operation sent after it
+    /// travels in a second batch, beside it, and is answered first. A third batch waits for a
+    /// slot: the node never has more than two to answer at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_batch_lets_one_more_go_and_no_more() {
+        let node = fake_node(answer_slow_keys_late);
+        let queue = NodeQueue::new(
+            node.address.clone(),
+            RpcClient::new(),
+            Duration::from_secs(10),
+        );
+        let slow = call_in_task(&queue, "slow-1");
+        node.received(1).await;
+        let fast = tokio::time::timeout(SLOW_ANSWER / 2, queue.call(read("fast"), SLOW_ANSWER))
+            .await
+            .expect("the second batch went while the first was unanswered");
+        assert!(fast.is_ok(), "{fast:?}");
+        assert!(!slow.is_finished());
+
+        // Two slow batches at the node: the next operation waits for one of them.
+        let second_slow = call_in_task(&queue, "slow-2");
+        node.received(3).await;
+        let third = call_in_task(&queue, "fast-too");
+        for call in [slow, second_slow, third] {
+            let answer = call.await.expect("task");
+            assert!(answer.is_ok(), "{answer:?}");
+        }
+        assert_eq!(node.batches(), 4, "one batch per call");
+        assert_eq!(node.busy.lock().expect("busy").most, 2);
+    }
+}
