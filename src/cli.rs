@@ -1,4 +1,4 @@
-//! Command-line flags of both daemons (SPEC.md's tables), turned into validated configs.
+//! Command-line flags of both daemons (docs/protocol.md's tables), turned into validated configs.
 
 use std::net::IpAddr;
 use std::path::PathBuf;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::storage::StorageConfig;
 
-/// Largest HTTP body either daemon accepts by default (32 MiB, as SPEC.md says).
+/// Largest HTTP body either daemon accepts by default (32 MiB, as docs/protocol.md says).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 
 #[derive(Debug, Clone)]

@@ -1,8 +1,8 @@
 //! One error type for the whole crate, and the single place where it becomes an XML-RPC fault.
 //!
 //! Every failure a client can see goes through [`Error::fault_code`] and [`Error::fault_string`],
-//! so the codes promised in SPEC.md live in exactly one match. Fault strings are short and never
-//! echo the request back: a hostile body must not be reflected to anyone.
+//! so the codes promised in docs/protocol.md live in exactly one match. Fault strings are short
+//! and never echo the request back: a hostile body must not be reflected to anyone.
 
 use crate::storage::StorageError;
 

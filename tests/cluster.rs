@@ -1,4 +1,4 @@
-//! The core of Dynamite's contract (SPEC.md), told as stories against real processes:
+//! The core of Dynamite's contract (docs/protocol.md), told as stories against real processes:
 //! storage nodes and balancers started on free ports of 127.0.0.1, talked to over XML-RPC,
 //! killed with SIGKILL where the story needs a crash.
 

@@ -168,11 +168,11 @@ pub struct ReadManyRequest {
     pub keys: Vec<String>,
 }
 
-/// Largest key accepted, in bytes of UTF-8 (SPEC.md: 64 KiB).
+/// Largest key accepted, in bytes of UTF-8 (docs/protocol.md: 64 KiB).
 pub const MAX_KEY_BYTES: usize = 64 * 1024;
 
-/// Refuses keys longer than SPEC.md allows; balancers check before fanning out, nodes again
-/// because anyone can call them.
+/// Refuses keys longer than docs/protocol.md allows; balancers check before fanning out,
+/// nodes again because anyone can call them.
 pub fn check_key(key: &str) -> Result<()> {
     if key.len() > MAX_KEY_BYTES {
         Err(Error::invalid(format!(

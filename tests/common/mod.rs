@@ -325,7 +325,7 @@ impl Daemon {
     /// Starts a load balancer on `port` over `servers` (`HOST:PORT`, passed as `-s` in this
     /// order, duplicates included). `args` come last (`-N`, `-R`, `--timeout-ms`...).
     ///
-    /// The SPEC gives `--quiet` to storage_node only, so the balancer does not get it.
+    /// docs/protocol.md gives `--quiet` to storage_node only, so the balancer does not get it.
     pub fn load_balancer(
         log_dir: &Path,
         name: &str,

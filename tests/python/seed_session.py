@@ -4,9 +4,9 @@
 Usage: seed_session.py BALANCER_PORT [NODE_PORT...]
 
 Talks to a running Dynamite cluster on 127.0.0.1 with nothing but ``xmlrpc.client``, as any
-user would, and checks what SPEC.md promises a conforming client: the seed session, every
-XML-RPC type round-tripped, nil for missing keys, versions and contexts, faults with their
-codes, and system.multicall. Exits non-zero on the first broken promise.
+user would, and checks what docs/protocol.md promises a conforming client: the seed session,
+every XML-RPC type round-tripped, nil for missing keys, versions and contexts, faults with
+their codes, and system.multicall. Exits non-zero on the first broken promise.
 """
 
 import sys
