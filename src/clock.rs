@@ -24,7 +24,11 @@
 //! skewed clock neither refuses live operations nor lets late ones through. Entry times are
 //! read on the *cluster clock*: this daemon's clock plus the median offset of the peers it
 //! has measured, so every balancer stamps in (nearly) the same time base, that of the
-//! median storage node, whatever its own clock says.
+//! median storage node, whatever its own clock says. Each offset counts only as far as the
+//! evidence demands (the value nearest zero within its uncertainty), so daemons whose
+//! clocks already agree read them as they are, rather than each adding the noise of its
+//! estimates: on a loaded machine a round trip takes milliseconds, and two balancers on it
+//! would otherwise stamp a client's successive writes out of order.
 //!
 //! The estimate's error is half the round trip of the best recent exchange: tens of
 //! microseconds on one machine, well under a millisecond on a LAN. What this does not fix:
@@ -104,6 +108,17 @@ pub struct Offset {
 }
 
 impl Offset {
+    /// Of the offsets this estimate allows, the one nearest zero: our own clock, moved only as
+    /// far as the evidence demands. Machines whose clocks agree (NTP) then read their own
+    /// clocks exactly, instead of each adding the noise of its own estimates (two balancers
+    /// on one machine would otherwise stamp up to a round trip apart); machines whose clocks
+    /// disagree by more than the uncertainty are moved to within it.
+    pub fn nearest_zero_us(&self) -> i64 {
+        let shrunk = self.offset_us.unsigned_abs().saturating_sub(self.error_us);
+        let shrunk = i64::try_from(shrunk).unwrap_or(i64::MAX);
+        if self.offset_us < 0 { -shrunk } else { shrunk }
+    }
+
     /// Whether the two estimates can both be true: their intervals overlap. When a new
     /// exchange contradicts the samples kept, the peer's clock (or ours) was stepped.
     fn agrees_with(&self, other: &Offset) -> bool {
@@ -226,8 +241,9 @@ pub struct PeerClocks {
 #[derive(Debug, Default)]
 struct Peers {
     estimates: HashMap<String, OffsetEstimate>,
-    /// Each peer's best offset when the median was last computed: the median is computed
-    /// again only when one of them changes.
+    /// Each peer's best offset, moved as near zero as its uncertainty allows
+    /// ([`Offset::nearest_zero_us`]), when the median was last computed: the median is
+    /// computed again only when one of them changes.
     best_us: HashMap<String, i64>,
 }
 
@@ -243,10 +259,11 @@ impl PeerClocks {
         let Some(best) = estimate.estimate(exchange.answered_us) else {
             return;
         };
-        if best_us.get(peer) == Some(&best.offset_us) {
+        let nearest_zero = best.nearest_zero_us();
+        if best_us.get(peer) == Some(&nearest_zero) {
             return;
         }
-        best_us.insert(peer.to_owned(), best.offset_us);
+        best_us.insert(peer.to_owned(), nearest_zero);
         let median = median_offset_us(best_us.values().copied());
         self.median_us.store(median, Ordering::Relaxed);
     }
@@ -263,7 +280,7 @@ impl PeerClocks {
     }
 
     /// Microseconds since the epoch on the cluster clock: ours moved by the median offset
-    /// of the peers measured.
+    /// of the peers measured (each as near zero as its uncertainty allows).
     pub fn cluster_now_us(&self) -> u64 {
         now_us().saturating_add_signed(self.median_us.load(Ordering::Relaxed))
     }
@@ -407,6 +424,25 @@ mod tests {
         ];
         for (local, offset, expected) in cases {
             assert_eq!(remote_deadline_us(local, offset), expected, "{offset:?}");
+        }
+    }
+
+    #[test]
+    fn nearest_zero_table() {
+        let cases = [
+            (0, 100, 0),
+            (80, 100, 0),
+            (-80, 100, 0),
+            (100, 100, 0),
+            (5_000_000, 300, 4_999_700),
+            (-5_000_000, 300, -4_999_700),
+        ];
+        for (offset_us, error_us, expected) in cases {
+            let offset = Offset {
+                offset_us,
+                error_us,
+            };
+            assert_eq!(offset.nearest_zero_us(), expected, "{offset:?}");
         }
     }
 

@@ -51,7 +51,7 @@ use crate::rpc::codec;
 use crate::rpc::messages::{Op, OpReply};
 use crate::rpc::params::{delete_params, key_param, put_params};
 use crate::rpc::server::{self, Handler, ServerLimits};
-use crate::telemetry::{Counter, Exposition};
+use crate::telemetry::{Counter, Exposition, Figure};
 use crate::version::{Siblings, VClock};
 use coordinator::{Action, Event, Machine, Read, Servers, Write, WriteRequest};
 use health::Health;
@@ -406,6 +406,68 @@ impl Balancer {
         }
     }
 
+    /// Everything the balancer counts, each figure declared once (see [`Figure`]):
+    /// `stats()` shows them under `counters`.
+    fn figures(&self) -> Vec<Figure> {
+        let m = &self.shared.metrics;
+        let request = |stats, method, counter| {
+            Figure::counter(
+                stats,
+                "dynamite_balancer_requests_total",
+                "Client requests, by method.",
+                counter,
+            )
+            .labelled("method", method)
+        };
+        let quorum = |stats, which, counter| {
+            Figure::counter(
+                stats,
+                "dynamite_balancer_quorum_failures_total",
+                "Requests answered with fault 503, by quorum.",
+                counter,
+            )
+            .labelled("quorum", which)
+        };
+        vec![
+            request("puts", "put", &m.puts),
+            request("gets", "get", &m.gets),
+            request("get_versions", "get_versions", &m.get_versions),
+            request("deletes", "delete", &m.deletes),
+            quorum("write_quorum_failures", "write", &m.write_quorum_failures),
+            quorum("read_quorum_failures", "read", &m.read_quorum_failures),
+            Figure::counter(
+                "replica_failures",
+                "dynamite_balancer_replica_failures_total",
+                "Replica calls that failed or timed out.",
+                &m.replica_failures,
+            ),
+            Figure::counter(
+                "coordinator_switches",
+                "dynamite_balancer_coordinator_switches_total",
+                "Writes coordinated by a later preferred replica because the first was lagging.",
+                &m.coordinator_switches,
+            ),
+            Figure::counter(
+                "read_repairs",
+                "dynamite_balancer_read_repairs_total",
+                "Replicas sent a merged sibling set after a read.",
+                &m.read_repairs,
+            ),
+            Figure::counter(
+                "reaps",
+                "dynamite_balancer_reaps_total",
+                "Deleted keys whose tombstones were reaped.",
+                &m.reaps,
+            ),
+            Figure::gauge(
+                "servers_up",
+                "dynamite_balancer_servers_up",
+                "Storage nodes whose last call succeeded.",
+                i64::try_from(self.shared.health.up_count()).unwrap_or(i64::MAX),
+            ),
+        ]
+    }
+
     fn stats(&self) -> Value {
         let shared = &self.shared;
         let servers = shared
@@ -439,27 +501,11 @@ impl Balancer {
                 Value::Struct(entry.into_iter().collect())
             })
             .collect();
-        let m = &shared.metrics;
-        let counters = [
-            ("puts", m.puts.get()),
-            ("gets", m.gets.get()),
-            ("get_versions", m.get_versions.get()),
-            ("deletes", m.deletes.get()),
-            ("write_quorum_failures", m.write_quorum_failures.get()),
-            ("read_quorum_failures", m.read_quorum_failures.get()),
-            ("replica_failures", m.replica_failures.get()),
-            ("coordinator_switches", m.coordinator_switches.get()),
-            ("read_repairs", m.read_repairs.get()),
-            ("reaps", m.reaps.get()),
-        ]
-        .into_iter()
-        .map(|(name, value)| {
-            (
-                name.to_string(),
-                codec::int_value(i64::try_from(value).unwrap_or(i64::MAX)),
-            )
-        })
-        .collect();
+        let counters = self
+            .figures()
+            .iter()
+            .map(|figure| (figure.stats.to_owned(), codec::int_value(figure.value)))
+            .collect();
         let config = &shared.config;
         let int = |n: usize| codec::int_value(i64::try_from(n).unwrap_or(i64::MAX));
         Value::Struct(
@@ -502,54 +548,8 @@ impl Handler for Balancer {
     }
 
     fn metrics(&self) -> String {
-        let m = &self.shared.metrics;
         let mut out = Exposition::default();
-        out.labelled_counter(
-            "dynamite_balancer_requests_total",
-            "Client requests, by method.",
-            "method",
-            &[
-                ("put", m.puts.get()),
-                ("get", m.gets.get()),
-                ("get_versions", m.get_versions.get()),
-                ("delete", m.deletes.get()),
-            ],
-        )
-        .labelled_counter(
-            "dynamite_balancer_quorum_failures_total",
-            "Requests answered with fault 503, by quorum.",
-            "quorum",
-            &[
-                ("write", m.write_quorum_failures.get()),
-                ("read", m.read_quorum_failures.get()),
-            ],
-        )
-        .counter(
-            "dynamite_balancer_replica_failures_total",
-            "Replica calls that failed or timed out.",
-            m.replica_failures.get(),
-        )
-        .counter(
-            "dynamite_balancer_read_repairs_total",
-            "Replicas sent a merged sibling set after a read.",
-            m.read_repairs.get(),
-        )
-        .counter(
-            "dynamite_balancer_reaps_total",
-            "Deleted keys whose tombstones were reaped.",
-            m.reaps.get(),
-        )
-        .counter(
-            "dynamite_balancer_coordinator_switches_total",
-            "Writes coordinated by a later preferred replica because the first was lagging.",
-            m.coordinator_switches.get(),
-        );
-        let up = self.shared.health.up_count();
-        out.gauge(
-            "dynamite_balancer_servers_up",
-            "Storage nodes whose last call succeeded.",
-            up as i64,
-        );
+        out.figures(&self.figures());
         out.finish()
     }
 }

@@ -1,0 +1,167 @@
+//! A node's life: opening its storage (refusing a directory another process holds), loading
+//! or drawing its actor id, counting what it holds; then serving, with the background tasks
+//! (journal sync, hint handoff, anti-entropy); then stopping cleanly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::rpc::client::RpcClient;
+use crate::rpc::server::{self, ServerLimits};
+use crate::storage::{self, Engine, Tree, WriteOp};
+use crate::version::{ActorId, Siblings};
+
+use super::StorageNode;
+use super::anti_entropy::AntiEntropy;
+use super::hints;
+use super::key_locks::KeyLocks;
+use super::reaped::ReapedTombstones;
+use super::row_cache::RowCache;
+use super::surface::NodeMetrics;
+
+/// How often the journal is forced to disk. Writes are acknowledged once the OS has them
+/// (they survive a crash of the process); this bounds what a power loss can take.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+const ACTOR_ID_KEY: &[u8] = b"actor_id";
+
+impl StorageNode {
+    /// Opens the node's storage (refusing a directory another process holds) and loads its
+    /// actor id, drawing a new one for fresh storage.
+    pub fn open(config: &NodeConfig) -> Result<Self> {
+        let engine = storage::open(&config.storage)?;
+        let actor = load_or_create_actor(&*engine)?;
+        let aae = match &config.ring {
+            Some(ring) => Some(AntiEntropy::new(
+                ring,
+                config.aae_interval,
+                config.aae_max_keys,
+            )?),
+            None => None,
+        };
+        let (live_keys, tombstone_keys) = scan_data(&*engine, aae.as_ref())?;
+        let hints = count_entries(&*engine, Tree::Hints)?;
+        Ok(StorageNode {
+            engine,
+            actor,
+            locks: KeyLocks::new(),
+            live_keys: AtomicI64::new(live_keys),
+            tombstone_keys: AtomicI64::new(tombstone_keys),
+            hints: AtomicI64::new(hints),
+            corrupt_hints: AtomicI64::new(0),
+            aae,
+            reaped: ReapedTombstones::default(),
+            last_clock_warning_us: std::sync::atomic::AtomicU64::new(0),
+            cache: RowCache::new(config.cache_bytes),
+            log_requests: config.log_requests,
+            port: config.listen.port(),
+            metrics: NodeMetrics::default(),
+        })
+    }
+}
+
+/// Serves the node on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let node = Arc::new(StorageNode::open(&config)?);
+    tracing::info!(
+        address = %config.listen,
+        engine = node.engine.name(),
+        keys = node.live_keys.load(Ordering::Relaxed),
+        "storage node serving"
+    );
+    let syncer = tokio::spawn(sync_periodically(node.engine.clone()));
+    let handoff = tokio::spawn(hints::handoff_periodically(node.clone(), RpcClient::new()));
+    let anti_entropy = tokio::spawn(anti_entropy_periodically(node.clone(), RpcClient::new()));
+    let limits = ServerLimits {
+        max_request_bytes: config.max_request_bytes,
+    };
+    server::serve(listener, node.clone(), limits, shutdown).await;
+    syncer.abort();
+    handoff.abort();
+    anti_entropy.abort();
+    node.engine.sync()?;
+    Ok(())
+}
+
+/// Runs anti-entropy rounds until the task is dropped (returns at once without peers).
+async fn anti_entropy_periodically(node: Arc<StorageNode>, client: RpcClient) {
+    let Some(interval) = node.aae.as_ref().map(|aae| aae.interval) else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate; let the cluster come up first
+    loop {
+        ticks.tick().await;
+        if let Some(aae) = &node.aae {
+            aae.round(&node, &client).await;
+        }
+    }
+}
+
+async fn sync_periodically(engine: Arc<dyn Engine>) {
+    let mut ticks = tokio::time::interval(SYNC_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let engine = engine.clone();
+        match tokio::task::spawn_blocking(move || engine.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "journal sync failed"),
+            Err(error) => tracing::error!(%error, "journal sync task failed"),
+        }
+    }
+}
+
+fn load_or_create_actor(engine: &dyn Engine) -> Result<ActorId> {
+    if let Some(bytes) = engine.get(Tree::Meta, ACTOR_ID_KEY)? {
+        let array: [u8; 8] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Internal("stored actor id is corrupt".into()))?;
+        return Ok(u64::from_be_bytes(array));
+    }
+    let actor = crate::random::random_u64();
+    engine.write(vec![WriteOp::put(
+        Tree::Meta,
+        ACTOR_ID_KEY,
+        actor.to_be_bytes(),
+    )])?;
+    Ok(actor)
+}
+
+/// Entries of a tree, counted once at start.
+fn count_entries(engine: &dyn Engine, tree: Tree) -> Result<i64> {
+    let mut count = 0;
+    storage::for_each(engine, tree, |_, _| count += 1)?;
+    Ok(count)
+}
+
+/// Counts live and tombstoned keys, and fills the anti-entropy trees, once at start.
+fn scan_data(engine: &dyn Engine, aae: Option<&AntiEntropy>) -> Result<(i64, i64)> {
+    let (mut live, mut tombstoned, mut corrupt) = (0, 0, 0u64);
+    storage::for_each(engine, Tree::Data, |key, bytes| {
+        if let Some(aae) = aae {
+            aae.record(key, None, Some(bytes));
+        }
+        match Siblings::decode(bytes) {
+            Some(siblings) => {
+                live += i64::from(siblings.is_live());
+                tombstoned += i64::from(siblings.is_tombstoned());
+            }
+            None => corrupt += 1,
+        }
+    })?;
+    if corrupt > 0 {
+        // Reads and writes of these keys fail with "corrupt"; say so once at start.
+        tracing::error!(corrupt, "stored sibling sets that cannot be decoded");
+    }
+    Ok((live, tombstoned))
+}

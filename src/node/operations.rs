@@ -1,0 +1,226 @@
+//! Replica operations on this node's own copies and on the hints it holds: each reads the
+//! key's set under its lock, applies one of the rules of [`super::replica`], and commits
+//! the result in a transaction.
+
+use std::sync::atomic::Ordering;
+
+use crate::error::{Error, Result};
+use crate::rpc::messages::{
+    CoordinateRequest, MergeRequest, Op, OpReply, ReadRequest, ReapRequest, check_key,
+};
+use crate::storage::{Tree, WriteOp};
+use crate::version::{Dot, Siblings};
+
+use super::StorageNode;
+use super::hints::{self, HintRecord};
+use super::replica;
+use super::transaction::{Place, Transaction};
+
+/// Least time between two log lines about writes refused for
+/// [`replica::MAX_ENTRY_AHEAD_US`]: a node with a bad clock meets one per write it would
+/// coordinate.
+const CLOCK_WARNING_INTERVAL_US: u64 = 10_000_000;
+
+impl StorageNode {
+    /// Drops a hint its owner accepted, unless it changed since it was read for delivery.
+    pub fn drop_delivered_hint(&self, delivered: &HintRecord) -> Result<bool> {
+        let slot = hints::slot(&delivered.owner, &delivered.key);
+        let _guard = self.locks.lock(&slot);
+        let current = self.load_hint(&slot, &delivered.owner, &delivered.key)?;
+        if current.as_ref() != Some(delivered) {
+            return Ok(false);
+        }
+        self.engine
+            .write(vec![WriteOp::remove(Tree::Hints, slot)])?;
+        self.hints.fetch_sub(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// The node's own copy of a key (anti-entropy push).
+    pub fn read_own(&self, key: &str) -> Result<Siblings> {
+        self.load(key)
+    }
+
+    /// Merges sibling sets into the node's own copies (anti-entropy push and pull), as one
+    /// batch: one transaction, one journal write. Fails with the first refusal.
+    pub fn merge_own_many(&self, entries: Vec<(String, Siblings)>) -> Result<()> {
+        self.merge_own_many_until(entries, u64::MAX)
+    }
+
+    /// As [`Self::merge_own_many`], each entry refused if its turn comes after `deadline_us`
+    /// (this node's clock; see [`Envelope`]): the entries in time are merged, and the call
+    /// fails if any was refused.
+    pub fn merge_own_many_until(
+        &self,
+        entries: Vec<(String, Siblings)>,
+        deadline_us: u64,
+    ) -> Result<()> {
+        let ops = entries
+            .into_iter()
+            .map(|(key, siblings)| {
+                Op::Merge(MergeRequest {
+                    key,
+                    siblings,
+                    hint_for: None,
+                })
+            })
+            .collect();
+        for reply in self.apply_until(ops, deadline_us) {
+            match reply {
+                OpReply::Fault { code, message } => return Err(Error::Fault { code, message }),
+                OpReply::Expired { late_by_us } => {
+                    return Err(Error::Internal(format!(
+                        "arrived {} ms after its deadline; refused",
+                        late_by_us / 1000
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one write in a transaction of its own; answers what `stage` returned and the
+    /// place's sibling set after the write.
+    fn write_one<T>(
+        &self,
+        place: Place,
+        stage: impl FnOnce(&mut Transaction<'_>, &Place) -> Result<T>,
+    ) -> Result<(T, Siblings)> {
+        let mut transaction = Transaction::begin(self, [&place]);
+        let outcome = stage(&mut transaction, &place)?;
+        let mut committed = transaction.commit()?;
+        Ok((outcome, committed.take(&place)))
+    }
+
+    /// Removes a key whose tombstones every replica holds (the balancer checked), but only if
+    /// this node still holds exactly those tombstones: anything written since keeps the key.
+    pub fn reap(&self, request: &ReapRequest) -> Result<bool> {
+        check_key(&request.key)?;
+        let place = Place::own(&request.key);
+        Ok(self
+            .write_one(place, |tx, place| self.stage_reap(tx, place, &request.dots))?
+            .0)
+    }
+
+    pub fn coordinate(&self, request: CoordinateRequest) -> Result<Siblings> {
+        check_key(&request.key)?;
+        let place = Place::new(&request.key, request.hint_for.as_deref());
+        Ok(self
+            .write_one(place, |tx, place| self.stage_coordinate(tx, place, request))?
+            .1)
+    }
+
+    pub fn merge(&self, request: MergeRequest) -> Result<Siblings> {
+        check_key(&request.key)?;
+        let place = Place::new(&request.key, request.hint_for.as_deref());
+        Ok(self
+            .write_one(place, |tx, place| {
+                self.stage_merge(tx, place, &request.siblings)
+            })?
+            .1)
+    }
+
+    /// Stamps a client's write with this node's actor id against what the place holds (the
+    /// rules: [`replica::coordinate`]).
+    pub(super) fn stage_coordinate(
+        &self,
+        transaction: &mut Transaction<'_>,
+        place: &Place,
+        request: CoordinateRequest,
+    ) -> Result<()> {
+        self.log("put", place.key(), request.value.is_none());
+        let reaped_us = self.reaped_at(place);
+        let siblings = transaction.siblings(place)?;
+        let stamp = replica::Stamp {
+            actor: self.actor,
+            context: request.context.as_ref(),
+            entered_us: request.entered_us,
+            now_us: crate::clock::now_us(),
+            reaped_us,
+        };
+        match replica::coordinate(siblings, stamp, request.value) {
+            Ok(_) => Ok(()),
+            Err(refusal) => {
+                if let replica::Refusal::AheadOfClock { ahead_us } = refusal {
+                    self.warn_clock(ahead_us, stamp.now_us);
+                }
+                Err(refusal.into())
+            }
+        }
+    }
+
+    /// Counts a write refused for being stamped ahead of this node's clock, and says so in
+    /// the log, at most every [`CLOCK_WARNING_INTERVAL_US`].
+    fn warn_clock(&self, ahead_us: u64, now_us: u64) {
+        self.metrics.clock_refusals.inc();
+        let last = self.last_clock_warning_us.load(Ordering::Relaxed);
+        if now_us.saturating_sub(last) >= CLOCK_WARNING_INTERVAL_US
+            && self
+                .last_clock_warning_us
+                .compare_exchange(last, now_us, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                ahead_ms = ahead_us / 1000,
+                refused = self.metrics.clock_refusals.get(),
+                "refusing to coordinate writes stamped ahead of this node's clock (other replicas coordinate them): is this machine's clock synchronised?"
+            );
+        }
+    }
+
+    /// The entry time of a delete reaped lately at `place`; hints are never reaped.
+    fn reaped_at(&self, place: &Place) -> Option<u64> {
+        if place.is_hint() {
+            None
+        } else {
+            self.reaped.reaped_at(place.key())
+        }
+    }
+
+    /// Folds in a sibling set another replica or a read repair sent (see [`replica::merge`]).
+    pub(super) fn stage_merge(
+        &self,
+        transaction: &mut Transaction<'_>,
+        place: &Place,
+        incoming: &Siblings,
+    ) -> Result<()> {
+        self.log("store", place.key(), false);
+        let reaped_us = self.reaped_at(place);
+        let siblings = transaction.siblings(place)?;
+        replica::merge(siblings, incoming, reaped_us);
+        Ok(())
+    }
+
+    /// Drops the place's tombstones if they are exactly `dots`; answers whether it did.
+    pub(super) fn stage_reap(
+        &self,
+        transaction: &mut Transaction<'_>,
+        place: &Place,
+        dots: &[Dot],
+    ) -> Result<bool> {
+        self.log("reap", place.key(), false);
+        let siblings = transaction.siblings(place)?;
+        let Some(newest_us) = replica::reap(siblings, dots) else {
+            return Ok(false);
+        };
+        // Remembered at once, so a merge later in the same batch cannot bring them back; if
+        // the commit fails the node still holds these tombstones and skipping their merge is
+        // a no-op.
+        self.reaped.remember(place.key(), newest_us);
+        Ok(true)
+    }
+
+    pub fn read(&self, request: &ReadRequest) -> Result<Siblings> {
+        check_key(&request.key)?;
+        self.log("get", &request.key, false);
+        match &request.hint_for {
+            None => self.load(&request.key),
+            Some(owner) => {
+                let slot = hints::slot(owner, &request.key);
+                let record = self.load_hint(&slot, owner, &request.key)?;
+                Ok(record.map(|r| r.siblings).unwrap_or_default())
+            }
+        }
+    }
+}

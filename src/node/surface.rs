@@ -1,0 +1,310 @@
+//! What a node answers: the XML-RPC methods (its own copy for people, anti-entropy for
+//! peers), the binary batch endpoint, `stats()` and `/metrics`, the last two from one list
+//! of counters.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use dxr::Value;
+
+use crate::error::{Error, Result};
+use crate::rpc::codec;
+use crate::rpc::messages::{
+    self, CoordinateRequest, Envelope, MergeManyRequest, ReadManyRequest, ReadRequest, check_key,
+};
+use crate::rpc::params;
+use crate::rpc::server::{self, Handler, expect_params};
+use crate::telemetry::{Counter, Exposition, Figure};
+
+use super::StorageNode;
+
+const METHODS: &[(&str, &str)] = &[
+    (
+        "get",
+        "get(key) -> this node's own copy of the key's value, or nil",
+    ),
+    (
+        "put",
+        "put(key, value[, context]) -> \"200\": writes this node's copy only, no replication",
+    ),
+    (
+        "stats",
+        "stats() -> {keys, hints, ...}: what this node holds",
+    ),
+    (
+        messages::AAE,
+        "internal: anti-entropy questions from a peer about the keys the two share",
+    ),
+    (
+        messages::MERGE_MANY,
+        "internal: merge many keys' sibling sets (anti-entropy)",
+    ),
+    (
+        messages::READ_MANY,
+        "internal: many keys' sibling sets (anti-entropy)",
+    ),
+];
+
+/// What the node counts.
+#[derive(Debug, Default)]
+pub(super) struct NodeMetrics {
+    pub(super) coordinates: Counter,
+    pub(super) merges: Counter,
+    pub(super) reads: Counter,
+    pub(super) local_gets: Counter,
+    pub(super) local_puts: Counter,
+    pub(super) reaps: Counter,
+    pub(super) batches: Counter,
+    pub(super) errors: Counter,
+    /// Operations refused because they arrived after their deadline.
+    pub(super) expired: Counter,
+    /// Writes refused because they entered the cluster too far ahead of this node's clock.
+    pub(super) clock_refusals: Counter,
+}
+
+impl StorageNode {
+    /// Everything the node counts, each figure declared once (see [`Figure`]).
+    fn figures(&self) -> Vec<Figure> {
+        let m = &self.metrics;
+        let level = |n: &AtomicI64| n.load(Ordering::Relaxed).max(0);
+        let request = |stats, method, counter| {
+            Figure::counter(
+                stats,
+                "dynamite_node_requests_total",
+                "Requests served, by method.",
+                counter,
+            )
+            .labelled("method", method)
+        };
+        vec![
+            Figure::gauge(
+                "keys",
+                "dynamite_node_keys",
+                "Live keys stored here.",
+                level(&self.live_keys),
+            ),
+            Figure::gauge(
+                "tombstones",
+                "dynamite_node_tombstones",
+                "Deleted keys whose tombstones are not reaped yet.",
+                level(&self.tombstone_keys),
+            ),
+            Figure::gauge(
+                "hints",
+                "dynamite_node_hints",
+                "Writes held here for another node.",
+                level(&self.hints),
+            ),
+            Figure::gauge(
+                "hints_corrupt",
+                "dynamite_node_hints_corrupt",
+                "Hints that cannot be decoded, left in place and not handed over.",
+                self.corrupt_hints.load(Ordering::Relaxed),
+            ),
+            Figure::gauge(
+                "cache_bytes",
+                "dynamite_node_cache_bytes",
+                "Bytes held by the row cache.",
+                i64::try_from(self.cache.weight()).unwrap_or(i64::MAX),
+            ),
+            request("coordinates", "coordinate", &m.coordinates),
+            request("merges", "merge", &m.merges),
+            request("reads", "read", &m.reads),
+            request("local_gets", "get", &m.local_gets),
+            request("local_puts", "put", &m.local_puts),
+            request("reaps", "reap", &m.reaps),
+            Figure::counter(
+                "errors",
+                "dynamite_node_errors_total",
+                "Requests answered with a fault.",
+                &m.errors,
+            ),
+            Figure::counter(
+                "batches",
+                "dynamite_node_batches_total",
+                "Binary batches of replica operations served.",
+                &m.batches,
+            ),
+            Figure::counter(
+                "expired",
+                "dynamite_node_expired_total",
+                "Replica operations refused unapplied because they arrived after their deadline.",
+                &m.expired,
+            ),
+            Figure::counter(
+                "clock_refusals",
+                "dynamite_node_clock_refusals_total",
+                "Writes this node refused to coordinate: stamped over 10 s ahead of its clock.",
+                &m.clock_refusals,
+            ),
+        ]
+    }
+
+    /// Anti-entropy's figures, for a node with peers: `stats()` shows them under
+    /// `anti_entropy`.
+    fn anti_entropy_figures(&self) -> Vec<Figure> {
+        let Some(aae) = &self.aae else {
+            return Vec::new();
+        };
+        let m = &aae.metrics;
+        vec![
+            Figure::counter(
+                "rounds",
+                "dynamite_node_aae_rounds_total",
+                "Anti-entropy exchanges started.",
+                &m.rounds,
+            ),
+            Figure::counter(
+                "in_sync",
+                "dynamite_node_aae_in_sync_total",
+                "Anti-entropy exchanges that found the two trees equal.",
+                &m.in_sync,
+            ),
+            Figure::counter(
+                "keys_pushed",
+                "dynamite_node_aae_keys_pushed_total",
+                "Keys sent to a peer by anti-entropy.",
+                &m.keys_pushed,
+            ),
+            Figure::counter(
+                "keys_pulled",
+                "dynamite_node_aae_keys_pulled_total",
+                "Keys taken from a peer by anti-entropy.",
+                &m.keys_pulled,
+            ),
+            Figure::counter(
+                "bytes",
+                "dynamite_node_aae_bytes_total",
+                "Payload bytes of the anti-entropy exchanges this node started.",
+                &m.bytes,
+            ),
+            Figure::counter(
+                "failures",
+                "dynamite_node_aae_failures_total",
+                "Anti-entropy exchanges that failed.",
+                &m.failures,
+            ),
+        ]
+    }
+
+    fn stats_xml(&self) -> Result<String> {
+        let int = |figure: &Figure| (figure.stats.to_owned(), codec::int_value(figure.value));
+        let mut stats: std::collections::BTreeMap<String, Value> =
+            self.figures().iter().map(int).collect();
+        stats.insert("engine".into(), Value::String(self.engine.name().into()));
+        stats.insert(
+            "actor".into(),
+            Value::String(format!("{:016x}", self.actor)),
+        );
+        stats.insert(
+            "connections".into(),
+            codec::int_value(i64::try_from(server::CONNECTIONS_ACCEPTED.get()).unwrap_or(i64::MAX)),
+        );
+        if let Some(aae) = &self.aae {
+            stats.insert("ring".into(), Value::String(aae.fingerprint().to_owned()));
+            let figures = self.anti_entropy_figures().iter().map(int).collect();
+            stats.insert("anti_entropy".into(), Value::Struct(figures));
+        }
+        codec::value_to_xml(&Value::Struct(stats))
+    }
+
+    /// The handlers themselves are synchronous: the engine's writes are short appends to the
+    /// journal, and the lock per key is a std mutex never held across an `.await`.
+    fn call_sync(&self, method: &str, params: Vec<Value>) -> Result<String> {
+        match method {
+            messages::AAE => {
+                let aae = self.aae.as_ref().ok_or_else(|| {
+                    Error::invalid("anti-entropy is off on this node (started without -s peers)")
+                })?;
+                let request = messages::from_params(&params)?;
+                let reply = tokio::task::block_in_place(|| aae.answer(self, request))?;
+                messages::reply_xml(&reply)
+            }
+            messages::MERGE_MANY => {
+                let request: MergeManyRequest = messages::from_params(&params)?;
+                let merged = request.entries.len() as u64;
+                tokio::task::block_in_place(|| {
+                    self.merge_own_many_until(request.entries, request.deadline_us)
+                })?;
+                messages::reply_xml(&merged)
+            }
+            messages::READ_MANY => {
+                let request: ReadManyRequest = messages::from_params(&params)?;
+                let sets = request
+                    .keys
+                    .iter()
+                    .map(|key| {
+                        check_key(key)?;
+                        self.load(key)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                messages::reply_xml(&sets)
+            }
+            "put" => {
+                self.metrics.local_puts.inc();
+                let (key, value, context) = params::put_params(params)?;
+                let hint_for = None;
+                self.coordinate(CoordinateRequest {
+                    key,
+                    value: Some(value),
+                    context,
+                    hint_for,
+                    entered_us: crate::clock::now_us(),
+                })?;
+                Ok(codec::string_xml("200"))
+            }
+            "get" => {
+                self.metrics.local_gets.inc();
+                let key = params::key_param(params)?;
+                let siblings = self.read(&ReadRequest {
+                    key,
+                    hint_for: None,
+                })?;
+                Ok(siblings
+                    .latest_value()
+                    .map_or_else(|| codec::NIL_XML.to_owned(), str::to_owned))
+            }
+            "stats" => {
+                expect_params(&params, 0)?;
+                self.stats_xml()
+            }
+            _ => Err(Error::UnknownMethod(method.to_owned())),
+        }
+    }
+}
+
+impl Handler for StorageNode {
+    async fn call(&self, method: &str, params: Vec<Value>) -> Result<String> {
+        let result = self.call_sync(method, params);
+        if result.is_err() {
+            self.metrics.errors.inc();
+        }
+        result
+    }
+
+    fn methods(&self) -> &'static [(&'static str, &'static str)] {
+        METHODS
+    }
+
+    const SERVES_BATCHES: bool = true;
+
+    async fn batch(&self, body: bytes::Bytes) -> Result<Vec<u8>> {
+        let envelopes: Vec<Envelope> = postcard::from_bytes(&body)
+            .map_err(|_| Error::invalid("batch could not be decoded"))?;
+        self.metrics.batches.inc();
+        let replies = self.apply(
+            envelopes
+                .into_iter()
+                .map(|envelope| (envelope.op, envelope.deadline_us))
+                .collect(),
+        );
+        postcard::to_allocvec(&replies)
+            .map_err(|_| Error::Internal("batch reply could not be encoded".into()))
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = Exposition::default();
+        out.figures(&self.figures())
+            .figures(&self.anti_entropy_figures());
+        out.finish()
+    }
+}
