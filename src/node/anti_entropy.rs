@@ -269,8 +269,7 @@ impl AntiEntropy {
         };
         let complete: BTreeSet<usize> = complete_leaves.into_iter().collect();
         let theirs: BTreeMap<String, EntryHash> = entries.into_iter().collect();
-        let (ours, _) =
-            tokio::task::block_in_place(|| self.list_keys(node, peer, &complete, usize::MAX))?;
+        let (ours, _) = super::walk_store(|| self.list_keys(node, peer, &complete, usize::MAX))?;
         let ours: BTreeMap<String, EntryHash> = ours.into_values().flatten().collect();
 
         let mut push: Vec<String> = ours
@@ -324,7 +323,7 @@ impl AntiEntropy {
                 .call(client, &address, messages::READ_MANY, request)
                 .await?;
             let entries = chunk.iter().cloned().zip(sets).collect();
-            tokio::task::block_in_place(|| node.merge_own_many(entries))?;
+            node.merge_own_many(entries)?;
             self.metrics.keys_pulled.add(chunk.len() as u64);
         }
         Ok(Exchange {

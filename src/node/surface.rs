@@ -216,15 +216,13 @@ impl StorageNode {
                     Error::invalid("anti-entropy is off on this node (started without -s peers)")
                 })?;
                 let request = messages::from_params(&params)?;
-                let reply = tokio::task::block_in_place(|| aae.answer(self, request))?;
+                let reply = super::walk_store(|| aae.answer(self, request))?;
                 messages::reply_xml(&reply)
             }
             messages::MERGE_MANY => {
                 let request: MergeManyRequest = messages::from_params(&params)?;
                 let merged = request.entries.len() as u64;
-                tokio::task::block_in_place(|| {
-                    self.merge_own_many_until(request.entries, request.deadline_us)
-                })?;
+                self.merge_own_many_until(request.entries, request.deadline_us)?;
                 messages::reply_xml(&merged)
             }
             messages::READ_MANY => {
