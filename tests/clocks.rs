@@ -55,6 +55,48 @@ fn measured_offsets_s(lb: &Rpc, servers: &[String]) -> Vec<f64> {
     offsets
 }
 
+/// Storage nodes, each with its clock `skews[i]` seconds off the machine's: durable and
+/// knowing their peers, or in memory and alone.
+struct SkewedNodes {
+    /// Declared first: dropped last, after the daemons that log into it.
+    dir: tempfile::TempDir,
+    servers: Vec<String>,
+    nodes: Vec<Daemon>,
+}
+
+impl SkewedNodes {
+    fn start(skews: &[i64], durable_with_peers: bool) -> SkewedNodes {
+        let dir = tempfile::Builder::new()
+            .prefix("dynamite-clocks-")
+            .tempdir()
+            .expect("create temp dir");
+        let ports: Vec<u16> = skews.iter().map(|_| free_port()).collect();
+        let servers: Vec<String> = ports.iter().map(|&p| addr(p)).collect();
+        let nodes = ports
+            .iter()
+            .zip(skews)
+            .enumerate()
+            .map(|(i, (&port, &skew))| {
+                let args = if durable_with_peers {
+                    let data = dir.path().join(format!("node-{i}"));
+                    let mut args =
+                        vec!["--data-dir".to_owned(), data.to_string_lossy().into_owned()];
+                    args.extend(peer_args(&servers, i));
+                    args
+                } else {
+                    vec!["--in-memory".to_owned()]
+                };
+                Daemon::storage_node_with_clock(dir.path(), &format!("node-{i}"), port, &args, skew)
+            })
+            .collect();
+        SkewedNodes {
+            dir,
+            servers,
+            nodes,
+        }
+    }
+}
+
 /// Three nodes on the machine's clock; balancer A's clock 30 s ahead, B's 20 s behind. A
 /// client writes one key with blind puts through A and B in turn. Stamped on their own
 /// clocks, every put through B would enter "before" the one through A it followed and lose
@@ -126,32 +168,12 @@ fn nodes_with_skewed_clocks_take_operations_in_time_and_order_writes() {
     if !faketime_or_skip("nodes_with_skewed_clocks_take_operations_in_time_and_order_writes") {
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("dynamite-clocks-")
-        .tempdir()
-        .expect("create temp dir");
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let servers: Vec<String> = ports.iter().map(|&p| addr(p)).collect();
     let skews = [5, -5, 0];
-    let nodes: Vec<Daemon> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, &port)| {
-            let mut args = vec![
-                "--data-dir".to_owned(),
-                dir.path()
-                    .join(format!("node-{i}"))
-                    .to_string_lossy()
-                    .into_owned(),
-            ];
-            for (j, peer) in servers.iter().enumerate() {
-                if j != i {
-                    args.extend(["-s".to_owned(), peer.clone()]);
-                }
-            }
-            Daemon::storage_node_with_clock(dir.path(), &format!("node-{i}"), port, &args, skews[i])
-        })
-        .collect();
+    let SkewedNodes {
+        dir,
+        servers,
+        nodes,
+    } = SkewedNodes::start(&skews, true);
     let args: Vec<String> = ["-N", "3", "-R", "2", "-W", "3"].map(str::to_owned).into();
     let balancer = Daemon::load_balancer(dir.path(), "balancer", free_port(), &servers, &args);
     let lb = balancer.rpc();
@@ -204,26 +226,17 @@ fn a_node_far_behind_the_others_lets_them_coordinate() {
     if !faketime_or_skip("a_node_far_behind_the_others_lets_them_coordinate") {
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("dynamite-clocks-")
-        .tempdir()
-        .expect("create temp dir");
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let servers: Vec<String> = ports.iter().map(|&p| addr(p)).collect();
     let skews = [-30, 0, 0];
-    let nodes: Vec<Daemon> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, &port)| {
-            let args = vec!["--in-memory".to_owned()];
-            Daemon::storage_node_with_clock(dir.path(), &format!("node-{i}"), port, &args, skews[i])
-        })
-        .collect();
+    let SkewedNodes {
+        dir,
+        servers,
+        nodes,
+    } = SkewedNodes::start(&skews, false);
+    // Nodes without peers: what the slow node holds came from the balancer's copies alone.
     let args: Vec<String> = ["-N", "3", "-R", "3", "-W", "2"].map(str::to_owned).into();
     let balancer = Daemon::load_balancer(dir.path(), "balancer", free_port(), &servers, &args);
     let lb = balancer.rpc();
     measured_offsets_s(&lb, &servers);
-    // Nodes without peers: what the slow node holds came from the balancer's copies alone.
 
     let led_by_slow: Vec<String> = (0..)
         .map(key)

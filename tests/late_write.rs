@@ -673,6 +673,26 @@ struct Observed {
     copies: Vec<RpcResult>,
 }
 
+impl Observed {
+    /// Asserts that the balancer's `get` and every node's own copy show `last`, the last
+    /// acknowledged put; `story` says what happened, for the message.
+    fn assert_last_survives(&self, last: &str, story: &str) {
+        assert_eq!(
+            self.get,
+            Ok(s(last)),
+            "the balancer's get lost the last acknowledged put ({last:?}): {story}"
+        );
+        for (i, copy) in self.copies.iter().enumerate() {
+            assert_eq!(
+                copy,
+                &Ok(s(last)),
+                "n{}'s own copy lost the last acknowledged put: {story}",
+                i + 1
+            );
+        }
+    }
+}
+
 impl std::fmt::Display for Observed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let versions = match &self.versions {
@@ -827,24 +847,12 @@ fn late_after_the_deadline(n1_skew_s: i64) {
         LATE + 1,
         describe(&released)
     );
-    assert_eq!(
-        seen.get,
-        Ok(s(&last)),
-        "the balancer's get lost the last acknowledged put ({last:?}): {story}"
-    );
+    seen.assert_last_survives(&last, &story);
     assert_eq!(
         seen.versions,
         Ok(vec![s(&last)]),
         "get_versions must hold exactly the last acknowledged put: {story}"
     );
-    for (i, copy) in seen.copies.iter().enumerate() {
-        assert_eq!(
-            copy,
-            &Ok(s(&last)),
-            "n{}'s own copy lost the last acknowledged put: {story}",
-            i + 1
-        );
-    }
 }
 
 /// The same late delivery, but within the coordinator's deadline: with a long
@@ -950,11 +958,7 @@ fn a_put_released_before_its_deadline_does_not_erase_writes_acknowledged_meanwhi
         describe(&released),
         show(&late_answer)
     );
-    assert_eq!(
-        seen.get,
-        Ok(s(&last)),
-        "the balancer's get lost the last acknowledged put ({last:?}): {story}"
-    );
+    seen.assert_last_survives(&last, &story);
     // Within its deadline, n1 applied the put of K, and it survives too, as a sibling that
     // loses to K+5: it entered the cluster first.
     assert_eq!(
@@ -967,12 +971,4 @@ fn a_put_released_before_its_deadline_does_not_erase_writes_acknowledged_meanwhi
         0,
         "n1 took the put of seq {K}, which arrived in time: {story}"
     );
-    for (i, copy) in seen.copies.iter().enumerate() {
-        assert_eq!(
-            copy,
-            &Ok(s(&last)),
-            "n{}'s own copy lost the last acknowledged put: {story}",
-            i + 1
-        );
-    }
 }

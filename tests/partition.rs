@@ -32,13 +32,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{LOAD_BALANCER, STORAGE_NODE, replicas_of};
+use common::{LOAD_BALANCER, STORAGE_NODE, replicas_of, tail};
 
 /// Storage nodes, each in its own namespace.
 const NODES: usize = 3;
@@ -1052,23 +1051,4 @@ fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|line| line.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()
-}
-
-/// The last `max` bytes of a file, lossily decoded; empty if it cannot be read.
-fn tail(path: &Path, max: u64) -> String {
-    let Ok(mut file) = File::open(path) else {
-        return String::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let skip = len.saturating_sub(max);
-    let mut bytes = Vec::new();
-    if file.seek(SeekFrom::Start(skip)).is_err() || file.read_to_end(&mut bytes).is_err() {
-        return String::new();
-    }
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    if skip > 0 {
-        format!("[... {skip} bytes cut ...]\n{text}")
-    } else {
-        text
-    }
 }

@@ -340,15 +340,7 @@ fn value_len(op: &Op) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rpc::messages::ReadRequest;
-    use crate::rpc::test_node::{FakeNode, fake_node};
-
-    fn read(key: &str) -> Op {
-        Op::Read(ReadRequest {
-            key: key.into(),
-            hint_for: None,
-        })
-    }
+    use crate::rpc::test_node::{FakeNode, fake_node, read};
 
     /// A node's answer to a batch of `len`: the first operation answered, the rest deferred.
     fn answer_first_defer_rest(ops: &[Op]) -> Vec<OpReply> {

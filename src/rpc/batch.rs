@@ -57,15 +57,7 @@ pub async fn send_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rpc::messages::ReadRequest;
-    use crate::rpc::test_node::fake_node_with_clock;
-
-    fn read(key: &str) -> Op {
-        Op::Read(ReadRequest {
-            key: key.into(),
-            hint_for: None,
-        })
-    }
+    use crate::rpc::test_node::{fake_node_with_clock, read};
 
     /// Deadlines travel in the node's clock: widened by a second for a node never measured,
     /// then moved by the offset its answers showed (here, an hour ahead).

@@ -5,7 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock;
-use crate::rpc::messages::{self, Op, OpReply};
+use crate::rpc::messages::{self, Op, OpReply, ReadRequest};
+
+/// A read of `key`'s own copy.
+pub fn read(key: &str) -> Op {
+    Op::Read(ReadRequest {
+        key: key.into(),
+        hint_for: None,
+    })
+}
 
 /// A stand-in node on a plain socket: answers each batch with `answer` (which may take its
 /// time; connections are served side by side) and records the batches' sizes.

@@ -259,15 +259,7 @@ impl Daemon {
     /// Starts a storage node on `port`. `args` come after `-p PORT --bind 127.0.0.1 --quiet`
     /// (typically `--data-dir DIR` or `--in-memory`, and `-s` for peers).
     pub fn storage_node(log_dir: &Path, name: &str, port: u16, args: &[String]) -> Daemon {
-        let mut all = vec![
-            "-p".to_owned(),
-            port.to_string(),
-            "--bind".to_owned(),
-            "127.0.0.1".to_owned(),
-            "--quiet".to_owned(),
-        ];
-        all.extend_from_slice(args);
-        Daemon::start(log_dir, name, STORAGE_NODE, port, all)
+        Daemon::start(log_dir, name, STORAGE_NODE, port, node_args(port, args))
     }
 
     /// As [`Daemon::storage_node`], with the process's wall clock `skew_s` seconds off this
@@ -279,14 +271,7 @@ impl Daemon {
         args: &[String],
         skew_s: i64,
     ) -> Daemon {
-        let mut all = vec![
-            "-p".to_owned(),
-            port.to_string(),
-            "--bind".to_owned(),
-            "127.0.0.1".to_owned(),
-            "--quiet".to_owned(),
-        ];
-        all.extend_from_slice(args);
+        let all = node_args(port, args);
         Daemon::start_with_env(log_dir, name, STORAGE_NODE, port, all, skewed_clock(skew_s))
     }
 
@@ -300,18 +285,7 @@ impl Daemon {
         args: &[String],
         skew_s: i64,
     ) -> Daemon {
-        let mut all = Vec::new();
-        for server in servers {
-            all.push("-s".to_owned());
-            all.push(server.clone());
-        }
-        all.extend([
-            "-p".to_owned(),
-            port.to_string(),
-            "--bind".to_owned(),
-            "127.0.0.1".to_owned(),
-        ]);
-        all.extend_from_slice(args);
+        let all = balancer_args(port, servers, args);
         Daemon::start_with_env(
             log_dir,
             name,
@@ -333,18 +307,7 @@ impl Daemon {
         servers: &[String],
         args: &[String],
     ) -> Daemon {
-        let mut all = Vec::new();
-        for server in servers {
-            all.push("-s".to_owned());
-            all.push(server.clone());
-        }
-        all.extend([
-            "-p".to_owned(),
-            port.to_string(),
-            "--bind".to_owned(),
-            "127.0.0.1".to_owned(),
-        ]);
-        all.extend_from_slice(args);
+        let all = balancer_args(port, servers, args);
         Daemon::start(log_dir, name, LOAD_BALANCER, port, all)
     }
 
@@ -517,6 +480,46 @@ impl Daemon {
     }
 }
 
+/// A storage node's arguments: `-p PORT --bind 127.0.0.1 --quiet`, then `args`.
+fn node_args(port: u16, args: &[String]) -> Vec<String> {
+    let mut all = vec![
+        "-p".to_owned(),
+        port.to_string(),
+        "--bind".to_owned(),
+        "127.0.0.1".to_owned(),
+        "--quiet".to_owned(),
+    ];
+    all.extend_from_slice(args);
+    all
+}
+
+/// A balancer's arguments: `-s` for each of `servers`, `-p PORT --bind 127.0.0.1`, `args`.
+fn balancer_args(port: u16, servers: &[String], args: &[String]) -> Vec<String> {
+    let mut all = Vec::new();
+    for server in servers {
+        all.push("-s".to_owned());
+        all.push(server.clone());
+    }
+    all.extend([
+        "-p".to_owned(),
+        port.to_string(),
+        "--bind".to_owned(),
+        "127.0.0.1".to_owned(),
+    ]);
+    all.extend_from_slice(args);
+    all
+}
+
+/// `-s PEER` for every server of `servers` but the `i`-th: a node's peers.
+pub fn peer_args(servers: &[String], i: usize) -> Vec<String> {
+    servers
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j != i)
+        .flat_map(|(_, peer)| ["-s".to_owned(), peer.clone()])
+        .collect()
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
@@ -604,7 +607,7 @@ fn skewed_clock(skew_s: i64) -> Vec<(String, String)> {
 }
 
 /// The last `max` bytes of a file, lossily decoded; empty if it cannot be read.
-fn tail(path: &Path, max: u64) -> String {
+pub fn tail(path: &Path, max: u64) -> String {
     let Ok(mut file) = File::open(path) else {
         return String::new();
     };
@@ -900,12 +903,7 @@ impl ClusterBuilder {
                         .into_owned(),
                 );
             }
-            for (j, peer) in servers.iter().enumerate() {
-                if j != i {
-                    args.push("-s".to_owned());
-                    args.push(peer.clone());
-                }
-            }
+            args.extend(peer_args(&servers, i));
             // Nodes with peers build the balancers' ring for anti-entropy: same N.
             if let Some(n) = self.n {
                 args.push("-N".to_owned());

@@ -106,17 +106,22 @@ fn sends<T>(actions: &[Action<T>]) -> Vec<Target> {
 // Writes
 // ---------------------------------------------------------------------------------------------
 
+/// A put of `<value>v</value>` to A, B and C, in that order, needing `w` of them.
+fn write_to_abc(w: usize) -> (Write, Vec<Action<()>>) {
+    Write::start(
+        servers(),
+        request(Some("<value>v</value>")),
+        plan(vec![own(A), own(B), own(C)], w),
+        false,
+    )
+}
+
 /// The first target coordinates; its set goes to the others as copies; the client hears at
 /// W; copies answering after that change nothing.
 #[test]
 fn a_write_is_coordinated_copied_and_answered_at_w() {
     let stored = set(7, Some("<value>v</value>"), 1_000);
-    let (mut write, actions) = Write::start(
-        servers(),
-        request(Some("<value>v</value>")),
-        plan(vec![own(A), own(B), own(C)], 2),
-        false,
-    );
+    let (mut write, actions) = write_to_abc(2);
     assert_eq!(actions, vec![coordinate(own(A), None)]);
     let actions = write.on_reply(own(A), ok(&stored), 0);
     assert_eq!(
@@ -143,12 +148,7 @@ fn a_write_is_coordinated_copied_and_answered_at_w() {
 #[test]
 fn w_of_one_is_met_by_the_coordinator() {
     let stored = set(7, Some("<value>v</value>"), 1_000);
-    let (mut write, _) = Write::start(
-        servers(),
-        request(Some("<value>v</value>")),
-        plan(vec![own(A), own(B), own(C)], 1),
-        false,
-    );
+    let (mut write, _) = write_to_abc(1);
     let actions = write.on_reply(own(A), ok(&stored), 0);
     assert_eq!(sends(&actions), vec![own(B), own(C)]);
     assert_eq!(answer(&actions), Some(Ok(&())));
@@ -216,12 +216,7 @@ fn coordinator_failures_table() {
         },
     ];
     for (i, case) in cases.into_iter().enumerate() {
-        let (mut write, _) = Write::start(
-            servers(),
-            request(Some("<value>v</value>")),
-            plan(vec![own(A), own(B), own(C)], 2),
-            false,
-        );
+        let (mut write, _) = write_to_abc(2);
         let actions = write.on_reply(own(A), case.first, 0);
         if !case.second_asked {
             assert_eq!(sends(&actions), vec![], "case {i}");
@@ -247,12 +242,7 @@ fn coordinator_failures_table() {
 fn an_impossible_write_quorum_is_a_503_that_says_why() {
     let stored = set(7, Some("<value>v</value>"), 1_000);
     // Two coordinators time out: with N = 3 and W = 2, nothing is left to try.
-    let (mut write, _) = Write::start(
-        servers(),
-        request(Some("<value>v</value>")),
-        plan(vec![own(A), own(B), own(C)], 2),
-        false,
-    );
+    let (mut write, _) = write_to_abc(2);
     assert_eq!(
         sends(&write.on_reply(own(A), Err(CallError::Timeout), 0)),
         vec![own(B)]
@@ -274,12 +264,7 @@ fn an_impossible_write_quorum_is_a_503_that_says_why() {
     );
 
     // The coordinator stores it, but both copies fail: 1 of 2.
-    let (mut write, _) = Write::start(
-        servers(),
-        request(Some("<value>v</value>")),
-        plan(vec![own(A), own(B), own(C)], 2),
-        false,
-    );
+    let (mut write, _) = write_to_abc(2);
     write.on_reply(own(A), ok(&stored), 0);
     assert_eq!(write.on_reply(own(B), Err(CallError::Timeout), 0), vec![]);
     let actions = write.on_reply(own(C), Err(CallError::Transport("refused".into())), 0);
@@ -347,12 +332,7 @@ fn sloppy_quorum_hints_and_left_out_replicas() {
 #[test]
 fn late_and_duplicate_write_replies_are_ignored() {
     let stored = set(7, Some("<value>v</value>"), 1_000);
-    let (mut write, _) = Write::start(
-        servers(),
-        request(Some("<value>v</value>")),
-        plan(vec![own(A), own(B), own(C)], 2),
-        false,
-    );
+    let (mut write, _) = write_to_abc(2);
     assert_eq!(
         write.on_reply(own(D), ok(&stored), 0),
         vec![],
