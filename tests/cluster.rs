@@ -1,6 +1,11 @@
 //! The core of Dynamite's contract (docs/protocol.md), told as stories against real processes:
 //! storage nodes and balancers started on free ports of 127.0.0.1, talked to over XML-RPC,
-//! killed with SIGKILL where the story needs a crash.
+//! frozen with SIGSTOP or killed with SIGKILL where the story needs it.
+//!
+//! What stays here needs the binaries themselves: the README session, the wire (values, keys,
+//! faults, HTTP limits, kept-alive and pooled connections, metrics), flags refused with an exit
+//! status, a locked data directory, a hung node, a crash of every process. Placement and
+//! quorum stories run in process, in `quorums.rs`; versions and repair, in `versions.rs`.
 
 mod common;
 
@@ -13,21 +18,12 @@ use common::*;
 /// Seconds a cluster may take to notice that a node died and say so in `stats()`.
 const FAILURE_DETECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How many of the cluster's storage nodes hold `key` locally, and with what.
-fn local_copies(nodes: &[Rpc], key: &str) -> Vec<Value> {
-    nodes
-        .iter()
-        .map(|node| {
-            node.get(key)
-                .unwrap_or_else(|fault| panic!("local get({key:?}) on a node: {fault:?}"))
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // The README session
 // ---------------------------------------------------------------------------------------------
 
+/// The README's session: put, get, delete through a balancer over three durable nodes, and
+/// what `stats()` says of the cluster and of each node.
 #[test]
 fn seed_session_put_get_delete() {
     let cluster = Cluster::builder().nodes(3).start();
@@ -75,166 +71,12 @@ fn seed_session_put_get_delete() {
     }
 }
 
-#[test]
-fn a_context_supersedes_every_version_it_has_seen() {
-    let cluster = Cluster::builder().nodes(3).in_memory().start();
-    let lb = cluster.client();
-
-    assert_eq!(
-        lb.get_versions("never-written"),
-        Ok((vec![], String::new()))
-    );
-
-    // Two writes without a context: the second may supersede the first or become its
-    // sibling; either way it is the one a get returns, being the later by wall clock.
-    assert_eq!(lb.put("cart", s("first")), ok200());
-    // Not synchronisation: only so that the two writes carry distinct wall-clock times.
-    std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(lb.put("cart", s("second")), ok200());
-    assert_eq!(lb.get("cart"), Ok(s("second")));
-
-    let (values, context) = lb.get_versions("cart").expect("get_versions");
-    assert!(
-        values.contains(&s("second")),
-        "versions {values:?} lack the last write"
-    );
-    assert!(
-        values.iter().all(|v| *v == s("first") || *v == s("second")),
-        "versions {values:?} hold something never written"
-    );
-    assert!(
-        !context.is_empty(),
-        "an existing key has a non-empty context"
-    );
-
-    // A write with that context replaces every version it saw.
-    assert_eq!(lb.put_with_context("cart", s("merged"), &context), ok200());
-    let (values, context) = lb.get_versions("cart").expect("get_versions");
-    assert_eq!(values, vec![s("merged")]);
-    assert_eq!(lb.get("cart"), Ok(s("merged")));
-
-    // And so does a delete with a context.
-    assert_eq!(lb.delete_with_context("cart", &context), ok200());
-    assert_eq!(lb.get("cart"), Ok(Value::Nil));
-    assert_eq!(lb.get_versions("cart"), Ok((vec![], String::new())));
-}
-
 // ---------------------------------------------------------------------------------------------
-// Placement
+// Connections
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn balancers_given_the_servers_in_any_order_agree_on_placement() {
-    // Four nodes and N = 2: each key lives on only half of them, so two balancers that
-    // disagreed on placement would write to and read from different nodes.
-    let mut cluster = Cluster::builder()
-        .nodes(4)
-        .in_memory()
-        .replicas(2)
-        .write_quorum(2)
-        .read_quorum(1)
-        .balancers(0)
-        .start();
-    let servers = cluster.servers();
-    let mut shuffled = servers.clone();
-    shuffled.reverse();
-    shuffled.swap(0, 2);
-    shuffled.push(servers[1].clone()); // a duplicate -s
-    let a = cluster.add_balancer(&servers, &[]);
-    let b = cluster.add_balancer(&shuffled, &[]);
-    let (a, b) = (cluster.balancers[a].rpc(), cluster.balancers[b].rpc());
-
-    a.put_keys(0..200, "through A");
-    for i in 0..200 {
-        assert_eq!(b.get(&key(i)), Ok(value(i)), "get {} through B", key(i));
-    }
-
-    // Overwrite through B: B must reach exactly the two nodes A wrote to, or some node
-    // would be left with A's value.
-    for i in 0..200 {
-        assert_eq!(
-            b.put(&key(i), s("rewritten")),
-            ok200(),
-            "put {} through B",
-            key(i)
-        );
-    }
-    let nodes: Vec<Rpc> = (0..4).map(|i| cluster.node_client(i)).collect();
-    for i in 0..200 {
-        let copies = local_copies(&nodes, &key(i));
-        let rewritten = copies.iter().filter(|v| **v == s("rewritten")).count();
-        let absent = copies.iter().filter(|v| **v == Value::Nil).count();
-        assert_eq!(
-            (rewritten, absent),
-            (2, 2),
-            "{}: local copies {copies:?}; B's overwrite missed a replica A wrote",
-            key(i)
-        );
-    }
-    for i in 0..200 {
-        assert_eq!(
-            a.get(&key(i)),
-            Ok(s("rewritten")),
-            "get {} through A",
-            key(i)
-        );
-    }
-}
-
-#[test]
-fn each_key_lives_on_exactly_n_nodes() {
-    let cluster = Cluster::builder()
-        .nodes(5)
-        .in_memory()
-        .replicas(3)
-        .write_quorum(3)
-        .start();
-    let lb = cluster.client();
-    lb.put_keys(0..200, "");
-
-    // W = N: every replica acknowledged before put answered.
-    let nodes: Vec<Rpc> = (0..5).map(|i| cluster.node_client(i)).collect();
-    let mut per_node = vec![0usize; 5];
-    for i in 0..200 {
-        let copies = local_copies(&nodes, &key(i));
-        for (n, copy) in copies.iter().enumerate() {
-            if *copy == value(i) {
-                per_node[n] += 1;
-            } else {
-                assert_eq!(
-                    *copy,
-                    Value::Nil,
-                    "node {n} holds a wrong value for {}",
-                    key(i)
-                );
-            }
-        }
-        let holders = copies.iter().filter(|v| **v == value(i)).count();
-        assert_eq!(
-            holders,
-            3,
-            "{} is held by {holders} nodes, not N = 3",
-            key(i)
-        );
-    }
-
-    // Each node's stats agree with what it holds, and nothing is held for another node.
-    for (n, node) in nodes.iter().enumerate() {
-        let stats = node.stats();
-        assert_eq!(
-            int(member(&stats, "keys")),
-            per_node[n] as i64,
-            "node {n} keys"
-        );
-        assert_eq!(int(member(&stats, "hints")), 0, "node {n} hints");
-    }
-    // 200 keys over 5 nodes: every node got some, which a ring with vnodes ensures.
-    assert!(
-        per_node.iter().all(|&k| k > 0),
-        "keys per node: {per_node:?}"
-    );
-}
-
+/// Four clients at once, each on one kept-alive connection for all its calls, see each
+/// other's writes.
 #[test]
 fn many_clients_at_once_over_kept_alive_connections() {
     let cluster = Cluster::builder().nodes(3).in_memory().start();
@@ -309,6 +151,7 @@ fn nested(depth: usize) -> Value {
     value
 }
 
+/// Every XML-RPC value type, nested and at its extremes, comes back exactly as stored.
 #[test]
 fn every_value_type_round_trips_exactly() {
     let cluster = Cluster::builder().nodes(3).in_memory().start();
@@ -378,6 +221,7 @@ fn every_value_type_round_trips_exactly() {
     }
 }
 
+/// Keys are any Unicode string up to 65536 bytes of UTF-8; one byte more is refused.
 #[test]
 fn keys_are_any_unicode_string_up_to_64_kib() {
     let cluster = Cluster::builder().nodes(3).in_memory().start();
@@ -448,6 +292,8 @@ fn fault_of(response: &HttpResponse) -> (i32, String) {
 /// Something no daemon has a reason to say back.
 const MARKER: &str = "QZXJ-GARBAGE-MARKER-7f3a9c";
 
+/// Bodies that are not XML-RPC get a -32700 fault that does not echo them, and both daemons
+/// keep serving.
 #[test]
 fn malformed_requests_get_faults_and_the_daemons_keep_serving() {
     let cluster = Cluster::builder().nodes(1).in_memory().start();
@@ -529,6 +375,7 @@ fn malformed_requests_get_faults_and_the_daemons_keep_serving() {
     }
 }
 
+/// Unknown methods get -32601, wrong parameters -32602, and nothing refused is stored.
 #[test]
 fn unknown_methods_and_bad_parameters_are_refused() {
     let cluster = Cluster::builder().nodes(1).in_memory().start();
@@ -598,6 +445,8 @@ fn unknown_methods_and_bad_parameters_are_refused() {
     assert_eq!(lb.get("k"), Ok(s("v")));
 }
 
+/// A body over `--max-request-bytes` gets HTTP 413 before it is parsed; one at the limit is
+/// served.
 #[test]
 fn a_body_over_the_limit_gets_413() {
     let cluster = Cluster::builder()
@@ -634,6 +483,7 @@ fn a_body_over_the_limit_gets_413() {
     assert_eq!(health(port), Some(200));
 }
 
+/// `system.listMethods`, `system.methodHelp` and `system.multicall`, faults in place.
 #[test]
 fn system_methods_list_help_and_multicall() {
     let cluster = Cluster::builder().nodes(1).in_memory().start();
@@ -707,6 +557,7 @@ fn system_methods_list_help_and_multicall() {
 // Refusing to start
 // ---------------------------------------------------------------------------------------------
 
+/// Impossible flags make both binaries exit with status 2 and a one-line reason.
 #[test]
 fn bad_flags_are_refused_with_status_2() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -777,6 +628,8 @@ fn bad_flags_are_refused_with_status_2() {
     }
 }
 
+/// A second node on a data directory another node holds refuses to start, naming the lock;
+/// the first one is unharmed.
 #[test]
 fn a_second_node_on_the_same_data_dir_refuses_to_start() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -823,133 +676,8 @@ fn a_second_node_on_the_same_data_dir_refuses_to_start() {
 // Failures
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn writes_and_reads_go_on_while_one_of_three_nodes_is_dead() {
-    let mut cluster = Cluster::builder()
-        .nodes(3)
-        .in_memory()
-        .replicas(3)
-        .write_quorum(2)
-        .read_quorum(2)
-        .timeout_ms(500)
-        .start();
-    let lb = cluster.client();
-
-    lb.put_keys(0..100, "with all nodes up");
-
-    let dead = cluster.nodes[1].addr();
-    cluster.nodes[1].kill();
-
-    for i in 100..200 {
-        assert_eq!(
-            lb.put(&key(i), value(i)),
-            ok200(),
-            "put {} with {dead} dead",
-            key(i)
-        );
-    }
-    for i in 0..200 {
-        assert_eq!(
-            lb.get(&key(i)),
-            Ok(value(i)),
-            "get {} with {dead} dead",
-            key(i)
-        );
-    }
-
-    // stats() tells the dead node apart from the live ones.
-    let state_of = |stats: &Value, address: &str| -> Value {
-        array(member(stats, "servers"))
-            .iter()
-            .find(|server| string(member(server, "address")) == address)
-            .map(|server| member(server, "state").clone())
-            .unwrap_or_else(|| panic!("{address} missing from stats {stats:?}"))
-    };
-    let live = cluster.nodes[0].addr();
-    wait_until(
-        FAILURE_DETECTION_TIMEOUT,
-        "stats() shows the dead node in another state than the live ones",
-        || {
-            let stats = lb.stats();
-            state_of(&stats, &dead) != state_of(&stats, &live)
-        },
-    );
-}
-
-/// Checks a "quorum not met" fault: code 503, a string that names the quorum (`W` or
-/// "write", `R` or "read") and counts the replicas that answered: at most `alive`, fewer if
-/// the balancer gave up as soon as the quorum became impossible.
-fn assert_quorum_fault(
-    what: &str,
-    result: RpcResult,
-    (letter, word): (&str, &str),
-    alive: u64,
-    servers: &[String],
-) {
-    let text = match result {
-        Err((503, text)) => text,
-        other => panic!("{what}: expected fault 503, got {other:?}"),
-    };
-    // Addresses are full of digits; they do not count.
-    let mut scrubbed = text.clone();
-    for server in servers {
-        scrubbed = scrubbed.replace(server.as_str(), " ");
-    }
-    scrubbed = scrubbed.replace("127.0.0.1", " ");
-    assert!(
-        scrubbed.contains(letter) || scrubbed.to_lowercase().contains(word),
-        "{what}: the fault does not name the {word} quorum: {text:?}"
-    );
-    let numbers: Vec<u64> = scrubbed
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|digits| digits.parse().ok())
-        .collect();
-    assert!(
-        numbers.iter().any(|&n| n <= alive),
-        "{what}: the fault does not say how many replicas answered: {text:?}"
-    );
-}
-
-#[test]
-fn with_two_of_three_nodes_dead_quorums_fail_with_503() {
-    let mut cluster = Cluster::builder()
-        .nodes(3)
-        .in_memory()
-        .replicas(3)
-        .write_quorum(2)
-        .read_quorum(2)
-        .timeout_ms(500)
-        .start();
-    let lb = cluster.client();
-    assert_eq!(lb.put("before", s("the crash")), ok200());
-
-    cluster.nodes[0].kill();
-    cluster.nodes[2].kill();
-
-    let servers = cluster.servers();
-    let put = lb.put("after", s("the crash"));
-    assert_quorum_fault(
-        "put with 1 of 3 replicas alive",
-        put,
-        ("W", "write"),
-        1,
-        &servers,
-    );
-    let get = lb.get("before");
-    assert_quorum_fault(
-        "get with 1 of 3 replicas alive",
-        get,
-        ("R", "read"),
-        1,
-        &servers,
-    );
-    assert_eq!(
-        health(cluster.balancer_port(0)),
-        Some(200),
-        "the balancer itself is fine"
-    );
-}
-
+/// A node frozen with SIGSTOP neither blocks writes nor hangs reads, and counts again once
+/// resumed.
 #[test]
 fn a_hung_node_neither_blocks_writes_nor_hangs_reads() {
     // Speed is the benchmark's business (examples/bench.sh, PARTS=hung); this checks the
@@ -997,51 +725,7 @@ fn a_hung_node_neither_blocks_writes_nor_hangs_reads() {
     }
 }
 
-#[test]
-fn a_node_that_lost_its_data_is_repaired_by_reads() {
-    let mut cluster = Cluster::builder()
-        .nodes(3)
-        .in_memory()
-        .replicas(3)
-        .write_quorum(3)
-        .read_quorum(3)
-        .start();
-    let lb = cluster.client();
-    lb.put_keys(0..50, "");
-
-    // In memory, a restart is a node whose disk was replaced: it comes back empty.
-    cluster.nodes[0].restart();
-    let node = cluster.node_client(0);
-    for i in 0..50 {
-        assert_eq!(
-            node.get(&key(i)),
-            Ok(Value::Nil),
-            "{} survived an in-memory restart",
-            key(i)
-        );
-    }
-
-    wait_until(
-        FAILURE_DETECTION_TIMEOUT,
-        "reads with R = 3 succeed with the restarted node",
-        || lb.get(&key(0)) == Ok(value(0)),
-    );
-    for i in 0..50 {
-        assert_eq!(
-            lb.get(&key(i)),
-            Ok(value(i)),
-            "get {} after the restart",
-            key(i)
-        );
-    }
-    // Read repair runs after the answer; it reaches the stale node soon after.
-    wait_until(
-        FAILURE_DETECTION_TIMEOUT,
-        "read repair gives the restarted node back every key that was read",
-        || (0..50).all(|i| node.get(&key(i)) == Ok(value(i))),
-    );
-}
-
+/// Acknowledged puts and deletes survive SIGKILL of every node and balancer.
 #[test]
 fn acknowledged_writes_survive_sigkill_of_every_process() {
     let mut cluster = Cluster::builder()
@@ -1070,6 +754,7 @@ fn acknowledged_writes_survive_sigkill_of_every_process() {
     }
 }
 
+/// A balancer reaches each node over a few pooled keep-alive connections, not one per call.
 #[test]
 fn the_balancer_reaches_nodes_over_pooled_connections() {
     // Hundreds of requests through one balancer must reuse a few keep-alive connections per
@@ -1094,6 +779,7 @@ fn the_balancer_reaches_nodes_over_pooled_connections() {
     }
 }
 
+/// `GET /metrics` counts requests, servers up and keys, in Prometheus' text format.
 #[test]
 fn metrics_count_what_happened_in_prometheus_text() {
     let cluster = Cluster::builder().in_memory().start();

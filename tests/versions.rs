@@ -1,7 +1,14 @@
-//! Versions as a client sees them, told as stories against real processes: vector clocks and
-//! siblings (concurrent writes are all kept, sequential ones collapse), read repair, tombstones
-//! that keep a deleted value from coming back, and tombstones that are reaped once every
-//! replica holds them.
+//! Versions as a client sees them: vector clocks and siblings (concurrent writes are all
+//! kept, sequential ones collapse), contexts, read repair, tombstones that keep a deleted value
+//! from coming back, tombstones that are reaped once every replica holds them, and writes a
+//! fallback coordinates.
+//!
+//! The daemons run inside the test process ([`InProcessCluster`]): none of these stories needs
+//! a signal or a crash, so they run faster, and a breakpoint or a `tracing` subscriber
+//! (`RUST_LOG=debug cargo test --test versions -- --nocapture`) sees every daemon. A node that
+//! "dies" here is stopped: it answers nothing, its runtime is gone, and a durable one comes back
+//! on its data directory. Stories that need a real crash or a frozen process are in
+//! `failures.rs` and `cluster.rs`.
 
 mod common;
 
@@ -29,9 +36,15 @@ fn wait_for_state(lb: &Rpc, address: &str, state: &str) {
 // Siblings
 // ---------------------------------------------------------------------------------------------
 
+/// Two clients writing from the same context through different balancers make two siblings,
+/// and a write from the context that saw both replaces them.
 #[test]
 fn two_writers_from_one_context_through_two_balancers_make_siblings_that_a_merge_collapses() {
-    let cluster = Cluster::builder().nodes(3).balancers(2).in_memory().start();
+    let cluster = InProcessCluster::builder()
+        .nodes(3)
+        .balancers(2)
+        .in_memory()
+        .start();
     let (a, b) = (cluster.balancers[0].rpc(), cluster.balancers[1].rpc());
 
     assert_eq!(a.put("cart", s("v0")), ok200());
@@ -73,9 +86,11 @@ fn two_writers_from_one_context_through_two_balancers_make_siblings_that_a_merge
     }
 }
 
+/// Writes from one stale context are concurrent however they arrive: one after the other or
+/// eight at once through one balancer, every one is kept until a write resolves them.
 #[test]
 fn writes_from_one_context_through_one_balancer_are_siblings_too() {
-    let cluster = Cluster::builder().nodes(3).in_memory().start();
+    let cluster = InProcessCluster::builder().nodes(3).in_memory().start();
     let lb = cluster.client();
 
     // One after the other, both from the same stale context.
@@ -123,9 +138,15 @@ fn writes_from_one_context_through_one_balancer_are_siblings_too() {
     );
 }
 
+/// Puts without a context, one after the other through alternating balancers, each replace
+/// the previous value: a blind write supersedes what entered the cluster before it.
 #[test]
 fn blind_puts_one_after_another_through_two_balancers_never_make_siblings() {
-    let cluster = Cluster::builder().nodes(3).balancers(2).in_memory().start();
+    let cluster = InProcessCluster::builder()
+        .nodes(3)
+        .balancers(2)
+        .in_memory()
+        .start();
     let lbs = [cluster.balancers[0].rpc(), cluster.balancers[1].rpc()];
 
     for i in 0..30 {
@@ -149,9 +170,11 @@ fn blind_puts_one_after_another_through_two_balancers_never_make_siblings() {
 // Read repair
 // ---------------------------------------------------------------------------------------------
 
+/// A replica that was down during 50 writes gets every key back from the reads that find it
+/// stale (read repair), with anti-entropy off.
 #[test]
 fn a_get_repairs_a_replica_that_missed_the_writes() {
-    let mut cluster = Cluster::builder()
+    let mut cluster = InProcessCluster::builder()
         .nodes(3)
         .replicas(3)
         .read_quorum(2)
@@ -161,11 +184,11 @@ fn a_get_repairs_a_replica_that_missed_the_writes() {
     let lb = cluster.client();
     let c = cluster.nodes[2].addr();
 
-    cluster.nodes[2].kill();
+    cluster.nodes[2].stop();
     lb.put_keys(0..50, "with C dead");
 
     // C comes back with its disk, but it missed every write.
-    cluster.nodes[2].restart();
+    cluster.nodes[2].start();
     let node_c = cluster.node_client(2);
     for i in 0..50 {
         assert_eq!(node_c.get(&key(i)), Ok(Value::Nil), "C holds {}", key(i));
@@ -190,9 +213,11 @@ fn a_get_repairs_a_replica_that_missed_the_writes() {
     assert_eq!(int_member(&node_c.stats(), "keys"), 50);
 }
 
+/// A replica that missed a delete still holds the value; a read returns nothing and carries
+/// the tombstone to it.
 #[test]
 fn a_replica_that_missed_a_delete_does_not_bring_the_value_back_on_read() {
-    let mut cluster = Cluster::builder()
+    let mut cluster = InProcessCluster::builder()
         .nodes(3)
         .replicas(3)
         .write_quorum(2)
@@ -208,9 +233,9 @@ fn a_replica_that_missed_a_delete_does_not_bring_the_value_back_on_read() {
         node_c.get("ghost") == Ok(s("boo"))
     });
 
-    cluster.nodes[2].kill();
+    cluster.nodes[2].stop();
     assert_eq!(lb.delete("ghost"), ok200());
-    cluster.nodes[2].restart();
+    cluster.nodes[2].start();
     // C still has the value it had before the delete.
     assert_eq!(
         node_c.get("ghost"),
@@ -233,9 +258,11 @@ fn a_replica_that_missed_a_delete_does_not_bring_the_value_back_on_read() {
     assert_eq!(lb.get("ghost"), Ok(Value::Nil));
 }
 
+/// A replica that missed a delete gets the tombstone from anti-entropy alone, with no client
+/// read, and the value stays gone across its next restart.
 #[test]
 fn a_replica_that_missed_a_delete_gets_the_tombstone_by_anti_entropy_without_reads() {
-    let mut cluster = Cluster::builder()
+    let mut cluster = InProcessCluster::builder()
         .nodes(3)
         .replicas(3)
         .write_quorum(2)
@@ -250,21 +277,21 @@ fn a_replica_that_missed_a_delete_gets_the_tombstone_by_anti_entropy_without_rea
         node_c.get("ghost") == Ok(s("boo"))
     });
 
-    cluster.nodes[2].kill();
+    cluster.nodes[2].stop();
     assert_eq!(lb.delete("ghost"), ok200());
 
-    // Freeze the other replicas while C restarts, so that nothing reaches C before we looked
-    // at its copy: it still holds the value.
+    // Take the other replicas down while C restarts, so that nothing reaches C before we
+    // looked at its copy: it still holds the value. They keep their disks.
     cluster.nodes[0].stop();
     cluster.nodes[1].stop();
-    cluster.nodes[2].restart();
+    cluster.nodes[2].start();
     assert_eq!(
         node_c.get("ghost"),
         Ok(s("boo")),
         "C's copy after its restart"
     );
-    cluster.nodes[0].cont();
-    cluster.nodes[1].cont();
+    cluster.nodes[0].start();
+    cluster.nodes[1].start();
 
     // No client reads anything: anti-entropy alone brings C the tombstone.
     wait_until(
@@ -276,7 +303,8 @@ fn a_replica_that_missed_a_delete_gets_the_tombstone_by_anti_entropy_without_rea
     assert_eq!(balancer_counter(&stats, "gets"), 0);
     assert_eq!(balancer_counter(&stats, "get_versions"), 0);
     assert_eq!(balancer_counter(&stats, "read_repairs"), 0);
-    let moved: i64 = nodes_of(&cluster)
+    let moved: i64 = cluster
+        .node_clients()
         .iter()
         .map(|node| {
             let stats = node.stats();
@@ -302,16 +330,18 @@ fn a_replica_that_missed_a_delete_gets_the_tombstone_by_anti_entropy_without_rea
 // Reaping tombstones
 // ---------------------------------------------------------------------------------------------
 
+/// Deleted keys leave no tombstone behind once every replica holds one and the grace period
+/// is over: the reads reap them.
 #[test]
 fn tombstones_are_reaped_once_every_replica_has_them() {
-    let cluster = Cluster::builder()
+    let cluster = InProcessCluster::builder()
         .nodes(3)
         .in_memory()
         .replicas(3)
         .tombstone_grace_ms(300)
         .start();
     let lb = cluster.client();
-    let nodes = nodes_of(&cluster);
+    let nodes = cluster.node_clients();
 
     lb.put_keys(0..20, "");
     for i in 0..20 {
@@ -336,11 +366,13 @@ fn tombstones_are_reaped_once_every_replica_has_them() {
     assert!(reaps >= 20, "reaps = {reaps} after 20 deletes were reaped");
 }
 
+/// With a replica down, the tombstones it must still receive are kept (the fallback holds its
+/// copy as a hint) while the other keys' are reaped; once it is back and has them, they go too.
 #[test]
 fn tombstones_are_kept_while_a_replica_that_needs_them_is_down() {
-    // Four nodes, N = 3: with X dead, the keys X replicates keep their tombstones, the others
+    // Four nodes, N = 3: with X down, the keys X replicates keep their tombstones, the others
     // are reaped, which also tells the test that the grace period is over.
-    let mut cluster = Cluster::builder()
+    let mut cluster = InProcessCluster::builder()
         .nodes(4)
         .in_memory()
         .replicas(3)
@@ -360,7 +392,7 @@ fn tombstones_are_kept_while_a_replica_that_needs_them_is_down() {
     );
 
     lb.put_keys(0..40, "");
-    cluster.nodes[0].kill();
+    cluster.nodes[0].stop();
     // A read that involves X makes the balancer notice it is gone.
     assert_eq!(lb.get(&key(blocked[0])), Ok(value(blocked[0])));
     wait_for_state(&lb, &x, "down");
@@ -469,9 +501,9 @@ fn tombstones_are_kept_while_a_replica_that_needs_them_is_down() {
     }
 
     // X comes back, the fallback hands the tombstones over, and reads reap them at last.
-    cluster.nodes[0].restart();
+    cluster.nodes[0].start();
     wait_for_state(&lb, &x, "up");
-    let all = nodes_of(&cluster);
+    let all = cluster.node_clients();
     wait_until(CONVERGENCE_TIMEOUT, "every hint is handed off", || {
         all.iter()
             .all(|node| int_member(&node.stats(), "hints") == 0)
@@ -494,12 +526,14 @@ fn tombstones_are_kept_while_a_replica_that_needs_them_is_down() {
 // Writes coordinated by a fallback
 // ---------------------------------------------------------------------------------------------
 
+/// A put or delete without a context, coordinated by a fallback because the key's first
+/// replica is down, still replaces the old value: no sibling, nothing comes back.
 #[test]
 fn a_blind_put_or_delete_while_the_first_replica_is_down_supersedes_the_old_value() {
-    // Four nodes, N = 3: with X dead, a key whose preference list starts with X is written
+    // Four nodes, N = 3: with X down, a key whose preference list starts with X is written
     // through a fallback. A write without a context is still a plain overwrite (or delete)
     // of what the key held: no sibling, no surviving old value.
-    let mut cluster = Cluster::builder()
+    let mut cluster = InProcessCluster::builder()
         .nodes(4)
         .in_memory()
         .replicas(3)
@@ -519,7 +553,7 @@ fn a_blind_put_or_delete_while_the_first_replica_is_down_supersedes_the_old_valu
     for k in &led_by_x {
         assert_eq!(lb.put(k, s("old")), ok200(), "put {k}");
     }
-    cluster.nodes[0].kill();
+    cluster.nodes[0].stop();
     assert_eq!(lb.get(&led_by_x[0]), Ok(s("old")));
     wait_for_state(&lb, &x, "down");
 
@@ -552,9 +586,57 @@ fn a_blind_put_or_delete_while_the_first_replica_is_down_supersedes_the_old_valu
 // Edges of get_versions and contexts
 // ---------------------------------------------------------------------------------------------
 
+/// A context returned by `get_versions` supersedes every version it has seen: a put with it
+/// leaves only the new value, a delete with it leaves nothing.
+#[test]
+fn a_context_supersedes_every_version_it_has_seen() {
+    let cluster = InProcessCluster::builder().nodes(3).in_memory().start();
+    let lb = cluster.client();
+
+    assert_eq!(
+        lb.get_versions("never-written"),
+        Ok((vec![], String::new()))
+    );
+
+    // Two writes without a context: the second may supersede the first or become its
+    // sibling; either way it is the one a get returns, being the later by wall clock.
+    assert_eq!(lb.put("cart", s("first")), ok200());
+    // Not synchronisation: only so that the two writes carry distinct wall-clock times.
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(lb.put("cart", s("second")), ok200());
+    assert_eq!(lb.get("cart"), Ok(s("second")));
+
+    let (values, context) = lb.get_versions("cart").expect("get_versions");
+    assert!(
+        values.contains(&s("second")),
+        "versions {values:?} lack the last write"
+    );
+    assert!(
+        values.iter().all(|v| *v == s("first") || *v == s("second")),
+        "versions {values:?} hold something never written"
+    );
+    assert!(
+        !context.is_empty(),
+        "an existing key has a non-empty context"
+    );
+
+    // A write with that context replaces every version it saw.
+    assert_eq!(lb.put_with_context("cart", s("merged"), &context), ok200());
+    let (values, context) = lb.get_versions("cart").expect("get_versions");
+    assert_eq!(values, vec![s("merged")]);
+    assert_eq!(lb.get("cart"), Ok(s("merged")));
+
+    // And so does a delete with a context.
+    assert_eq!(lb.delete_with_context("cart", &context), ok200());
+    assert_eq!(lb.get("cart"), Ok(Value::Nil));
+    assert_eq!(lb.get_versions("cart"), Ok((vec![], String::new())));
+}
+
+/// `get_versions` of a missing or deleted key is empty, and a context that is not one the
+/// store handed out is refused with -32602 without writing anything.
 #[test]
 fn missing_and_deleted_keys_have_no_versions_and_garbage_contexts_are_refused() {
-    let cluster = Cluster::builder().nodes(3).in_memory().start();
+    let cluster = InProcessCluster::builder().nodes(3).in_memory().start();
     let lb = cluster.client();
 
     assert_eq!(
@@ -592,12 +674,14 @@ fn missing_and_deleted_keys_have_no_versions_and_garbage_contexts_are_refused() 
     );
 }
 
+/// Concurrent siblings are bounded: past the bound a put is refused with a fault naming
+/// siblings, and a write with the full context resolves them.
 #[test]
 fn siblings_stop_piling_up_until_a_write_resolves_them() {
     // Every put from the same stale context (here: the empty context of a missing key) is
     // concurrent with all the others, so each adds a sibling. Past the bound the store refuses
     // with a fault that says how to resolve them, and a write with the full context does.
-    let cluster = Cluster::builder().in_memory().start();
+    let cluster = InProcessCluster::builder().in_memory().start();
     let lb = cluster.client();
     let (_, empty) = lb.get_versions("crowded").expect("get_versions");
     assert_eq!(empty, "");

@@ -11,9 +11,16 @@
 //!   with `dxr` for the XML. A call returns `Ok(value)` or `Err((faultCode, faultString))`.
 //! - [`http`] sends raw bytes and returns the HTTP status and body, for malformed input.
 //! - [`wait_until`] polls a condition until a deadline: no test synchronises with a bare sleep.
+//! - [`inproc`] runs the same daemons inside the test process instead ([`InProcessCluster`]),
+//!   for the stories that need no signal, no crash and no flag parsing by a real binary.
 //!
 //! Each test binary uses a different part of this module.
 #![allow(dead_code)]
+
+pub mod inproc;
+
+#[allow(unused_imports)] // as dead_code above: each test binary uses a part
+pub use inproc::{InProcessCluster, InProcessDaemon, Port};
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -176,6 +183,51 @@ pub fn assert_no_client_reads(lb: &Rpc) {
         balancer_counter(&stats, "get_versions"),
         0,
         "no client read"
+    );
+}
+
+/// What each of `nodes` holds locally under `key` (`Nil` where it holds nothing).
+pub fn local_copies(nodes: &[Rpc], key: &str) -> Vec<Value> {
+    nodes
+        .iter()
+        .map(|node| {
+            node.get(key)
+                .unwrap_or_else(|fault| panic!("local get({key:?}) on a node: {fault:?}"))
+        })
+        .collect()
+}
+
+/// Checks a "quorum not met" fault: code 503, a string that names the quorum (`W` or
+/// "write", `R` or "read") and counts the replicas that answered: at most `alive`, fewer if
+/// the balancer gave up as soon as the quorum became impossible.
+pub fn assert_quorum_fault(
+    what: &str,
+    result: RpcResult,
+    (letter, word): (&str, &str),
+    alive: u64,
+    servers: &[String],
+) {
+    let text = match result {
+        Err((503, text)) => text,
+        other => panic!("{what}: expected fault 503, got {other:?}"),
+    };
+    // Addresses are full of digits; they do not count.
+    let mut scrubbed = text.clone();
+    for server in servers {
+        scrubbed = scrubbed.replace(server.as_str(), " ");
+    }
+    scrubbed = scrubbed.replace("127.0.0.1", " ");
+    assert!(
+        scrubbed.contains(letter) || scrubbed.to_lowercase().contains(word),
+        "{what}: the fault does not name the {word} quorum: {text:?}"
+    );
+    let numbers: Vec<u64> = scrubbed
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|digits| digits.parse().ok())
+        .collect();
+    assert!(
+        numbers.iter().any(|&n| n <= alive),
+        "{what}: the fault does not say how many replicas answered: {text:?}"
     );
 }
 
@@ -879,6 +931,27 @@ impl ClusterBuilder {
         args
     }
 
+    /// The flags of storage node `i` of `servers` (after `-p`, `--bind` and `--quiet`): its
+    /// storage (`--in-memory`, or `DIR/node-i`), the other nodes as `-s` peers, `-N`, and the
+    /// extra node flags.
+    fn node_flags(&self, dir: &Path, servers: &[String], i: usize) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.in_memory {
+            args.push("--in-memory".to_owned());
+        } else {
+            args.push("--data-dir".to_owned());
+            args.push(dir.join(format!("node-{i}")).to_string_lossy().into_owned());
+        }
+        args.extend(peer_args(servers, i));
+        // Nodes with peers build the balancers' ring for anti-entropy: same N.
+        if let Some(n) = self.n {
+            args.push("-N".to_owned());
+            args.push(n.to_string());
+        }
+        args.extend(self.node_args.iter().cloned());
+        args
+    }
+
     /// Starts the nodes (each told about the others with `-s`), waits until each is healthy,
     /// then the balancers.
     pub fn start(self) -> Cluster {
@@ -891,25 +964,7 @@ impl ClusterBuilder {
 
         let mut nodes = Vec::new();
         for (i, port) in ports.iter().enumerate() {
-            let mut args = Vec::new();
-            if self.in_memory {
-                args.push("--in-memory".to_owned());
-            } else {
-                args.push("--data-dir".to_owned());
-                args.push(
-                    dir.path()
-                        .join(format!("node-{i}"))
-                        .to_string_lossy()
-                        .into_owned(),
-                );
-            }
-            args.extend(peer_args(&servers, i));
-            // Nodes with peers build the balancers' ring for anti-entropy: same N.
-            if let Some(n) = self.n {
-                args.push("-N".to_owned());
-                args.push(n.to_string());
-            }
-            args.extend(self.node_args.iter().cloned());
+            let args = self.node_flags(dir.path(), &servers, i);
             nodes.push(Daemon::storage_node(
                 dir.path(),
                 &format!("node-{i}"),
