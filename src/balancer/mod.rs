@@ -62,6 +62,12 @@ use targets::Plan;
 /// tombstones are strictly older than the grace period when the check runs.
 const TOMBSTONE_CHECK_SLACK: Duration = Duration::from_millis(100);
 
+/// How many times a delete's tombstones are checked for reaping: once after the grace
+/// period, then again while the key still reads as deleted, [`TOMBSTONE_RECHECK_AFTER`]
+/// later, then twice that, and so on (about 15 s in all).
+const TOMBSTONE_CHECKS: u32 = 5;
+const TOMBSTONE_RECHECK_AFTER: Duration = Duration::from_secs(1);
+
 /// How far a balancer's entry times may run ahead of the cluster clock to stay increasing
 /// when the clock's estimate moves back (the median node changed, an estimate improved: a
 /// few milliseconds between NTP-kept machines). Moved back further, the estimate was wrong
@@ -200,14 +206,20 @@ impl Balancer {
     /// machine decides after the answer happens even if the client has gone. One task drives
     /// all of a request's calls (a task per call cost a spawn and a wake-up each, in the
     /// profile), and nothing outlives the replica timeout.
+    ///
+    /// The task ends with what the machine noted, for whoever waits for the whole request.
     fn drive<M: Machine>(
         &self,
         mut machine: M,
         first: Vec<Action<M::Output>>,
-    ) -> oneshot::Receiver<Result<M::Output>> {
+    ) -> (
+        oneshot::Receiver<Result<M::Output>>,
+        tokio::task::JoinHandle<Vec<Event>>,
+    ) {
         let (answer, answered) = oneshot::channel();
         let this = self.clone();
-        tokio::spawn(async move {
+        let finished = tokio::spawn(async move {
+            let mut noted = Vec::new();
             let mut answer = Some(answer);
             let mut pending = FuturesUnordered::new();
             let mut actions = first;
@@ -227,7 +239,10 @@ impl Balancer {
                                 let _ = answer.send(result);
                             }
                         }
-                        Action::Note(event) => this.note(event),
+                        Action::Note(event) => {
+                            this.note(event);
+                            noted.push(event);
+                        }
                     }
                 }
                 let Some((target, reply)) = pending.next().await else {
@@ -236,8 +251,9 @@ impl Balancer {
                 let now_us = this.shared.client.clocks().cluster_now_us();
                 actions = machine.on_reply(target, reply, now_us);
             }
+            noted
         });
-        answered
+        (answered, finished)
     }
 
     /// Waits for the answer [`Self::drive`] gives.
@@ -336,12 +352,22 @@ impl Balancer {
             entered_us,
         };
         let (machine, first) = Write::start(shared.servers.clone(), request, plan, switched);
-        Self::answer(self.drive(machine, first)).await
+        Self::answer(self.drive(machine, first).0).await
     }
 
     /// Reads the key from R replicas and returns their merged sibling set; read repair (or
     /// reaping) follows in the background once the stragglers answered.
     pub async fn read(&self, key: String) -> Result<Siblings> {
+        Self::answer(self.start_read(key).0).await
+    }
+
+    fn start_read(
+        &self,
+        key: String,
+    ) -> (
+        oneshot::Receiver<Result<Siblings>>,
+        tokio::task::JoinHandle<Vec<Event>>,
+    ) {
         let shared = &self.shared;
         let plan = self.plan(&key, shared.config.read_quorum);
         let grace_us = micros(shared.config.tombstone_grace);
@@ -352,17 +378,34 @@ impl Balancer {
             shared.config.replicas,
             grace_us,
         );
-        Self::answer(self.drive(machine, first)).await
+        self.drive(machine, first)
     }
 
     /// A delete's tombstones can go once the grace period is over and every replica has
-    /// them; a read then finds that out and reaps (see [`Self::after_read`]).
+    /// them; a read then finds that out and reaps (see [`coordinator::Read`]). A read that
+    /// could not reap (a replica slow to answer, or missing the tombstone until anti-entropy
+    /// brings it) is tried again a few times, further apart each time, while the key still
+    /// reads as deleted; otherwise its tombstones would stay until a client read the key.
     fn check_tombstones_later(&self, key: String) {
         let this = self.clone();
-        let wait = self.shared.config.tombstone_grace + TOMBSTONE_CHECK_SLACK;
+        let mut wait = self.shared.config.tombstone_grace + TOMBSTONE_CHECK_SLACK;
         tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            let _ = this.read(key).await;
+            for retry in 0..TOMBSTONE_CHECKS {
+                tokio::time::sleep(wait).await;
+                let (answered, finished) = this.start_read(key.clone());
+                // A failed read says nothing: try again.
+                let deleted = match Self::answer(answered).await {
+                    Ok(siblings) => siblings.is_tombstoned(),
+                    Err(_) => true,
+                };
+                let reaped = finished
+                    .await
+                    .is_ok_and(|noted| noted.contains(&Event::Reaped));
+                if !deleted || reaped {
+                    return;
+                }
+                wait = TOMBSTONE_RECHECK_AFTER * (1 << retry);
+            }
         });
     }
 
