@@ -73,7 +73,7 @@ impl Default for Limits {
     /// one threshold in the same second and all merged at once: 4323 puts slower than 5 ms in
     /// that second of a 65 s run through the balancer, against 50-1000 in the others. Drawn
     /// apart, one node merges at a time and the others carry the puts (fjall's memtable sizes
-    /// are spread for the same reason, `durable.rs`).
+    /// are spread for the same reason, `fjall.rs`).
     fn default() -> Self {
         const MIB: u64 = 1024 * 1024;
         Limits {
@@ -1188,7 +1188,7 @@ mod tests {
         let log = crate::storage::StorageConfig::Log {
             dir: dir.path().to_path_buf(),
         };
-        let fjall = crate::storage::StorageConfig::Durable {
+        let fjall = crate::storage::StorageConfig::Fjall {
             dir: dir.path().to_path_buf(),
         };
         drop(crate::storage::open(&log).expect("a log directory"));
@@ -1199,7 +1199,7 @@ mod tests {
         );
         let other = TempDir::new();
         drop(
-            crate::storage::open(&crate::storage::StorageConfig::Durable {
+            crate::storage::open(&crate::storage::StorageConfig::Fjall {
                 dir: other.path().to_path_buf(),
             })
             .expect("a fjall directory"),

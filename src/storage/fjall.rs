@@ -1,4 +1,6 @@
-//! The durable engine, on [fjall] 3: one fjall keyspace per [`Tree`], one database per node.
+//! The fjall engine: the node's durable engine before the log engine, on [fjall] 3 (an LSM
+//! tree with a journal). One fjall keyspace per [`Tree`], one database per node; it still
+//! opens the directories it wrote (`--engine fjall`).
 //!
 //! # What fjall guarantees (read in fjall 3.1 source)
 //!
@@ -461,7 +463,7 @@ mod tests {
     use std::io::{BufRead, BufReader};
     use std::process::{Child, Command, Stdio};
 
-    crate::storage::tests::engine_suite!(Fixture::durable());
+    crate::storage::tests::engine_suite!(Fixture::fjall());
 
     #[test]
     fn data_survives_drop_and_reopen() {
@@ -504,7 +506,7 @@ mod tests {
     fn open_creates_missing_directories() {
         let dir = TempDir::new();
         let nested = dir.path().join("a/b/node-25000");
-        let engine = super::super::open(&super::super::StorageConfig::Durable {
+        let engine = super::super::open(&super::super::StorageConfig::Fjall {
             dir: nested.clone(),
         })
         .unwrap();
