@@ -20,7 +20,7 @@
 //! Both are log-structured, for the reason below. What separates them is what a write costs
 //! after its append: fjall inserts every version into a skip list that a flush later walks
 //! whole; the log engine replaces one entry of an in-memory index and later copies only the
-//! live values (`log.rs` has the measurements, and the README's *The put tail*).
+//! live values (*The put tail* in the performance notes has the measurements).
 //!
 //! A storage node is write-heavy: every client `put` becomes a write on N replicas, and
 //! hinted handoff and anti-entropy add more. [fjall] is a log-structured merge tree with a
