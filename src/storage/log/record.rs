@@ -170,6 +170,9 @@ fn decode(payload: &[u8]) -> Option<Vec<DecodedOp<'_>>> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
     use super::*;
 
     #[test]
@@ -177,5 +180,163 @@ mod tests {
         for tree in Tree::ALL {
             assert_eq!(Tree::ALL[tree_slot(tree)], tree);
         }
+    }
+
+    /// An op as replay hands it back: tree, key, and the value read where replay says it lies.
+    type Replayed = (Tree, Vec<u8>, Option<Vec<u8>>);
+
+    fn arb_op() -> impl Strategy<Value = WriteOp> {
+        (
+            prop::sample::select(Tree::ALL.to_vec()),
+            vec(any::<u8>(), 0..40),
+            prop::option::of(vec(any::<u8>(), 0..80)),
+        )
+            .prop_map(|(tree, key, value)| WriteOp { tree, key, value })
+    }
+
+    /// One write: a record's ops (an empty write is a valid record too).
+    fn arb_write() -> impl Strategy<Value = Vec<WriteOp>> {
+        vec(arb_op(), 0..6)
+    }
+
+    fn as_replayed(ops: &[WriteOp]) -> Vec<Replayed> {
+        ops.iter()
+            .map(|op| (op.tree, op.key.clone(), op.value.clone()))
+            .collect()
+    }
+
+    /// The records of `writes` one after another, as a segment holds them, with where each
+    /// record ends.
+    fn segment_of(writes: &[Vec<WriteOp>]) -> (Vec<u8>, Vec<u64>) {
+        let mut bytes = Vec::new();
+        let mut ends = Vec::new();
+        for ops in writes {
+            bytes.extend(encode(ops).expect("encode").bytes);
+            ends.push(bytes.len() as u64);
+        }
+        (bytes, ends)
+    }
+
+    /// Replays `bytes`: the ops handed out, each value read back from `bytes` where replay
+    /// says it lies, and the length of the good part.
+    fn replay_all(bytes: &[u8]) -> (Vec<Replayed>, u64) {
+        let mut ops = Vec::new();
+        let good = replay(bytes, |tree, key, value| {
+            let value = value.map(|at| {
+                let start = usize::try_from(at.offset).expect("offset");
+                bytes[start..start + at.len as usize].to_vec()
+            });
+            ops.push((tree, key.to_vec(), value));
+        })
+        .expect("replay from memory");
+        (ops, good)
+    }
+
+    /// The ops of the first `records` writes.
+    fn ops_of(writes: &[Vec<WriteOp>], records: usize) -> Vec<Replayed> {
+        writes[..records]
+            .iter()
+            .flat_map(|ops| as_replayed(ops))
+            .collect()
+    }
+
+    proptest! {
+        /// The header holds the payload's length and checksum, the payload decodes to the
+        /// ops in order, and each put's value lies where `encode` says it starts.
+        #[test]
+        fn a_record_decodes_to_the_write_it_encodes(ops in arb_write()) {
+            let record = encode(&ops).expect("encode");
+            let payload = &record.bytes[HEADER_BYTES..];
+            let length = u32::from_le_bytes(record.bytes[..4].try_into().expect("4 bytes"));
+            prop_assert_eq!(length as usize, payload.len());
+            let checksum = record.bytes[4..HEADER_BYTES].try_into().expect("8 bytes");
+            prop_assert_eq!(u64::from_le_bytes(checksum), xxhash_rust::xxh3::xxh3_64(payload));
+            let decoded = decode(payload).expect("a record encode wrote parses");
+            prop_assert_eq!(decoded.len(), ops.len());
+            prop_assert_eq!(record.values.len(), ops.len());
+            for ((op, (tree, key, value)), start) in ops.iter().zip(decoded).zip(&record.values) {
+                prop_assert_eq!(tree, op.tree);
+                prop_assert_eq!(key, op.key.as_slice());
+                let start = usize::try_from(*start).expect("offset");
+                match (&op.value, value) {
+                    (Some(written), Some((at, len))) => {
+                        prop_assert_eq!(HEADER_BYTES + at, start);
+                        prop_assert_eq!(len as usize, written.len());
+                        let stored = &record.bytes[start..start + written.len()];
+                        prop_assert_eq!(stored, written.as_slice());
+                    }
+                    (None, None) => {}
+                    (written, decoded) => {
+                        prop_assert!(false, "{written:?} came back as {decoded:?}")
+                    }
+                }
+            }
+        }
+
+        /// A segment of whole records replays to every op of every record, in order, and
+        /// all of it is good.
+        #[test]
+        fn replay_reads_back_every_record_in_order(writes in vec(arb_write(), 0..8)) {
+            let (bytes, _) = segment_of(&writes);
+            let (ops, good) = replay_all(&bytes);
+            prop_assert_eq!(ops, ops_of(&writes, writes.len()));
+            prop_assert_eq!(good, bytes.len() as u64);
+        }
+
+        /// A segment cut at any byte (a crash in the middle of a `pwrite`) replays to the
+        /// records that lie wholly before the cut, and its good part ends after the last of
+        /// them: the torn record is dropped whole.
+        #[test]
+        fn a_torn_tail_is_cut_after_the_last_whole_record(
+            writes in vec(arb_write(), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let (bytes, ends) = segment_of(&writes);
+            let cut = cut.index(bytes.len() + 1);
+            let whole = ends.iter().filter(|end| **end <= cut as u64).count();
+            let (ops, good) = replay_all(&bytes[..cut]);
+            prop_assert_eq!(ops, ops_of(&writes, whole));
+            prop_assert_eq!(good, if whole == 0 { 0 } else { ends[whole - 1] });
+        }
+
+        /// A byte changed anywhere in a record (header or payload) stops replay at that
+        /// record: nothing from it or after it is handed out.
+        #[test]
+        fn a_damaged_byte_stops_replay_at_its_record(
+            writes in vec(arb_write(), 1..8),
+            position in any::<prop::sample::Index>(),
+            flip in 1..=255u8,
+        ) {
+            let (mut bytes, ends) = segment_of(&writes);
+            let position = position.index(bytes.len());
+            bytes[position] ^= flip;
+            let damaged = ends.iter().filter(|end| **end <= position as u64).count();
+            let (ops, good) = replay_all(&bytes);
+            prop_assert_eq!(ops, ops_of(&writes, damaged));
+            prop_assert_eq!(good, if damaged == 0 { 0 } else { ends[damaged - 1] });
+        }
+    }
+
+    /// A payload whose checksum holds but which does not parse (here an op kind that does
+    /// not exist) is cut like a torn one.
+    #[test]
+    fn a_record_that_does_not_parse_is_cut_though_its_checksum_holds() {
+        let good = encode(&[WriteOp::put(Tree::Data, "k", "v")]).expect("encode");
+        let mut bad = encode(&[WriteOp::put(Tree::Meta, "k", "v")]).expect("encode");
+        bad.bytes[HEADER_BYTES + 5] = 2;
+        let checksum = xxhash_rust::xxh3::xxh3_64(&bad.bytes[HEADER_BYTES..]);
+        bad.bytes[4..HEADER_BYTES].copy_from_slice(&checksum.to_le_bytes());
+        let bytes = [good.bytes.as_slice(), &bad.bytes].concat();
+        let (ops, length) = replay_all(&bytes);
+        assert_eq!(ops, vec![(Tree::Data, b"k".to_vec(), Some(b"v".to_vec()))]);
+        assert_eq!(length, good.bytes.len() as u64);
+    }
+
+    /// A length that runs past the end of the segment makes a torn record, whatever it says.
+    #[test]
+    fn a_length_past_the_end_is_a_torn_record() {
+        let mut record = encode(&[WriteOp::remove(Tree::Hints, "k")]).expect("encode");
+        record.bytes[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(replay_all(&record.bytes), (Vec::new(), 0));
     }
 }
