@@ -17,16 +17,27 @@
 //! A merge does not start without free space for its copies, and a failed one removes the
 //! copies nothing points at and waits [`MERGE_RETRY_AFTER`] before the next try (a full disk
 //! does not clear in a second).
+//!
+//! # The merge job
+//!
+//! Merges run in a job of their own, [`MergeWorker`]: a thread the engine starts at open,
+//! which looks every [`Limits::merge_check_every`](super::Limits) whether a merge is due and
+//! runs it. A merge takes seconds on a large store; on its own thread it holds up neither the
+//! node's periodic sync (which keeps bounding what a power loss can take) nor anything else.
+//! Dropping the engine stops the job: a merge under way stops at the end of its current step,
+//! leaving the sealed segments and the copies made so far, a state replay handles as it
+//! handles a crash before the manifest.
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, PoisonError, TryLockError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::index::{Loc, Segment};
 use super::record::{self, tree_slot};
 use super::segment::{self, SegmentId};
-use super::{LogEngine, lock, manifest};
+use super::{Log, lock, manifest};
 use crate::storage::{StorageError, Tree, WriteOp, keys_after};
 
 /// Index entries copied per step of a merge, between two turns of the index lock (each turn
@@ -35,19 +46,112 @@ use crate::storage::{StorageError, Tree, WriteOp, keys_after};
 const MERGE_STEP: usize = 512;
 const MERGE_STEP_BYTES: u64 = 16 * 1024 * 1024;
 /// After a failed merge, the next try waits this long.
-const MERGE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+const MERGE_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// A merge needs room for what it copies: it does not start with less free space than the
 /// live bytes plus this margin.
 const MERGE_FREE_MARGIN_BYTES: u64 = 64 * 1024 * 1024;
 
-impl LogEngine {
-    /// Is a merge worth it (see [`LogEngine::needs_merge`]), not too soon after a failed one,
-    /// and is there room for its copies?
-    pub(super) fn merge_due(&self) -> bool {
+/// What the merge job remembers between two looks; guarded by the `merging` lock.
+#[derive(Debug, Default)]
+pub(super) struct MergeSchedule {
+    /// When the last merge failed, or was refused for want of space, if it was.
+    failed_at: Option<Instant>,
+}
+
+/// The merge job: a thread that looks every [`Limits::merge_check_every`](super::Limits)
+/// whether a merge is due, and runs it. Dropping it stops the thread and waits for it.
+pub(super) struct MergeWorker {
+    stop: Arc<Stop>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MergeWorker {
+    pub fn start(log: Arc<Log>) -> Result<MergeWorker, StorageError> {
+        let stop = Arc::new(Stop::default());
+        let thread = std::thread::Builder::new()
+            .name("log-merge".into())
+            .spawn({
+                let stop = stop.clone();
+                move || run(&log, &stop)
+            })?;
+        Ok(MergeWorker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for MergeWorker {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the log's merge job panicked");
+        }
+    }
+}
+
+/// The merge job's loop, until it is stopped.
+fn run(log: &Log, stop: &Stop) {
+    while !stop.wait(log.limits.merge_check_every) {
+        if let Err(error) = log.merge_if_due(stop) {
+            tracing::error!(%error, "a merge of the log failed; it is tried again in a minute");
+        }
+    }
+}
+
+/// Tells the merge job to stop, and wakes it.
+#[derive(Debug, Default)]
+pub(super) struct Stop {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Stop {
+    pub fn stop(&self) {
+        *lock(&self.stopped) = true;
+        self.wake.notify_all();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        *lock(&self.stopped)
+    }
+
+    /// Waits `timeout`, or less once stopped; answers whether it is stopped.
+    fn wait(&self, timeout: Duration) -> bool {
+        let stopped = lock(&self.stopped);
+        let (stopped, _) = self
+            .wake
+            .wait_timeout_while(stopped, timeout, |stopped| !*stopped)
+            .unwrap_or_else(PoisonError::into_inner);
+        *stopped
+    }
+}
+
+impl Log {
+    /// The merge job's look: merges if a merge is due and none is running. Answers whether a
+    /// merge ran to its end.
+    pub(super) fn merge_if_due(&self, stop: &Stop) -> Result<bool, StorageError> {
+        let mut schedule = match self.merging.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(false),
+        };
+        if !self.merge_due(&mut schedule) {
+            return Ok(false);
+        }
+        self.merge(stop)
+            .inspect_err(|_| schedule.failed_at = Some(Instant::now()))
+    }
+
+    /// Is a merge worth it (see [`Log::needs_merge`]), not too soon after a failed one, and
+    /// is there room for its copies?
+    fn merge_due(&self, schedule: &mut MergeSchedule) -> bool {
         if !self.needs_merge() {
             return false;
         }
-        if let Some(failed) = *lock(&self.merge_failed_at)
+        if let Some(failed) = schedule.failed_at
             && failed.elapsed() < MERGE_RETRY_AFTER
         {
             return false;
@@ -57,7 +161,7 @@ impl LogEngine {
             Ok(free) if free >= live.saturating_add(MERGE_FREE_MARGIN_BYTES) => true,
             Ok(free) => {
                 tracing::warn!(free, live, "too little free space to merge the log");
-                *lock(&self.merge_failed_at) = Some(Instant::now());
+                schedule.failed_at = Some(Instant::now());
                 false
             }
             Err(error) => {
@@ -75,8 +179,9 @@ impl LogEngine {
     }
 
     /// Copies the live values of every sealed segment into new ones and deletes the old (see
-    /// the module documentation).
-    pub(super) fn merge(&self) -> Result<(), StorageError> {
+    /// the module documentation). The caller holds `merging`. Answers whether it got to the
+    /// end (`false`: stopped between two steps).
+    pub(super) fn merge(&self, stop: &Stop) -> Result<bool, StorageError> {
         // What an earlier merge failed to delete goes first: its manifest is about to be
         // replaced.
         manifest::finish(&self.dir, &self.segments_dir)?;
@@ -94,24 +199,23 @@ impl LogEngine {
                 .collect()
         };
         let Some(&last) = sealed.last() else {
-            return Ok(());
+            return Ok(true);
         };
         let mut output = MergeOutput::new(last, self.limits.segment_bytes);
-        let copied = self.copy_live(&sealed, &mut output);
-        if let Err(error) = copied {
-            // Copies nothing points at yet are removed; the others are live segments now. One
-            // that cannot be removed is kept as an empty segment, so that the next merge
-            // replaces it (and lists it in its manifest) rather than leaving it to be replayed.
-            let mut index = self.write_index();
-            for (id, file) in output.ids.iter().zip(&output.files) {
-                if !index.segments.contains_key(id)
-                    && segment::remove_if_present(&self.segments_dir.join(id.file_name())).is_err()
-                {
-                    let file = file.clone();
-                    index.segments.insert(*id, Segment { file, len: 0 });
-                }
+        match self.copy_live(&sealed, &mut output, stop) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.discard_unused_copies(&output);
+                tracing::info!(
+                    copies = output.files.len(),
+                    "a merge of the log stopped for shutdown; its sealed segments stay"
+                );
+                return Ok(false);
             }
-            return Err(error);
+            Err(error) => {
+                self.discard_unused_copies(&output);
+                return Err(error);
+            }
         }
         for file in &output.files {
             file.sync_all()?;
@@ -134,18 +238,34 @@ impl LogEngine {
             copies = output.files.len(),
             "merged the log's sealed segments"
         );
-        Ok(())
+        Ok(true)
+    }
+
+    /// After a merge that did not get to its end: removes the copies nothing points at yet;
+    /// the others are live segments now. One that cannot be removed is kept as an empty
+    /// segment, so that the next merge replaces it (and lists it in its manifest) rather than
+    /// leaving it to be replayed.
+    fn discard_unused_copies(&self, output: &MergeOutput) {
+        let mut index = self.write_index();
+        for (id, file) in output.ids.iter().zip(&output.files) {
+            if !index.segments.contains_key(id)
+                && segment::remove_if_present(&self.segments_dir.join(id.file_name())).is_err()
+            {
+                let file = file.clone();
+                index.segments.insert(*id, Segment { file, len: 0 });
+            }
+        }
     }
 
     /// Copies the live values of the `sealed` segments into `output`, pointing the index at
-    /// each copy where it still points at the original. Keeps the one-second sync going
-    /// meanwhile, since the sync that runs a merge waits for it.
+    /// each copy where it still points at the original. Answers whether it copied them all
+    /// (`false`: stopped between two steps).
     fn copy_live(
         &self,
         sealed: &[SegmentId],
         output: &mut MergeOutput,
-    ) -> Result<(), StorageError> {
-        let mut synced_at = Instant::now();
+        stop: &Stop,
+    ) -> Result<bool, StorageError> {
         for tree in Tree::ALL {
             let mut after: Option<Vec<u8>> = None;
             loop {
@@ -180,16 +300,14 @@ impl LogEngine {
                         index.trees[slot].insert(key, new);
                     }
                 }
-                // Writers take the writer's lock and then the index's; `sync_files` takes
-                // the writer's, so the index must be let go first.
+                // The index is let go between steps (see the lock order at `Log`).
                 drop(index);
-                if synced_at.elapsed() >= self.limits.sync_every {
-                    self.sync_files()?;
-                    synced_at = Instant::now();
+                if stop.is_stopped() {
+                    return Ok(false);
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The next keys of `tree` after `after` (up to [`MERGE_STEP`] of them, or fewer once

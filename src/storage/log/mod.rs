@@ -15,7 +15,8 @@
 //! - [`segment`]: records are appended to segment files, sealed once they pass
 //!   [`Limits::segment_bytes`];
 //! - [`index`]: the in-memory map from keys to values on disk, rebuilt at open by replay;
-//! - [`merge`]: copying the live values out of sealed segments and deleting them;
+//! - [`merge`]: copying the live values out of sealed segments and deleting them, in a
+//!   background job of the engine's own;
 //! - [`manifest`]: how a merge deletes segments without bringing a deleted key back.
 //!
 //! # Durability
@@ -44,12 +45,11 @@ mod tests;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{
-    Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError,
-};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use self::index::{Index, Loc, Segment};
+use self::merge::{MergeSchedule, MergeWorker};
 use self::segment::SegmentId;
 use super::{Engine, KeyValue, StorageError, Tree, WriteOp, check_key, check_ops, keys_after};
 
@@ -62,8 +62,9 @@ pub struct Limits {
     pub segment_bytes: u64,
     /// No merge below this much on disk: small stores are not worth the copying.
     pub merge_min_bytes: u64,
-    /// How often a running merge fsyncs what was written meanwhile: the node's sync interval.
-    pub sync_every: Duration,
+    /// How often the merge job looks whether a merge is due. As often as the node syncs:
+    /// the look is cheap, and a merge then starts within a second of being due.
+    pub merge_check_every: Duration,
 }
 
 impl Default for Limits {
@@ -77,7 +78,7 @@ impl Default for Limits {
         Limits {
             segment_bytes: 64 * MIB,
             merge_min_bytes: 256 * MIB + crate::random::random_u64() % (128 * MIB),
-            sync_every: Duration::from_secs(1),
+            merge_check_every: Duration::from_secs(1),
         }
     }
 }
@@ -99,25 +100,53 @@ struct Unsynced {
     directory: bool,
 }
 
+/// The engine: the log, and the merge job that runs beside it for as long as the engine is
+/// open. Dropping the engine stops the job (a merge under way stops at the end of its current
+/// step) and waits for it, so the directory is free once the drop returns.
 pub struct LogEngine {
-    dir: PathBuf,
-    segments_dir: PathBuf,
-    index: RwLock<Index>,
-    writer: Mutex<Writer>,
-    unsynced: Mutex<Unsynced>,
-    /// Held while a merge runs: one at a time.
-    merging: Mutex<()>,
-    /// When the last merge failed, if it did.
-    merge_failed_at: Mutex<Option<Instant>>,
-    limits: Limits,
-    /// Held by the process for as long as the engine is open.
-    _lock: File,
+    log: Arc<Log>,
+    /// Held for its drop, which stops the job.
+    _merge_job: MergeWorker,
 }
 
 impl std::fmt::Debug for LogEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogEngine").field("dir", &self.dir).finish()
+        f.debug_struct("LogEngine")
+            .field("dir", &self.log.dir)
+            .finish_non_exhaustive()
     }
+}
+
+/// The log's state, shared by the engine's callers and its merge job.
+///
+/// # Locks, and the order they are taken in
+///
+/// A thread holding one of these locks takes another only if it comes later in this list;
+/// never the other way round:
+///
+/// 1. `merging`: held by whoever merges, for the whole merge, so merges run one at a time;
+///    it guards the merge schedule ([`MergeSchedule`]).
+/// 2. `writer`: the active segment; held for one append, and for a rotation.
+/// 3. `index`: read for a lookup, a scan or a merge step's choice of keys; written to publish
+///    a write, a new segment or a merge step's copies. Writes publish under `writer`, so the
+///    index follows the log's order.
+/// 4. `unsynced`: the sealed segments the next sync must fsync; taken by a rotation (under
+///    `writer`) and by a sync (alone).
+///
+/// The merge job's stop flag ([`merge::Stop`]) comes after all of them: it is taken alone,
+/// or under `merging` between two merge steps. The order is what keeps a merge from
+/// deadlocking with writes: every write holds `writer` while it waits for `index`, so
+/// nothing may wait for `writer` while it holds `index`.
+struct Log {
+    dir: PathBuf,
+    segments_dir: PathBuf,
+    merging: Mutex<MergeSchedule>,
+    writer: Mutex<Writer>,
+    index: RwLock<Index>,
+    unsynced: Mutex<Unsynced>,
+    limits: Limits,
+    /// Held by the process for as long as the log is open.
+    _lock: File,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -130,13 +159,25 @@ fn log_error(message: String) -> StorageError {
 }
 
 impl LogEngine {
-    /// Opens (or creates) the engine in `dir`, replaying every segment into the index.
+    /// Opens (or creates) the engine in `dir`, replaying every segment into the index, and
+    /// starts its merge job.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         Self::open_with(dir, Limits::default())
     }
 
     /// [`LogEngine::open`] with other sizes (tests use small ones).
     pub fn open_with(dir: &Path, limits: Limits) -> Result<Self, StorageError> {
+        let log = Arc::new(Log::open(dir, limits)?);
+        let merge_job = MergeWorker::start(log.clone())?;
+        Ok(LogEngine {
+            log,
+            _merge_job: merge_job,
+        })
+    }
+}
+
+impl Log {
+    fn open(dir: &Path, limits: Limits) -> Result<Self, StorageError> {
         let segments_dir = dir.join(SEGMENTS_DIR);
         fs::create_dir_all(&segments_dir)?;
         let lock_file = OpenOptions::new()
@@ -165,18 +206,17 @@ impl LogEngine {
                 len: 0,
             },
         );
-        Ok(LogEngine {
+        Ok(Log {
             dir: dir.to_path_buf(),
             segments_dir,
-            index: RwLock::new(index),
+            merging: Mutex::new(MergeSchedule::default()),
             writer: Mutex::new(Writer {
                 id: next,
                 file,
                 len: 0,
             }),
+            index: RwLock::new(index),
             unsynced: Mutex::new(Unsynced::default()),
-            merging: Mutex::new(()),
-            merge_failed_at: Mutex::new(None),
             limits,
             _lock: lock_file,
         })
@@ -238,6 +278,35 @@ impl LogEngine {
 }
 
 impl Engine for LogEngine {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.log.get(tree, key)
+    }
+
+    fn write(&self, ops: Vec<WriteOp>) -> Result<(), StorageError> {
+        self.log.write(ops)
+    }
+
+    fn scan(
+        &self,
+        tree: Tree,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        self.log.scan(tree, after, limit)
+    }
+
+    /// Fsyncs what was written since the last sync. Merges are the merge job's: a sync never
+    /// waits for one.
+    fn sync(&self) -> Result<(), StorageError> {
+        self.log.sync_files()
+    }
+
+    fn name(&self) -> &'static str {
+        "log"
+    }
+}
+
+impl Log {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         check_key(key)?;
         let found = {
@@ -311,26 +380,5 @@ impl Engine for LogEngine {
             .into_iter()
             .map(|(key, loc, file)| Ok((key, loc.read(&file)?)))
             .collect()
-    }
-
-    fn sync(&self) -> Result<(), StorageError> {
-        self.sync_files()?;
-        let _merging = match self.merging.try_lock() {
-            Ok(guard) => guard,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => return Ok(()),
-        };
-        if self.merge_due()
-            && let Err(error) = self.merge()
-        {
-            // The sync itself succeeded; the merge is tried again later.
-            *lock(&self.merge_failed_at) = Some(Instant::now());
-            tracing::error!(%error, "a merge of the log failed; it is tried again in a minute");
-        }
-        Ok(())
-    }
-
-    fn name(&self) -> &'static str {
-        "log"
     }
 }

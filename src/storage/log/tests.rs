@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::manifest::SUPERSEDED_FILE;
-use super::{Limits, LogEngine, SEGMENTS_DIR};
+use super::merge::Stop;
+use super::{Limits, LogEngine, SEGMENTS_DIR, lock};
 use crate::storage::tests::{Fixture, TempDir, engine_suite};
 use crate::storage::{Engine, StorageError, Tree, WriteOp};
 
@@ -36,7 +37,8 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
 const SMALL: Limits = Limits {
     segment_bytes: 4096,
     merge_min_bytes: 16 * 1024,
-    sync_every: Duration::from_secs(1),
+    // The tests run merges themselves, except those that start the job's looks.
+    merge_check_every: Duration::from_secs(3600),
 };
 
 #[test]
@@ -103,8 +105,8 @@ fn a_torn_last_write_is_dropped_whole() {
     assert_eq!(value(&engine, Tree::Data, "b"), None);
 }
 
-/// Overwrites and deletes pile up dead bytes; a sync then merges: the disk shrinks, every
-/// live value stays, and no deleted key comes back, then or after a reopen.
+/// Overwrites and deletes pile up dead bytes; the merge job's next look then merges: the disk
+/// shrinks, every live value stays, and no deleted key comes back, then or after a reopen.
 #[test]
 fn a_merge_keeps_the_live_values_and_drops_the_dead() {
     let dir = TempDir::new();
@@ -131,9 +133,11 @@ fn a_merge_keeps_the_live_values_and_drops_the_dead() {
             .write(vec![put(Tree::Meta, "m", "kept")])
             .expect("write");
         let before = segment_files(dir.path()).len();
-        assert!(engine.needs_merge(), "the test must reach a merge");
-        engine.sync().expect("sync and merge");
-        assert!(!engine.needs_merge());
+        assert!(engine.log.needs_merge(), "the test must reach a merge");
+        engine.sync().expect("sync");
+        let merged = engine.log.merge_if_due(&Stop::default()).expect("merge");
+        assert!(merged, "a merge was due");
+        assert!(!engine.log.needs_merge());
         assert!(
             segment_files(dir.path()).len() < before / 4,
             "{before} segments before"
@@ -169,18 +173,15 @@ fn a_merge_keeps_the_live_values_and_drops_the_dead() {
     assert_eq!(value(&engine, Tree::Meta, "m").as_deref(), Some("kept"));
 }
 
-/// A merge that fsyncs between its steps while other threads write must finish: one that
-/// still held the index when it went for the writer's lock (to fsync) deadlocked with any
-/// write holding the writer's lock and waiting for the index.
+/// A merge while other threads write and sync must finish: a merge step that still held the
+/// index when something of its own or another thread's went for the writer's lock would
+/// deadlock with any write holding the writer's lock and waiting for the index (the lock
+/// order at `Log`).
 #[test]
 fn a_merge_finishes_while_writers_write() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = TempDir::new();
-    let limits = Limits {
-        sync_every: Duration::ZERO,
-        ..SMALL
-    };
-    let engine = Arc::new(LogEngine::open_with(dir.path(), limits).expect("open"));
+    let engine = Arc::new(LogEngine::open_with(dir.path(), SMALL).expect("open"));
     for round in 0..6 {
         for key in 0..2000 {
             let value = format!("{round}-{}", "v".repeat(20));
@@ -189,8 +190,16 @@ fn a_merge_finishes_while_writers_write() {
                 .expect("write");
         }
     }
-    assert!(engine.needs_merge());
+    assert!(engine.log.needs_merge());
     let stop = Arc::new(AtomicBool::new(false));
+    let syncer = {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                engine.sync().expect("sync");
+            }
+        })
+    };
     let writers: Vec<_> = (0..2)
         .map(|writer| {
             let (engine, stop) = (engine.clone(), stop.clone());
@@ -210,11 +219,13 @@ fn a_merge_finishes_while_writers_write() {
     let (done, finished) = std::sync::mpsc::channel();
     let merger = engine.clone();
     std::thread::spawn(move || {
-        let _ = done.send(merger.merge().is_ok());
+        let _merging = lock(&merger.log.merging);
+        let _ = done.send(merger.log.merge(&Stop::default()).is_ok());
     });
     let outcome = finished.recv_timeout(Duration::from_secs(30));
     stop.store(true, Ordering::Relaxed);
     assert_eq!(outcome, Ok(true), "the merge did not finish within 30 s");
+    syncer.join().expect("syncer");
     for (writer, handle) in writers.into_iter().enumerate() {
         let written = handle.join().expect("writer");
         let last = value(&engine, Tree::Data, &format!("w{writer}"));
@@ -225,6 +236,110 @@ fn a_merge_finishes_while_writers_write() {
         let found = value(&engine, Tree::Data, &format!("k{key:04}"));
         assert_eq!(found.as_deref(), Some(expected.as_str()));
     }
+}
+
+/// Writes `rounds` versions of `keys` keys in `Tree::Data`, all but the last of each dead;
+/// answers the live values.
+fn overwrite(engine: &LogEngine, keys: usize, rounds: usize) -> BTreeMap<String, String> {
+    let mut live = BTreeMap::new();
+    for round in 0..rounds {
+        for key in 0..keys {
+            let (key, value) = (format!("k{key:04}"), format!("{round}-{}", "v".repeat(20)));
+            engine
+                .write(vec![put(Tree::Data, &key, &value)])
+                .expect("write");
+            live.insert(key, value);
+        }
+    }
+    live
+}
+
+/// Every value of `Tree::Data`, as text.
+fn data(engine: &LogEngine) -> BTreeMap<String, String> {
+    engine
+        .scan(Tree::Data, None, usize::MAX)
+        .expect("scan")
+        .into_iter()
+        .map(|(key, value)| {
+            (
+                String::from_utf8(key).expect("key"),
+                String::from_utf8(value).expect("value"),
+            )
+        })
+        .collect()
+}
+
+/// Nobody calls for a merge: the engine's merge job sees the dead bytes and merges on its own.
+#[test]
+fn the_merge_job_merges_on_its_own() {
+    let dir = TempDir::new();
+    let limits = Limits {
+        merge_check_every: Duration::from_millis(10),
+        ..SMALL
+    };
+    let engine = LogEngine::open_with(dir.path(), limits).expect("open");
+    let live = overwrite(&engine, 20, 40);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while engine.log.needs_merge() {
+        assert!(std::time::Instant::now() < deadline, "no merge within 30 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(data(&engine), live);
+    drop(engine);
+    let engine = LogEngine::open_with(dir.path(), SMALL).expect("reopen");
+    assert_eq!(data(&engine), live);
+}
+
+/// Dropping the engine stops its merge job and waits for it: the directory is free at once.
+#[test]
+fn dropping_the_engine_stops_its_merge_job() {
+    let dir = TempDir::new();
+    let limits = Limits {
+        merge_check_every: Duration::from_millis(1),
+        ..SMALL
+    };
+    for round in 0..20 {
+        let engine = LogEngine::open_with(dir.path(), limits).expect("the directory is free");
+        engine
+            .write(vec![put(Tree::Meta, "round", &round.to_string())])
+            .expect("write");
+    }
+    let engine = LogEngine::open_with(dir.path(), SMALL).expect("reopen");
+    assert_eq!(value(&engine, Tree::Meta, "round").as_deref(), Some("19"));
+}
+
+/// A merge told to stop (the engine is being dropped) stops after its current step: what
+/// it copied stays beside the sealed segments, nothing is lost then or after a reopen, and
+/// the next merge gets to its end.
+#[test]
+fn a_merge_stopped_between_steps_loses_nothing() {
+    let dir = TempDir::new();
+    let live = {
+        let engine = LogEngine::open_with(dir.path(), SMALL).expect("open");
+        let live = overwrite(&engine, 2000, 6);
+        let before = segment_files(dir.path()).len();
+        let stop = Stop::default();
+        stop.stop();
+        let finished = {
+            let _merging = lock(&engine.log.merging);
+            engine.log.merge(&stop).expect("merge")
+        };
+        assert!(!finished, "the merge stops after its first step");
+        // The sealed segments, a new active one, and the first step's copies.
+        assert!(
+            segment_files(dir.path()).len() >= before + 2,
+            "a step was copied"
+        );
+        assert!(!dir.path().join(SUPERSEDED_FILE).exists());
+        assert!(engine.log.needs_merge());
+        assert_eq!(data(&engine), live);
+        live
+    };
+    let engine = LogEngine::open_with(dir.path(), SMALL).expect("reopen");
+    assert_eq!(data(&engine), live);
+    let merged = engine.log.merge_if_due(&Stop::default()).expect("merge");
+    assert!(merged && !engine.log.needs_merge());
+    assert_eq!(data(&engine), live);
 }
 
 /// A merge interrupted after its manifest, with the segment holding a delete already
