@@ -88,7 +88,7 @@ impl Tree {
     /// Every tree, in a fixed order.
     pub const ALL: [Tree; 3] = [Tree::Data, Tree::Hints, Tree::Meta];
 
-    /// Lower-case name, for logs and for the durable engine's keyspace names.
+    /// Lower-case name, for logs and for fjall's keyspace names.
     pub fn name(self) -> &'static str {
         match self {
             Tree::Data => "data",

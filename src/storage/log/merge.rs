@@ -2,8 +2,8 @@
 //!
 //! Every write appends, so the segments hold every version ever written until something
 //! copies the live ones elsewhere and deletes the rest. A merge runs once the segments hold
-//! more than [`Limits::merge_min_bytes`] and at least half of it is dead: copying then costs
-//! at most as much as it frees, and small stores are not worth it.
+//! more than [`Limits::merge_min_bytes`](super::Limits) and at least half of it is dead:
+//! copying then costs at most as much as it frees, and small stores are not worth it.
 //!
 //! A merge seals the active segment, copies every live value found in the sealed ones into
 //! new segments numbered just after them (so they replay before any later write), and points
