@@ -110,7 +110,7 @@ impl NodeArgs {
                 }
             });
             match engine {
-                EngineChoice::Fjall => StorageConfig::Durable { dir },
+                EngineChoice::Fjall => StorageConfig::Fjall { dir },
                 EngineChoice::Log => StorageConfig::Log { dir },
             }
         };
@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(config.listen.port(), 20050);
         assert!(matches!(
             config.storage,
-            StorageConfig::Log { ref dir } | StorageConfig::Durable { ref dir }
+            StorageConfig::Log { ref dir } | StorageConfig::Fjall { ref dir }
                 if dir.ends_with("node-20050")
         ));
     }
@@ -247,7 +247,7 @@ mod tests {
         assert_eq!(parse(&[]), StorageConfig::Log { dir: dir.clone() });
         assert_eq!(
             parse(&["--engine", "fjall"]),
-            StorageConfig::Durable { dir: dir.clone() }
+            StorageConfig::Fjall { dir: dir.clone() }
         );
         assert_eq!(parse(&["--engine", "log"]), StorageConfig::Log { dir });
         assert!(

@@ -20,7 +20,7 @@
 //! Both are log-structured, for the reason below. What separates them is what a write costs
 //! after its append: fjall inserts every version into a skip list that a flush later walks
 //! whole; the log engine replaces one entry of an in-memory index and later copies only the
-//! live values (`log.rs` has the measurements, and the README's *The put tail*).
+//! live values (*The put tail* in the performance notes has the measurements).
 //!
 //! A storage node is write-heavy: every client `put` becomes a write on N replicas, and
 //! hinted handoff and anti-entropy add more. [fjall] is a log-structured merge tree with a
@@ -46,7 +46,7 @@
 //!   covers that window: a put acknowledged by W replicas is lost only if all W machines lose
 //!   power within the same interval. A shorter interval narrows the window and costs more
 //!   fsyncs (writers do not wait for this one, though with fjall they still wait for the fsyncs
-//!   it makes itself when it flushes a memtable or rotates its journal: see `durable.rs`).
+//!   it makes itself when it flushes a memtable or rotates its journal: see `fjall.rs`).
 //! - Either way the data stays consistent: recovery drops an unfinished write at the end of the
 //!   log or journal whole, so a multi-op write is all there or absent.
 //!
@@ -54,11 +54,11 @@
 //!
 //! Keys are any byte strings from empty up to [`MAX_KEY_BYTES`] (the protocol's 64 KiB),
 //! values any byte strings up to [`MAX_VALUE_BYTES`]. fjall itself refuses empty keys and keys
-//! above 65535 bytes; `durable.rs` explains how it still stores both, in key order.
+//! above 65535 bytes; `fjall.rs` explains how it still stores both, in key order.
 //!
 //! [fjall]: https://github.com/fjall-rs/fjall
 
-mod durable;
+mod fjall;
 mod log;
 mod memory;
 
@@ -69,7 +69,7 @@ use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use durable::FjallEngine;
+pub use self::fjall::FjallEngine;
 pub use log::LogEngine;
 pub use memory::MemoryEngine;
 
@@ -88,7 +88,7 @@ impl Tree {
     /// Every tree, in a fixed order.
     pub const ALL: [Tree; 3] = [Tree::Data, Tree::Hints, Tree::Meta];
 
-    /// Lower-case name, for logs and for the durable engine's keyspace names.
+    /// Lower-case name, for logs and for fjall's keyspace names.
     pub fn name(self) -> &'static str {
         match self {
             Tree::Data => "data",
@@ -220,7 +220,7 @@ pub enum StorageConfig {
     /// Keep nothing on disk ([`MemoryEngine`]).
     InMemory,
     /// Keep the data in `dir` ([`FjallEngine`]).
-    Durable {
+    Fjall {
         /// The data directory; created if missing.
         dir: PathBuf,
     },
@@ -259,7 +259,7 @@ pub fn for_each(
 pub fn open(config: &StorageConfig) -> Result<Arc<dyn Engine>, StorageError> {
     match config {
         StorageConfig::InMemory => Ok(Arc::new(MemoryEngine::new())),
-        StorageConfig::Durable { dir } => {
+        StorageConfig::Fjall { dir } => {
             refuse_other_layout(dir, LOG_MARKER, "fjall")?;
             Ok(Arc::new(FjallEngine::open(dir)?))
         }

@@ -1,6 +1,6 @@
 //! One test suite for every [`Engine`]: `engine_suite!(fixture)` expands to one `#[test]` per
-//! function below, each on a fresh engine from `fixture`. `memory.rs` and `durable.rs` invoke
-//! it, so both engines answer to the same contract.
+//! function below, each on a fresh engine from `fixture`. `memory.rs`, `log/` and `fjall.rs`
+//! invoke it, so every engine answers to the same contract.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,7 +70,7 @@ impl Fixture {
         }
     }
 
-    pub fn durable() -> Self {
+    pub fn fjall() -> Self {
         let dir = TempDir::new();
         let engine = FjallEngine::open(dir.path()).unwrap();
         Fixture {
@@ -348,7 +348,7 @@ pub fn longest_and_empty_keys(engine: &Arc<dyn Engine>) {
     assert!(engine.scan(Tree::Data, None, 10).unwrap().is_empty());
 }
 
-/// Keys that share a stored form in fjall (see `durable.rs`): `""` and `"\0"`; a 65535-byte key
+/// Keys that share a stored form in fjall (see `fjall.rs`): `""` and `"\0"`; a 65535-byte key
 /// and its one-byte extensions. Every engine must keep them apart and in order.
 pub fn keys_around_the_fjall_key_limit(engine: &Arc<dyn Engine>) {
     let base = vec![b'p'; 65535];

@@ -1,4 +1,6 @@
-//! The durable engine, on [fjall] 3: one fjall keyspace per [`Tree`], one database per node.
+//! The fjall engine: the node's durable engine before the log engine, on [fjall] 3 (an LSM
+//! tree with a journal). One fjall keyspace per [`Tree`], one database per node; it still
+//! opens the directories it wrote (`--engine fjall`).
 //!
 //! # What fjall guarantees (read in fjall 3.1 source)
 //!
@@ -58,12 +60,11 @@
 //!
 //! - Memtables (fjall's write buffers): 48 to 80 MiB for `data` (fjall's default is 64; the
 //!   spread is explained at `memtable_bytes`), 8 MiB for `hints`, 2 MiB for `meta`. A flush
-//!   is a burst: one fjall thread spends about 0.2 s of CPU turning a full 64 MiB memtable
-//!   into a table, and on a busy machine the requests of that moment wait for the CPU. Under
-//!   the benchmark's put load a node flushes every 10 s or so. With 16 MiB memtables it
-//!   flushed four times as often, and in five alternating runs the put p99 through the
-//!   balancer was 5.2-6.3 ms (p999 13-20) against 4.5-4.8 (p999 7-10) with 64 MiB; the larger
-//!   skiplist costs the median about 0.1 ms. fjall keeps per keyspace one active memtable and
+//!   is a burst: a fjall thread spends a fraction of a second of CPU turning a full memtable
+//!   into a table, and on a busy machine the requests of that moment wait for the CPU.
+//!   Smaller memtables flush more often, and each burst lengthens the put tail by more than
+//!   the larger skip list costs the median (*The put tail* in the performance notes has the
+//!   figures). fjall keeps per keyspace one active memtable and
 //!   at most four sealed ones waiting for their flush (it halts writes at four), so memtables
 //!   could reach 5 × 90 MiB = 450 MiB if flushes fell behind; in practice a flush takes a
 //!   fraction of a second and one memtable is active. Hints are written in bursts while a node
@@ -110,8 +111,7 @@ const NUL: &[u8] = &[0];
 /// the same second, and fjall's flush and journal rotation stall a node's writers for up to
 /// a few hundred milliseconds while it fsyncs under its locks: on every node at once, so no
 /// replica is left to take the puts. Apart, one node stalls at a time and the others
-/// coordinate and acknowledge (35 s of puts through the balancer: p99 5.2 → 5.0 ms, p999 11
-/// → 8 ms).
+/// coordinate and acknowledge.
 fn memtable_bytes(tree: Tree) -> u64 {
     const MIB: u64 = 1024 * 1024;
     match tree {
@@ -188,8 +188,8 @@ impl FjallEngine {
     /// many it found.
     ///
     /// fjall's `persist(SyncAll)` holds the journal mutex through the fsync, so every writer of
-    /// the node waits for the disk: 5 to 9 ms each second in the benchmark, on all nodes at once,
-    /// which was the largest share of the put tail. An fsync flushes the *file*, whichever
+    /// the node waits for the disk once a second, on all nodes at once: the largest share of
+    /// the put tail. An fsync flushes the *file*, whichever
     /// descriptor asks, and our commits already put their bytes in the page cache (`Buffer`
     /// durability), so syncing the files ourselves gives the same guarantee without the lock.
     /// Every byte written before this call is in a journal that exists now (fjall creates a
@@ -461,7 +461,7 @@ mod tests {
     use std::io::{BufRead, BufReader};
     use std::process::{Child, Command, Stdio};
 
-    crate::storage::tests::engine_suite!(Fixture::durable());
+    crate::storage::tests::engine_suite!(Fixture::fjall());
 
     #[test]
     fn data_survives_drop_and_reopen() {
@@ -504,7 +504,7 @@ mod tests {
     fn open_creates_missing_directories() {
         let dir = TempDir::new();
         let nested = dir.path().join("a/b/node-25000");
-        let engine = super::super::open(&super::super::StorageConfig::Durable {
+        let engine = super::super::open(&super::super::StorageConfig::Fjall {
             dir: nested.clone(),
         })
         .unwrap();
