@@ -146,7 +146,8 @@ fn printable_key(key: &str) -> String {
 /// and handing it to another thread would cost more than it takes. Work that grows with
 /// what the node holds (an anti-entropy walk over every key) goes through here, which moves
 /// the worker's other tasks elsewhere while it runs (`block_in_place`). Background jobs that
-/// wait on the disk (the periodic fsync, merges) run on the blocking pool. On a runtime with
+/// wait on the disk run off the workers: the periodic fsync on the blocking pool, the log
+/// engine's merges on a thread of its own. On a runtime with
 /// a single thread (some tests) there is nowhere to move to, and `walk` runs in place.
 pub(crate) fn walk_store<T>(walk: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
