@@ -221,6 +221,104 @@ fn every_value_type_round_trips_exactly() {
     }
 }
 
+/// A value `depth` levels deep, arrays and structs alternating, as a client might write it
+/// (whitespace between tags, `<int>`, untyped strings, struct members out of order, a nil),
+/// and the XML text `get` must answer with: the same value as dxr writes it.
+fn deep_value_xml(depth: usize) -> (String, String) {
+    let mut sent = String::from(
+        "<value><array><data>\n<value>bottom</value><value><boolean>1</boolean></value>\
+         <value><base64>AAEC\n/w==</base64></value><value><double>0.5</double></value>\
+         <value><dateTime.iso8601>20070101T12:34:56</dateTime.iso8601></value></data></array></value>",
+    );
+    let mut stored = String::from(
+        "<value><array><data><value><string>bottom</string></value><value><boolean>1</boolean></value>\
+         <value><base64>AAEC/w==</base64></value><value><double>0.5</double></value>\
+         <value><dateTime.iso8601>20070101T12:34:56</dateTime.iso8601></value></data></array></value>",
+    );
+    for level in 0..depth {
+        if level % 2 == 0 {
+            sent = format!(
+                "<value><struct>\n<member><name>z</name>{sent}</member>\n<member><name>n</name><value><nil/></value></member>\
+                 <member><name>a</name><value><int>{level}</int></value></member>\n</struct></value>"
+            );
+            stored = format!(
+                "<value><struct><member><name>a</name><value><i4>{level}</i4></value></member>\
+                 <member><name>n</name><value><nil></nil></value></member><member><name>z</name>{stored}</member></struct></value>"
+            );
+        } else {
+            sent = format!(
+                "<value><array><data>\n{sent}\n<value>level {level} &amp; &lt;x&gt;</value>\n</data></array></value>"
+            );
+            stored = format!(
+                "<value><array><data>{stored}<value><string>level {level} &amp; &lt;x&gt;</string></value></data></array></value>"
+            );
+        }
+    }
+    (sent, stored)
+}
+
+/// The value text inside a raw `methodResponse`, as the daemon wrote it.
+fn response_value(body: &str) -> &str {
+    let start = body.find("<param>").map(|i| i + "<param>".len());
+    let end = body.rfind("</param>");
+    match (start, end) {
+        (Some(start), Some(end)) if start <= end => &body[start..end],
+        _ => panic!("not a methodResponse: {}", &body[..body.len().min(300)]),
+    }
+}
+
+#[test]
+fn values_nest_to_any_depth_the_size_limit_allows() {
+    let cluster = Cluster::builder().nodes(3).in_memory().start();
+    let lb_port = cluster.balancer_port(0);
+    // 10,000 levels: dxr's parser stops near 41, Python's marshaller near 500; a body built
+    // by hand, about 1 MB.
+    let (sent, stored) = deep_value_xml(10_000);
+    let put = format!(
+        "<?xml version='1.0'?>\n<methodCall>\n<methodName>put</methodName>\n<params>\n\
+         <param>\n<value><string>deep</string></value>\n</param>\n<param>\n{sent}\n</param>\n</params>\n</methodCall>\n"
+    );
+    let response = post_raw(lb_port, put.as_bytes());
+    assert_eq!(response.status, 200);
+    assert_eq!(parse_response(&response.body), ok200());
+
+    // get answers with exactly the stored text, from the balancer and from each replica.
+    let get = call_xml("get", vec![s("deep")]);
+    let response = post_raw(lb_port, get.as_bytes());
+    assert_eq!(response.status, 200);
+    assert!(
+        response_value(&response.body) == stored,
+        "the balancer's get differs from what was stored"
+    );
+    let mut holders = 0;
+    for port in cluster.node_ports() {
+        let response = post_raw(port, get.as_bytes());
+        let value = response_value(&response.body);
+        assert!(
+            value == stored || value == "<value><nil/></value>",
+            "a node holds something else"
+        );
+        holders += usize::from(value == stored);
+    }
+    assert!(
+        holders >= 2,
+        "{holders} nodes hold the deep value after a W=2 put"
+    );
+
+    // A nil at the top is still refused, at any depth below it is kept (above); a deep value
+    // that is not well formed is a parse error, and the balancer keeps serving.
+    let unclosed = put.replacen("</data>", "", 1);
+    let response = post_raw(lb_port, unclosed.as_bytes());
+    assert_eq!(
+        parse_response(&response.body).map_err(|(code, _)| code),
+        Err(-32700)
+    );
+    let lb = cluster.client();
+    assert!(matches!(lb.put("deep", Value::Nil), Err((-32602, _))));
+    assert_eq!(lb.put("after", s("deep")), ok200());
+    assert_eq!(lb.get("after"), Ok(s("deep")));
+}
+
 /// Keys are any Unicode string up to 65536 bytes of UTF-8; one byte more is refused.
 #[test]
 fn keys_are_any_unicode_string_up_to_64_kib() {

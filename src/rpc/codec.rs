@@ -1,11 +1,19 @@
 //! XML-RPC bodies: reading calls, writing responses and faults.
 //!
-//! Calls whose parameters are all plain strings (most of them) are read by a fast reader of
-//! our own (`plain_call.rs`); every other call is dxr's to parse. Around dxr sit the guards a
-//! server facing hostile input needs: the body must be UTF-8, its element nesting is bounded
-//! before any recursive parser sees it (a 32 MiB body of nested arrays would otherwise
-//! overflow the stack), and dxr's parse errors, which carry the whole input, are replaced by a
-//! short message of our own.
+//! Calls are read by one of three readers, first match wins:
+//!
+//! 1. `plain_call.rs`, a fast reader for calls whose parameters are all plain strings (most of
+//!    them: `put(key, value)`, `get(key)` from Python);
+//! 2. `codec/reader.rs`, our own reader of every other call written in XML-RPC's own elements.
+//!    It reads a `put`'s value without building a tree, so values nest as deep as the body
+//!    size limit allows, and hands it on as the XML text dxr would have written for it;
+//! 3. dxr, for XML the other two do not model (attributes, namespaces, a DTD, elements
+//!    XML-RPC does not have). dxr parses with serde, which recurses per element, so the body's
+//!    nesting is bounded first by a non-recursive scan (a 32 MiB body of nested arrays would
+//!    otherwise overflow the stack).
+//!
+//! All three read what dxr reads, the same way; the tests hold them side by side. Parse
+//! errors never carry the input: dxr's, which do, are replaced by a short message of our own.
 //!
 //! Responses are written around values that are already XML text. Stored values travel as the
 //! `<value>…</value>` text they were stored as, so a `get` splices them into the response
@@ -15,11 +23,9 @@ use dxr::{MethodCall, Value};
 
 use crate::error::{Error, Result};
 
-/// Deepest nesting of arrays and structs accepted in a value. dxr parses through serde and
-/// quick-xml, whose deserializer stops at 128 nested elements to protect its stack: that is
-/// about 41 levels of values. We refuse deeper values ourselves first, so the client gets a
-/// clear "too deep" fault instead of a parse error.
-pub const MAX_VALUE_DEPTH: usize = 40;
+mod reader;
+
+pub use reader::MAX_TREE_DEPTH;
 
 /// Elements around and inside the nested levels: `methodCall/params/param` above, the
 /// innermost `value` and its type element below.
@@ -35,11 +41,17 @@ pub struct Call {
 }
 
 /// Reads an XML-RPC method call from an HTTP body.
+///
+/// A `put`'s value comes out as its XML text (see [`text_value`]); every other parameter as a
+/// tree.
 pub fn parse_call(body: &[u8]) -> Result<Call> {
     let text =
         std::str::from_utf8(body).map_err(|_| Error::Parse("body is not UTF-8 text".into()))?;
     if let Some((method, params)) = super::plain_call::parse(text) {
         return Ok(Call { method, params });
+    }
+    if let reader::Reading::Read(call) = reader::read_call(text) {
+        return call;
     }
     check_nesting(text)?;
     let call = MethodCall::from_xml(text)
@@ -50,12 +62,47 @@ pub fn parse_call(body: &[u8]) -> Result<Call> {
     })
 }
 
-/// Refuses documents nested deeper than values may be, without building anything.
+/// Bits of the NaN in a value carried as XML text: a quiet NaN with a payload ("DYNAMI")
+/// that no parser produces, since Rust reads every "nan" as the one canonical NaN.
+const TEXT_MARK: u64 = 0x7ff8_4459_4e41_4d49;
+
+/// A value carried to its handler as the XML text `put` stores.
+///
+/// Handlers take `Vec<dxr::Value>`, and a deep value has no tree. So [`parse_call`] hands a
+/// `put`'s value over as this array of two: a NaN no client can send (see [`TEXT_MARK`]) and
+/// the text. Only the readers make one, only in a `put`'s value position, and
+/// [`into_value_xml`] (which `put_params` calls) takes the text back out; anything else that
+/// met one would see an array of a double and a string.
+pub(crate) fn text_value(xml: String) -> Value {
+    Value::Array(vec![
+        Value::Double(f64::from_bits(TEXT_MARK)),
+        Value::String(xml),
+    ])
+}
+
+fn is_text_value(items: &[Value]) -> bool {
+    matches!(items, [Value::Double(mark), Value::String(_)] if mark.to_bits() == TEXT_MARK)
+}
+
+/// The XML text `put` stores for a parameter: the text a [`text_value`] carries, or the tree
+/// written out.
+pub fn into_value_xml(value: Value) -> Result<String> {
+    match value {
+        Value::Array(items) if is_text_value(&items) => match items.into_iter().nth(1) {
+            Some(Value::String(xml)) => Ok(xml),
+            _ => Err(Error::Internal("value text lost".into())),
+        },
+        value => value_to_xml(&value),
+    }
+}
+
+/// Refuses documents nested deeper than dxr can read, without building anything: about
+/// [`MAX_TREE_DEPTH`] levels of arrays and structs.
 ///
 /// It walks the tags: comments, CDATA, processing instructions and declarations are skipped
 /// so that text hidden in them cannot unbalance the count.
 fn check_nesting(text: &str) -> Result<()> {
-    let max_elements = CALL_ELEMENT_OVERHEAD + ELEMENTS_PER_VALUE_LEVEL * MAX_VALUE_DEPTH;
+    let max_elements = CALL_ELEMENT_OVERHEAD + ELEMENTS_PER_VALUE_LEVEL * MAX_TREE_DEPTH;
     let bytes = text.as_bytes();
     let mut depth: usize = 0;
     let mut i = 0;
@@ -84,7 +131,8 @@ fn check_nesting(text: &str) -> Result<()> {
                 depth += 1;
                 if depth > max_elements {
                     return Err(Error::invalid(format!(
-                        "value nested deeper than {MAX_VALUE_DEPTH} levels"
+                        "value nested deeper than {MAX_TREE_DEPTH} levels in XML beyond \
+                         XML-RPC's own elements (attributes, namespaces, a DTD or unknown elements)"
                     )));
                 }
             }
@@ -107,6 +155,12 @@ pub fn value_to_xml(value: &Value) -> Result<String> {
     // Strings, nearly every value, are written directly rather than through dxr's serde.
     if let Value::String(text) = value {
         return Ok(string_xml(text));
+    }
+    if let Value::Array(items) = value
+        && is_text_value(items)
+        && let [_, Value::String(xml)] = items.as_slice()
+    {
+        return Ok(xml.clone());
     }
     value
         .to_xml()
@@ -265,24 +319,53 @@ mod tests {
         )
     }
 
-    #[test]
-    fn nesting_up_to_the_limit_parses_and_beyond_is_refused() {
-        let ok = parse_call(nested_call(MAX_VALUE_DEPTH).as_bytes()).expect("limit depth parses");
-        assert_eq!(ok.params.len(), 2);
-        let error = parse_call(nested_call(MAX_VALUE_DEPTH + 1).as_bytes()).expect_err("too deep");
-        assert_eq!(error.fault_code(), crate::error::FAULT_INVALID_PARAMS);
-        // Hidden closing tags in CDATA or comments do not fool the count.
-        let sneaky = nested_call(MAX_VALUE_DEPTH + 1).replace(
-            "<data><value><int>",
-            "<data><!-- </a></a></a></a> --><value><int>",
-        );
-        assert!(parse_call(sneaky.as_bytes()).is_err());
+    /// The XML text `put` stores for the value of [`nested_call`].
+    fn nested_text(depth: usize) -> String {
+        let open = "<value><array><data>".repeat(depth);
+        let close = "</data></array></value>".repeat(depth);
+        format!("{open}<value><i4>1</i4></value>{close}")
+    }
+
+    fn put_value_text(body: &str) -> String {
+        let mut call = parse_call(body.as_bytes()).expect("the call parses");
+        assert_eq!(call.params.len(), 2);
+        into_value_xml(call.params.swap_remove(1)).expect("the value's text")
     }
 
     #[test]
-    fn very_deep_nesting_is_refused_without_recursion() {
-        let body = nested_call(1_000_000);
-        assert!(parse_call(body.as_bytes()).is_err());
+    fn values_nest_past_dxrs_limit() {
+        for depth in [MAX_TREE_DEPTH, MAX_TREE_DEPTH + 1, 1_000] {
+            assert_eq!(
+                put_value_text(&nested_call(depth)),
+                nested_text(depth),
+                "{depth} levels"
+            );
+        }
+        // Hidden closing tags in CDATA or comments do not fool the reader.
+        let sneaky = nested_call(MAX_TREE_DEPTH + 1).replace(
+            "<data><value><int>",
+            "<data><!-- </a></a></a></a> --><value><int>",
+        );
+        assert_eq!(put_value_text(&sneaky), nested_text(MAX_TREE_DEPTH + 1));
+        // XML the reader leaves to dxr is still bounded before dxr sees it.
+        let dressed = nested_call(MAX_TREE_DEPTH + 1).replace("<int>", "<int kind='x'>");
+        let error = parse_call(dressed.as_bytes()).expect_err("too deep for dxr");
+        assert_eq!(error.fault_code(), crate::error::FAULT_INVALID_PARAMS);
+        let shallow = nested_call(MAX_TREE_DEPTH).replace("<int>", "<int kind='x'>");
+        assert_eq!(put_value_text(&shallow), nested_text(MAX_TREE_DEPTH));
+    }
+
+    #[test]
+    fn very_deep_nesting_is_read_without_recursion() {
+        // 200,000 levels are 600,000 nested elements: far past any stack a recursive reader
+        // would have (a test thread's is 2 MiB).
+        let body = nested_call(200_000);
+        assert_eq!(put_value_text(&body), nested_text(200_000));
+        // Unclosed, or in XML left to dxr: refused, still without recursion.
+        let unclosed = body.replace("</params></methodCall>", "");
+        assert!(parse_call(unclosed.as_bytes()).is_err());
+        let dressed = body.replace("<int>", "<int kind='x'>");
+        assert!(parse_call(dressed.as_bytes()).is_err());
     }
 
     #[test]

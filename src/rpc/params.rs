@@ -31,7 +31,7 @@ fn context_param(value: &Value) -> Result<VClock> {
         .ok_or_else(|| Error::invalid("the context is not one get_versions returned"))
 }
 
-pub fn put_params(params: Vec<Value>) -> Result<(String, String, Option<VClock>)> {
+pub fn put_params(mut params: Vec<Value>) -> Result<(String, String, Option<VClock>)> {
     if !(2..=3).contains(&params.len()) {
         return Err(Error::invalid(format!(
             "put takes (key, value) or (key, value, context), got {} parameters",
@@ -46,7 +46,8 @@ pub fn put_params(params: Vec<Value>) -> Result<(String, String, Option<VClock>)
         ));
     }
     let context = params.get(2).map(context_param).transpose()?;
-    let value = codec::value_to_xml(&params[1])?;
+    // Read calls carry the value as its XML text already (see `codec::text_value`).
+    let value = codec::into_value_xml(params.swap_remove(1))?;
     Ok((key, value, context))
 }
 
