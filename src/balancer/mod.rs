@@ -30,6 +30,7 @@
 pub mod coordinator;
 mod health;
 pub mod node_queue;
+pub mod request;
 pub mod targets;
 
 use std::sync::Arc;
@@ -49,13 +50,13 @@ use crate::ring::Ring;
 use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::codec;
 use crate::rpc::messages::{Op, OpReply};
-use crate::rpc::params::{delete_params, key_param, put_params};
 use crate::rpc::server::{self, Handler, ServerLimits};
 use crate::telemetry::{Counter, Exposition, Figure};
 use crate::version::{Siblings, VClock};
 use coordinator::{Action, Event, Machine, Read, Servers, Write, WriteRequest};
 use health::Health;
 use node_queue::NodeQueue;
+use request::Request;
 use targets::Plan;
 
 /// Extra wait after the grace period before a delete's tombstones are checked, so that the
@@ -78,29 +79,6 @@ const MAX_ENTRY_CARRY: Duration = Duration::from_secs(1);
 /// How long a balancer waits for the nodes' clocks to be measured, at start or before its
 /// first write.
 const MEASURE_TIMEOUT: Duration = Duration::from_millis(500);
-
-const METHODS: &[(&str, &str)] = &[
-    (
-        "put",
-        "put(key, value[, context]) -> \"200\" once W replicas stored the value",
-    ),
-    (
-        "get",
-        "get(key) -> the value of the version written last, or nil",
-    ),
-    (
-        "get_versions",
-        "get_versions(key) -> {values: [sibling values, latest first], context}",
-    ),
-    (
-        "delete",
-        "delete(key[, context]) -> \"200\" once W replicas stored the tombstone",
-    ),
-    (
-        "stats",
-        "stats() -> {servers: [{address, state}], N, R, W, counters}",
-    ),
-];
 
 #[derive(Debug, Default)]
 struct BalancerMetrics {
@@ -409,43 +387,39 @@ impl Balancer {
         });
     }
 
-    async fn handle(&self, method: &str, params: Vec<Value>) -> Result<String> {
+    async fn handle(&self, request: Request) -> Result<String> {
         let metrics = &self.shared.metrics;
-        match method {
-            "put" => {
+        match request {
+            Request::Put {
+                key,
+                value,
+                context,
+            } => {
                 metrics.puts.inc();
-                let (key, value, context) = put_params(params)?;
                 let entered_us = self.entry_time_us().await?;
                 self.write(key, Some(value), context, entered_us).await?;
                 Ok(codec::string_xml("200"))
             }
-            "delete" => {
+            Request::Delete { key, context } => {
                 metrics.deletes.inc();
-                let (key, context) = delete_params(params)?;
                 let entered_us = self.entry_time_us().await?;
                 self.write(key.clone(), None, context, entered_us).await?;
                 self.check_tombstones_later(key);
                 Ok(codec::string_xml("200"))
             }
-            "get" => {
+            Request::Get { key } => {
                 metrics.gets.inc();
-                let key = key_param(params)?;
                 let siblings = self.read(key).await?;
                 Ok(siblings
                     .latest_value()
                     .map_or_else(|| codec::NIL_XML.to_owned(), str::to_owned))
             }
-            "get_versions" => {
+            Request::GetVersions { key } => {
                 metrics.get_versions.inc();
-                let key = key_param(params)?;
                 let siblings = self.read(key).await?;
                 Ok(versions_xml(&siblings))
             }
-            "stats" => {
-                server::expect_params(&params, 0)?;
-                codec::value_to_xml(&self.stats())
-            }
-            _ => Err(Error::UnknownMethod(method.to_owned())),
+            Request::Stats => codec::value_to_xml(&self.stats()),
         }
     }
 
@@ -582,12 +556,10 @@ impl Balancer {
 }
 
 impl Handler for Balancer {
-    async fn call(&self, method: &str, params: Vec<Value>) -> Result<String> {
-        self.handle(method, params).await
-    }
+    type Request = Request;
 
-    fn methods(&self) -> &'static [(&'static str, &'static str)] {
-        METHODS
+    async fn call(&self, request: Request) -> Result<String> {
+        self.handle(request).await
     }
 
     fn metrics(&self) -> String {

@@ -32,6 +32,7 @@ mod lifecycle;
 mod operations;
 mod reaped;
 pub mod replica;
+pub mod request;
 mod row_cache;
 mod surface;
 mod transaction;

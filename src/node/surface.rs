@@ -8,41 +8,12 @@ use dxr::Value;
 
 use crate::error::{Error, Result};
 use crate::rpc::codec;
-use crate::rpc::messages::{
-    self, CoordinateRequest, Envelope, MergeManyRequest, ReadManyRequest, ReadRequest, check_key,
-};
-use crate::rpc::params;
-use crate::rpc::server::{self, Handler, expect_params};
+use crate::rpc::messages::{self, CoordinateRequest, Envelope, ReadRequest, check_key};
+use crate::rpc::server::{self, Handler};
 use crate::telemetry::{Counter, Exposition, Figure};
 
 use super::StorageNode;
-
-const METHODS: &[(&str, &str)] = &[
-    (
-        "get",
-        "get(key) -> this node's own copy of the key's value, or nil",
-    ),
-    (
-        "put",
-        "put(key, value[, context]) -> \"200\": writes this node's copy only, no replication",
-    ),
-    (
-        "stats",
-        "stats() -> {keys, hints, ...}: what this node holds",
-    ),
-    (
-        messages::AAE,
-        "internal: anti-entropy questions from a peer about the keys the two share",
-    ),
-    (
-        messages::MERGE_MANY,
-        "internal: merge many keys' sibling sets (anti-entropy)",
-    ),
-    (
-        messages::READ_MANY,
-        "internal: many keys' sibling sets (anti-entropy)",
-    ),
-];
+use super::request::Request;
 
 /// What the node counts.
 #[derive(Debug, Default)]
@@ -209,24 +180,21 @@ impl StorageNode {
 
     /// The handlers themselves are synchronous: the engine's writes are short appends to the
     /// journal, and the lock per key is a std mutex never held across an `.await`.
-    fn call_sync(&self, method: &str, params: Vec<Value>) -> Result<String> {
-        match method {
-            messages::AAE => {
+    fn call_sync(&self, request: Request) -> Result<String> {
+        match request {
+            Request::Aae(request) => {
                 let aae = self.aae.as_ref().ok_or_else(|| {
                     Error::invalid("anti-entropy is off on this node (started without -s peers)")
                 })?;
-                let request = messages::from_params(&params)?;
                 let reply = super::walk_store(|| aae.answer(self, request))?;
                 messages::reply_xml(&reply)
             }
-            messages::MERGE_MANY => {
-                let request: MergeManyRequest = messages::from_params(&params)?;
+            Request::MergeMany(request) => {
                 let merged = request.entries.len() as u64;
                 self.merge_own_many_until(request.entries, request.deadline_us)?;
                 messages::reply_xml(&merged)
             }
-            messages::READ_MANY => {
-                let request: ReadManyRequest = messages::from_params(&params)?;
+            Request::ReadMany(request) => {
                 let sets = request
                     .keys
                     .iter()
@@ -237,22 +205,23 @@ impl StorageNode {
                     .collect::<Result<Vec<_>>>()?;
                 messages::reply_xml(&sets)
             }
-            "put" => {
+            Request::Put {
+                key,
+                value,
+                context,
+            } => {
                 self.metrics.local_puts.inc();
-                let (key, value, context) = params::put_params(params)?;
-                let hint_for = None;
                 self.coordinate(CoordinateRequest {
                     key,
                     value: Some(value),
                     context,
-                    hint_for,
+                    hint_for: None,
                     entered_us: crate::clock::now_us(),
                 })?;
                 Ok(codec::string_xml("200"))
             }
-            "get" => {
+            Request::Get { key } => {
                 self.metrics.local_gets.inc();
-                let key = params::key_param(params)?;
                 let siblings = self.read(&ReadRequest {
                     key,
                     hint_for: None,
@@ -261,26 +230,20 @@ impl StorageNode {
                     .latest_value()
                     .map_or_else(|| codec::NIL_XML.to_owned(), str::to_owned))
             }
-            "stats" => {
-                expect_params(&params, 0)?;
-                self.stats_xml()
-            }
-            _ => Err(Error::UnknownMethod(method.to_owned())),
+            Request::Stats => self.stats_xml(),
         }
     }
 }
 
 impl Handler for StorageNode {
-    async fn call(&self, method: &str, params: Vec<Value>) -> Result<String> {
-        let result = self.call_sync(method, params);
-        if result.is_err() {
-            self.metrics.errors.inc();
-        }
-        result
+    type Request = Request;
+
+    async fn call(&self, request: Request) -> Result<String> {
+        self.call_sync(request)
     }
 
-    fn methods(&self) -> &'static [(&'static str, &'static str)] {
-        METHODS
+    fn count_fault(&self) {
+        self.metrics.errors.inc();
     }
 
     const SERVES_BATCHES: bool = true;

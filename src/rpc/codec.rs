@@ -34,20 +34,78 @@ const CALL_ELEMENT_OVERHEAD: usize = 5;
 const ELEMENTS_PER_VALUE_LEVEL: usize = 3;
 
 /// A parsed method call.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Call {
     pub method: String,
-    pub params: Vec<Value>,
+    pub params: Vec<Param>,
+}
+
+/// One parameter of a call, as the daemons read it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Param {
+    /// A value read as a tree (keys, contexts, internal messages), at most
+    /// [`MAX_TREE_DEPTH`] levels deep.
+    Tree(Value),
+    /// A `put`'s value, as the XML text the replicas store and `get` answers: it is never
+    /// needed as a tree, and may nest as deep as the body allows.
+    Text(String),
+    /// `system.multicall`'s calls, each `None` where the entry is not a
+    /// `{methodName, params}` struct.
+    Calls(Vec<Option<Call>>),
+}
+
+impl Param {
+    /// The tree, for a parameter read as one.
+    pub fn tree(&self) -> Option<&Value> {
+        match self {
+            Param::Tree(value) => Some(value),
+            _ => None,
+        }
+    }
+
+    /// The XML text `put` stores for this parameter.
+    pub fn into_value_xml(self) -> Result<String> {
+        match self {
+            Param::Text(xml) => Ok(xml),
+            Param::Tree(value) => value_to_xml(&value),
+            Param::Calls(_) => Err(Error::invalid("a list of calls is not a value")),
+        }
+    }
+}
+
+/// `system.multicall`'s calls from its parameters: as the reader found them, or from the tree
+/// dxr read, with the rules of dxr's `from_multicall_params` (one array of structs with
+/// exactly a `methodName` string and a `params` array).
+pub fn multicall_calls(params: Vec<Param>) -> Result<Vec<Option<Call>>> {
+    let refused = || Error::invalid("system.multicall takes one array of {methodName, params}");
+    let mut params = params;
+    match (params.pop(), params.is_empty()) {
+        (Some(Param::Calls(calls)), true) => Ok(calls),
+        (Some(Param::Tree(tree)), true) => {
+            let calls = dxr::multicall::from_multicall_params(vec![tree]).map_err(|_| refused())?;
+            Ok(calls
+                .into_iter()
+                .map(|call| {
+                    call.ok().map(|(method, params)| Call {
+                        method,
+                        params: params.into_iter().map(Param::Tree).collect(),
+                    })
+                })
+                .collect())
+        }
+        _ => Err(refused()),
+    }
 }
 
 /// Reads an XML-RPC method call from an HTTP body.
 ///
-/// A `put`'s value comes out as its XML text (see [`text_value`]); every other parameter as a
-/// tree.
+/// A `put`'s value comes out as its XML text ([`Param::Text`]) whenever our readers read the
+/// call; every other parameter as a tree.
 pub fn parse_call(body: &[u8]) -> Result<Call> {
     let text =
         std::str::from_utf8(body).map_err(|_| Error::Parse("body is not UTF-8 text".into()))?;
     if let Some((method, params)) = super::plain_call::parse(text) {
+        let params = params.into_iter().map(Param::Tree).collect();
         return Ok(Call { method, params });
     }
     if let reader::Reading::Read(call) = reader::read_call(text) {
@@ -58,42 +116,8 @@ pub fn parse_call(body: &[u8]) -> Result<Call> {
         .map_err(|_| Error::Parse("body is not a well-formed XML-RPC method call".into()))?;
     Ok(Call {
         method: call.name.into_owned(),
-        params: call.params,
+        params: call.params.into_iter().map(Param::Tree).collect(),
     })
-}
-
-/// Bits of the NaN in a value carried as XML text: a quiet NaN with a payload ("DYNAMI")
-/// that no parser produces, since Rust reads every "nan" as the one canonical NaN.
-const TEXT_MARK: u64 = 0x7ff8_4459_4e41_4d49;
-
-/// A value carried to its handler as the XML text `put` stores.
-///
-/// Handlers take `Vec<dxr::Value>`, and a deep value has no tree. So [`parse_call`] hands a
-/// `put`'s value over as this array of two: a NaN no client can send (see [`TEXT_MARK`]) and
-/// the text. Only the readers make one, only in a `put`'s value position, and
-/// [`into_value_xml`] (which `put_params` calls) takes the text back out; anything else that
-/// met one would see an array of a double and a string.
-pub(crate) fn text_value(xml: String) -> Value {
-    Value::Array(vec![
-        Value::Double(f64::from_bits(TEXT_MARK)),
-        Value::String(xml),
-    ])
-}
-
-fn is_text_value(items: &[Value]) -> bool {
-    matches!(items, [Value::Double(mark), Value::String(_)] if mark.to_bits() == TEXT_MARK)
-}
-
-/// The XML text `put` stores for a parameter: the text a [`text_value`] carries, or the tree
-/// written out.
-pub fn into_value_xml(value: Value) -> Result<String> {
-    match value {
-        Value::Array(items) if is_text_value(&items) => match items.into_iter().nth(1) {
-            Some(Value::String(xml)) => Ok(xml),
-            _ => Err(Error::Internal("value text lost".into())),
-        },
-        value => value_to_xml(&value),
-    }
 }
 
 /// Refuses documents nested deeper than dxr can read, without building anything: about
@@ -155,12 +179,6 @@ pub fn value_to_xml(value: &Value) -> Result<String> {
     // Strings, nearly every value, are written directly rather than through dxr's serde.
     if let Value::String(text) = value {
         return Ok(string_xml(text));
-    }
-    if let Value::Array(items) = value
-        && is_text_value(items)
-        && let [_, Value::String(xml)] = items.as_slice()
-    {
-        return Ok(xml.clone());
     }
     value
         .to_xml()
@@ -288,8 +306,8 @@ mod tests {
         assert_eq!(
             call.params,
             vec![
-                Value::String("john".into()),
-                Value::String("novatnack".into())
+                Param::Tree(Value::String("john".into())),
+                Param::Tree(Value::String("novatnack".into()))
             ]
         );
     }
@@ -329,7 +347,10 @@ mod tests {
     fn put_value_text(body: &str) -> String {
         let mut call = parse_call(body.as_bytes()).expect("the call parses");
         assert_eq!(call.params.len(), 2);
-        into_value_xml(call.params.swap_remove(1)).expect("the value's text")
+        call.params
+            .swap_remove(1)
+            .into_value_xml()
+            .expect("the value's text")
     }
 
     #[test]

@@ -10,6 +10,7 @@ use dxr::Value;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::error::{Error, Result};
+use crate::rpc::codec::Param;
 use crate::version::{Dot, Siblings, VClock};
 
 /// Anti-entropy: a question about the tree a node keeps for the asking peer.
@@ -192,9 +193,9 @@ pub fn to_param<T: Serialize>(message: &T) -> Result<Value> {
 }
 
 /// Reads the message out of an internal call's parameters.
-pub fn from_params<T: DeserializeOwned>(params: &[Value]) -> Result<T> {
+pub fn from_params<T: DeserializeOwned>(params: &[Param]) -> Result<T> {
     match params {
-        [Value::Base64(bytes)] => from_bytes(bytes),
+        [Param::Tree(Value::Base64(bytes))] => from_bytes(bytes),
         _ => Err(Error::invalid("internal calls take one base64 message")),
     }
 }
@@ -265,7 +266,7 @@ mod tests {
             hint_for: Some("127.0.0.1:1".into()),
         };
         let param = to_param(&request).expect("encodes");
-        let back: MergeRequest = from_params(&[param]).expect("decodes");
+        let back: MergeRequest = from_params(&[Param::Tree(param)]).expect("decodes");
         assert_eq!(back.key, "k\r\n<>");
         assert_eq!(back.siblings, siblings);
         assert_eq!(back.hint_for.as_deref(), Some("127.0.0.1:1"));
@@ -276,9 +277,9 @@ mod tests {
 
     #[test]
     fn garbage_is_an_invalid_params_error() {
-        let error =
-            from_params::<ReadRequest>(&[Value::Base64(vec![0xff; 3])]).expect_err("garbage");
+        let error = from_params::<ReadRequest>(&[Param::Tree(Value::Base64(vec![0xff; 3]))])
+            .expect_err("garbage");
         assert_eq!(error.fault_code(), crate::error::FAULT_INVALID_PARAMS);
-        assert!(from_params::<ReadRequest>(&[Value::Integer(1)]).is_err());
+        assert!(from_params::<ReadRequest>(&[Param::Tree(Value::Integer(1))]).is_err());
     }
 }

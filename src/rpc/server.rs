@@ -14,23 +14,47 @@ use dxr::Value;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method as HttpMethod, Request as HttpRequest, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::error::{Error, Result};
-use crate::rpc::codec::{self, Call};
+use crate::rpc::codec::{self, Call, Param};
 use crate::rpc::messages;
+
+/// A daemon's requests, one typed value per call (mini-redis's `Command`): the one place its
+/// method names, their parameters and their help texts are declared. `system.listMethods`
+/// and `system.methodHelp` answer from here, so the list cannot drift from what is parsed.
+pub trait Request: Sized + Send + 'static {
+    /// The daemon's methods, one variant each.
+    type Method: Copy + Send + 'static;
+    /// Every method, as `system.listMethods` lists them.
+    const METHODS: &'static [Self::Method];
+    fn name(method: Self::Method) -> &'static str;
+    /// A one-line help text: the call's shape and what it answers.
+    fn help(method: Self::Method) -> &'static str;
+    /// Reads `method`'s parameters; -32602 when they are not what it takes.
+    fn parse(method: Self::Method, params: Vec<Param>) -> Result<Self>;
+}
+
+/// The method called `name`, if the daemon has one.
+fn method_named<R: Request>(name: &str) -> Option<R::Method> {
+    R::METHODS
+        .iter()
+        .copied()
+        .find(|&method| R::name(method) == name)
+}
 
 /// What a daemon serves. Replies are a value's XML text (see [`codec`]).
 pub trait Handler: Send + Sync + 'static {
-    /// Runs one method. `system.*` methods never reach here.
-    fn call(&self, method: &str, params: Vec<Value>)
-    -> impl Future<Output = Result<String>> + Send;
-    /// Every method the daemon answers, with a one-line help text.
-    fn methods(&self) -> &'static [(&'static str, &'static str)];
+    type Request: Request;
+    /// Runs one request. `system.*` methods never reach here.
+    fn call(&self, request: Self::Request) -> impl Future<Output = Result<String>> + Send;
     /// The Prometheus text exposition of the daemon's metrics.
     fn metrics(&self) -> String;
+    /// Counts a call answered with a fault (whether its request could not be read or it
+    /// failed), for daemons that count them.
+    fn count_fault(&self) {}
     /// Whether [`Handler::batch`] is served. Checked before the body is read, so a daemon
     /// without batches never buffers one (they may be far larger than `--max-request-bytes`).
     const SERVES_BATCHES: bool = false;
@@ -105,7 +129,7 @@ pub async fn serve<H: Handler>(
 async fn respond<H: Handler>(
     handler: &H,
     limits: ServerLimits,
-    request: Request<Incoming>,
+    request: HttpRequest<Incoming>,
 ) -> Response<Full<Bytes>> {
     let received_us = crate::clock::now_us();
     let mut response = route(handler, limits, request).await;
@@ -120,12 +144,12 @@ async fn respond<H: Handler>(
 async fn route<H: Handler>(
     handler: &H,
     limits: ServerLimits,
-    request: Request<Incoming>,
+    request: HttpRequest<Incoming>,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     match (request.method(), path) {
-        (&Method::GET, "/health") => plain(StatusCode::OK, "ok\n".into()),
-        (&Method::GET, "/metrics") => {
+        (&HttpMethod::GET, "/health") => plain(StatusCode::OK, "ok\n".into()),
+        (&HttpMethod::GET, "/metrics") => {
             let mut process = crate::telemetry::Exposition::default();
             process.counter(
                 "dynamite_connections_accepted_total",
@@ -140,7 +164,7 @@ async fn route<H: Handler>(
             );
             response
         }
-        (&Method::POST, messages::BATCH_PATH) if H::SERVES_BATCHES => {
+        (&HttpMethod::POST, messages::BATCH_PATH) if H::SERVES_BATCHES => {
             let body = match read_body(request, MAX_BATCH_BYTES).await {
                 Ok(body) => body,
                 Err(status) => return plain(status, format!("{status}\n")),
@@ -160,7 +184,7 @@ async fn route<H: Handler>(
                 ),
             }
         }
-        (&Method::POST, "/" | "/RPC2") => {
+        (&HttpMethod::POST, "/" | "/RPC2") => {
             let body = match read_body(request, limits.max_request_bytes).await {
                 Ok(body) => body,
                 Err(status) => return plain(status, format!("{status}\n")),
@@ -177,7 +201,7 @@ async fn route<H: Handler>(
 
 /// Reads the whole body, refusing with 413 anything over `max_bytes` — by its declared length
 /// before reading a byte, or while reading when the length is not declared.
-async fn read_body(request: Request<Incoming>, max_bytes: usize) -> Result<Bytes, StatusCode> {
+async fn read_body(request: HttpRequest<Incoming>, max_bytes: usize) -> Result<Bytes, StatusCode> {
     if let Some(length) = request.headers().get(CONTENT_LENGTH) {
         let declared = length
             .to_str()
@@ -206,6 +230,7 @@ pub async fn handle_body<H: Handler>(handler: &H, body: &[u8]) -> String {
     match result {
         Ok(value_xml) => codec::response_xml(&value_xml),
         Err(error) => {
+            handler.count_fault();
             tracing::debug!(%error, "request failed");
             codec::fault_xml(&error)
         }
@@ -216,7 +241,10 @@ async fn dispatch<H: Handler>(handler: &H, call: Call) -> Result<String> {
     match call.method.as_str() {
         "system.listMethods" => {
             expect_params(&call.params, 0)?;
-            let mut names: Vec<&str> = handler.methods().iter().map(|(name, _)| *name).collect();
+            let mut names: Vec<&str> = H::Request::METHODS
+                .iter()
+                .map(|&method| H::Request::name(method))
+                .collect();
             names.extend([
                 "system.listMethods",
                 "system.methodHelp",
@@ -227,24 +255,22 @@ async fn dispatch<H: Handler>(handler: &H, call: Call) -> Result<String> {
         }
         "system.methodHelp" => {
             expect_params(&call.params, 1)?;
-            let Value::String(name) = &call.params[0] else {
+            let Some(Value::String(name)) = call.params[0].tree() else {
                 return Err(Error::invalid(
                     "system.methodHelp takes a method name string",
                 ));
             };
             let help = system_help(name)
-                .or_else(|| {
-                    handler
-                        .methods()
-                        .iter()
-                        .find(|(m, _)| m == name)
-                        .map(|(_, h)| *h)
-                })
+                .or_else(|| method_named::<H::Request>(name).map(H::Request::help))
                 .ok_or_else(|| Error::UnknownMethod(name.clone()))?;
             Ok(codec::string_xml(help))
         }
         "system.multicall" => multicall(handler, call.params).await,
-        _ => handler.call(&call.method, call.params).await,
+        name => {
+            let method = method_named::<H::Request>(name)
+                .ok_or_else(|| Error::UnknownMethod(name.to_owned()))?;
+            handler.call(H::Request::parse(method, call.params)?).await
+        }
     }
 }
 
@@ -261,28 +287,30 @@ fn system_help(name: &str) -> Option<&'static str> {
 
 /// Runs the calls one after another; each yields `[result]` or a fault struct, as the
 /// multicall convention says. Nested multicalls are refused to keep the work bounded.
-async fn multicall<H: Handler>(handler: &H, params: Vec<Value>) -> Result<String> {
-    let calls = dxr::multicall::from_multicall_params(params)
-        .map_err(|_| Error::invalid("system.multicall takes one array of {methodName, params}"))?;
+async fn multicall<H: Handler>(handler: &H, params: Vec<Param>) -> Result<String> {
+    let calls = codec::multicall_calls(params)?;
     let mut results = Vec::with_capacity(calls.len());
     for call in calls {
         let result = match call {
-            Ok((method, _)) if method == "system.multicall" => {
+            Some(call) if call.method == "system.multicall" => {
                 Err(Error::invalid("system.multicall may not be nested"))
             }
-            Ok((method, params)) => Box::pin(dispatch(handler, Call { method, params })).await,
-            Err(_) => Err(Error::invalid("each call is a struct {methodName, params}")),
+            Some(call) => Box::pin(dispatch(handler, call)).await,
+            None => Err(Error::invalid("each call is a struct {methodName, params}")),
         };
         results.push(match result {
             Ok(value_xml) => codec::array_xml([value_xml.as_str()]),
-            Err(error) => codec::fault_struct_xml(error.fault_code(), &error.fault_string()),
+            Err(error) => {
+                handler.count_fault();
+                codec::fault_struct_xml(error.fault_code(), &error.fault_string())
+            }
         });
     }
     Ok(codec::array_xml(results.iter().map(String::as_str)))
 }
 
 /// Checks the parameter count, the most common mistake a caller makes.
-pub fn expect_params(params: &[Value], expected: usize) -> Result<()> {
+pub fn expect_params(params: &[Param], expected: usize) -> Result<()> {
     if params.len() == expected {
         Ok(())
     } else {

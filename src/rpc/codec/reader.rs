@@ -36,7 +36,7 @@ use quick_xml::Reader;
 use quick_xml::escape::{escape, resolve_predefined_entity};
 use quick_xml::events::{BytesRef, BytesStart, Event};
 
-use super::Call;
+use super::{Call, Param};
 use crate::error::{Error, Result};
 
 /// Deepest nesting of arrays and structs in a parameter that is read into a `dxr::Value` tree
@@ -645,7 +645,7 @@ impl Scan {
             params.push(match (self.method.as_str(), index) {
                 ("put", 1) => self.value_param(root),
                 ("system.multicall", 0) => self.multicall_param(root)?,
-                _ => self.tree(root, MAX_TREE_DEPTH)?,
+                _ => Param::Tree(self.tree(root, MAX_TREE_DEPTH)?),
             });
         }
         Ok(Call {
@@ -654,76 +654,85 @@ impl Scan {
         })
     }
 
-    /// `put`'s value: its XML text (see [`super::text_value`]), or nil for the handler to
-    /// refuse.
-    fn value_param(&self, root: usize) -> Value {
+    /// `put`'s value: its XML text, or nil for the handler to refuse.
+    fn value_param(&self, root: usize) -> Param {
         match self.tape.get(root) {
             Some(&Token::Leaf(index))
                 if matches!(self.leaves.get(index as usize), Some(Leaf::Nil)) =>
             {
-                Value::Nil
+                Param::Tree(Value::Nil)
             }
-            _ => super::text_value(self.text(root)),
+            _ => Param::Text(self.text(root)),
         }
     }
 
-    /// `system.multicall`'s array of `{methodName, params}` structs, as a tree, but with each
-    /// `put`'s value as its text, so that it may nest as deep as it does in a plain `put`.
-    fn multicall_param(&mut self, root: usize) -> Result<Value> {
+    /// `system.multicall`'s array of `{methodName, params}` structs as calls, each `put`'s
+    /// value as its text, so that it may nest as deep as it does in a plain `put`. An entry
+    /// dxr would not take for a call is `None`; a parameter that is no array stays a tree,
+    /// which the handler then refuses as dxr's rules say.
+    fn multicall_param(&mut self, root: usize) -> Result<Param> {
         let Some(&Token::Array { end }) = self.tape.get(root) else {
-            return self.tree(root, MAX_TREE_DEPTH);
+            return Ok(Param::Tree(self.tree(root, MAX_TREE_DEPTH)?));
         };
         let mut calls = Vec::new();
         let mut at = root + 1;
         while at < end as usize {
             calls.push(match self.tape.get(at) {
                 Some(&Token::Struct { end, .. }) => self.multicall_call(at, end as usize)?,
-                _ => self.tree(at, MAX_TREE_DEPTH)?,
+                _ => {
+                    // Read all the same: a value nested too deep is refused as in a tree.
+                    self.tree(at, MAX_TREE_DEPTH)?;
+                    None
+                }
             });
             at = self.after(at);
         }
-        Ok(Value::Array(calls))
+        Ok(Param::Calls(calls))
     }
 
-    fn multicall_call(&mut self, start: usize, end: usize) -> Result<Value> {
+    /// One entry of a multicall: a call when the struct holds exactly a `methodName` string
+    /// and a `params` array (as in a struct's tree, the last of equal names counts), as dxr's
+    /// `from_multicall_params` requires; `None` otherwise.
+    fn multicall_call(&mut self, start: usize, end: usize) -> Result<Option<Call>> {
         let members = members(&self.tape, start, end);
-        // As in a struct's tree, the last of equal names counts.
-        let is_put = members
-            .iter()
-            .rev()
-            .find(|(name, ..)| self.name(*name) == "methodName")
-            .is_some_and(|&(_, member, _)| {
-                matches!(self.tape.get(member + 1), Some(&Token::Leaf(index))
-                    if matches!(self.leaves.get(index as usize), Some(Leaf::String(s)) if s == "put"))
-            });
-        let params_member = members
-            .iter()
-            .rev()
-            .find(|(name, ..)| self.name(*name) == "params")
-            .map(|&(_, member, _)| member);
-        let mut map = BTreeMap::new();
-        for (name, member, _) in members {
-            let value_at = member + 1;
-            let value = match self.tape.get(value_at) {
-                Some(&Token::Array { end }) if is_put && Some(member) == params_member => {
-                    let mut params = Vec::new();
-                    let mut at = value_at + 1;
-                    while at < end as usize {
-                        params.push(if params.len() == 1 {
-                            self.value_param(at)
-                        } else {
-                            self.tree(at, MAX_TREE_DEPTH)?
-                        });
-                        at = self.after(at);
-                    }
-                    Value::Array(params)
-                }
-                _ => self.tree(value_at, MAX_TREE_DEPTH)?,
-            };
-            let name = self.name(name).to_owned();
-            map.insert(name, value);
+        let mut last: BTreeMap<String, usize> = BTreeMap::new();
+        for &(name, member, _) in &members {
+            last.insert(self.name(name).to_owned(), member);
         }
-        Ok(Value::Struct(map))
+        let (Some(&name_member), Some(&params_member), 2) =
+            (last.get("methodName"), last.get("params"), last.len())
+        else {
+            for &(_, member, _) in &members {
+                self.tree(member + 1, MAX_TREE_DEPTH)?;
+            }
+            return Ok(None);
+        };
+        let method = match self.tape.get(name_member + 1) {
+            Some(&Token::Leaf(index)) => match self.leaves.get(index as usize) {
+                Some(Leaf::String(method)) => Some(method.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let params_at = params_member + 1;
+        let (Some(method), Some(&Token::Array { end: params_end })) =
+            (method, self.tape.get(params_at))
+        else {
+            self.tree(name_member + 1, MAX_TREE_DEPTH)?;
+            self.tree(params_at, MAX_TREE_DEPTH)?;
+            return Ok(None);
+        };
+        let mut params = Vec::new();
+        let mut at = params_at + 1;
+        while at < params_end as usize {
+            params.push(if method == "put" && params.len() == 1 {
+                self.value_param(at)
+            } else {
+                Param::Tree(self.tree(at, MAX_TREE_DEPTH)?)
+            });
+            at = self.after(at);
+        }
+        Ok(Some(Call { method, params }))
     }
 
     /// The tape index just after the value starting at `at`.
@@ -877,7 +886,7 @@ fn write_leaf(leaf: &Leaf, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rpc::codec::{into_value_xml, parse_call, value_to_xml};
+    use crate::rpc::codec::{multicall_calls, parse_call, value_to_xml};
     use proptest::prelude::*;
 
     /// `depth` levels of arrays and structs, alternating, around an int.
@@ -1060,18 +1069,18 @@ mod tests {
 
     /// The parameters as `put` stores or a handler reads them: text for `put`'s value, the
     /// tree written out for the others, multicall's calls one by one.
-    fn stored(method: &str, params: Vec<Value>) -> Vec<String> {
+    fn stored(method: &str, params: Vec<Param>) -> Vec<String> {
         let mut out = Vec::new();
         if method == "system.multicall" {
-            match dxr::multicall::from_multicall_params(params) {
+            match multicall_calls(params) {
                 Ok(calls) => {
                     for call in calls {
                         match call {
-                            Ok((method, params)) => {
-                                out.push(format!("call {method}"));
-                                out.extend(stored(&method, params));
+                            Some(call) => {
+                                out.push(format!("call {}", call.method));
+                                out.extend(stored(&call.method, call.params));
                             }
-                            Err(_) => out.push("not a call".into()),
+                            None => out.push("not a call".into()),
                         }
                     }
                 }
@@ -1079,13 +1088,8 @@ mod tests {
             }
             return out;
         }
-        for (index, param) in params.into_iter().enumerate() {
-            let text = if method == "put" && index == 1 {
-                into_value_xml(param)
-            } else {
-                value_to_xml(&param)
-            };
-            out.push(text.expect("parameters write out"));
+        for param in params {
+            out.push(param.into_value_xml().expect("parameters write out"));
         }
         out
     }
@@ -1105,7 +1109,7 @@ mod tests {
     fn read_by_dxr(body: &str) -> std::result::Result<(String, Vec<String>), ()> {
         let call = dxr::MethodCall::from_xml(body).map_err(|_| ())?;
         let method = call.name.into_owned();
-        let params = stored(&method, call.params);
+        let params = stored(&method, call.params.into_iter().map(Param::Tree).collect());
         Ok((method, params))
     }
 
@@ -1426,10 +1430,11 @@ mod tests {
             "<methodCall><methodName>put</methodName><params><param><value>k</value></param><param>{deep}</param></params></methodCall>"
         );
         let call = parse_call(body.as_bytes()).expect("reads");
-        assert_eq!(call.params[0], Value::String("k".into()));
-        let mut params = call.params;
-        let text = into_value_xml(params.swap_remove(1)).expect("text");
-        assert_eq!(text, deep.replace("<int>7</int>", "<i4>7</i4>"));
+        assert_eq!(call.params[0], Param::Tree(Value::String("k".into())));
+        assert_eq!(
+            call.params[1],
+            Param::Text(deep.replace("<int>7</int>", "<i4>7</i4>"))
+        );
         // The key is a tree, and may not nest beyond the tree bound.
         let deep_key = body.replace("<value>k</value>", &nested(MAX_TREE_DEPTH + 1));
         let error = parse_call(deep_key.as_bytes()).expect_err("deep key");
@@ -1438,19 +1443,21 @@ mod tests {
         let nil = body.replace(&deep, "<value><nil/></value>");
         assert_eq!(
             parse_call(nil.as_bytes()).expect("reads").params[1],
-            Value::Nil
+            Param::Tree(Value::Nil)
         );
         // In a multicall too, each put's value is text.
         let multicall = format!(
             "<methodCall><methodName>system.multicall</methodName><params><param><value><array><data><value><struct><member><name>methodName</name><value>put</value></member><member><name>params</name><value><array><data><value>k</value>{deep}</data></array></value></member></struct></value></data></array></value></param></params></methodCall>"
         );
         let call = parse_call(multicall.as_bytes()).expect("reads");
-        let calls = dxr::multicall::from_multicall_params(call.params).expect("multicall");
-        let Ok((method, mut params)) = calls.into_iter().next().expect("one call") else {
+        let calls = multicall_calls(call.params).expect("multicall");
+        let Some(Some(call)) = calls.into_iter().next() else {
             panic!("not a call");
         };
-        assert_eq!(method, "put");
-        let text = into_value_xml(params.swap_remove(1)).expect("text");
-        assert_eq!(text, deep.replace("<int>7</int>", "<i4>7</i4>"));
+        assert_eq!(call.method, "put");
+        assert_eq!(
+            call.params[1],
+            Param::Text(deep.replace("<int>7</int>", "<i4>7</i4>"))
+        );
     }
 }

@@ -1,0 +1,140 @@
+//! A storage node's requests: each XML-RPC call read once into a typed value, and the one
+//! list of its methods, with their help, that `system.listMethods` and `system.methodHelp`
+//! answer from. (Replica operations from balancers arrive in binary batches instead: see
+//! `batch.rs`.)
+
+use crate::error::Result;
+use crate::rpc::codec::Param;
+use crate::rpc::messages::{self, AaeRequest, MergeManyRequest, ReadManyRequest};
+use crate::rpc::params::{key_param, put_params};
+use crate::rpc::server::{self, expect_params};
+use crate::version::VClock;
+
+/// A storage node's methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Put,
+    Stats,
+    Aae,
+    MergeMany,
+    ReadMany,
+}
+
+/// A call to a storage node, read.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// This node's own copy, for inspection.
+    Get {
+        key: String,
+    },
+    /// A write of this node's own copy only, stamped with its clock; `value` is its XML text.
+    Put {
+        key: String,
+        value: String,
+        context: Option<VClock>,
+    },
+    Stats,
+    /// Anti-entropy: a question from a peer about the keys the two share.
+    Aae(AaeRequest),
+    /// Anti-entropy push.
+    MergeMany(MergeManyRequest),
+    /// Anti-entropy pull.
+    ReadMany(ReadManyRequest),
+}
+
+impl server::Request for Request {
+    type Method = Method;
+
+    const METHODS: &'static [Method] = &[
+        Method::Get,
+        Method::Put,
+        Method::Stats,
+        Method::Aae,
+        Method::MergeMany,
+        Method::ReadMany,
+    ];
+
+    fn name(method: Method) -> &'static str {
+        match method {
+            Method::Get => "get",
+            Method::Put => "put",
+            Method::Stats => "stats",
+            Method::Aae => messages::AAE,
+            Method::MergeMany => messages::MERGE_MANY,
+            Method::ReadMany => messages::READ_MANY,
+        }
+    }
+
+    fn help(method: Method) -> &'static str {
+        match method {
+            Method::Get => "get(key) -> this node's own copy of the key's value, or nil",
+            Method::Put => {
+                "put(key, value[, context]) -> \"200\": writes this node's copy only, no replication"
+            }
+            Method::Stats => "stats() -> {keys, hints, ...}: what this node holds",
+            Method::Aae => {
+                "node.aae(message) -> internal: anti-entropy questions from a peer about the keys the two share"
+            }
+            Method::MergeMany => {
+                "node.merge_many(message) -> internal: merge many keys' sibling sets (anti-entropy)"
+            }
+            Method::ReadMany => {
+                "node.read_many(message) -> internal: many keys' sibling sets (anti-entropy)"
+            }
+        }
+    }
+
+    fn parse(method: Method, params: Vec<Param>) -> Result<Request> {
+        Ok(match method {
+            Method::Get => Request::Get {
+                key: key_param(params)?,
+            },
+            Method::Put => {
+                let (key, value, context) = put_params(params)?;
+                Request::Put {
+                    key,
+                    value,
+                    context,
+                }
+            }
+            Method::Stats => {
+                expect_params(&params, 0)?;
+                Request::Stats
+            }
+            Method::Aae => Request::Aae(messages::from_params(&params)?),
+            Method::MergeMany => Request::MergeMany(messages::from_params(&params)?),
+            Method::ReadMany => Request::ReadMany(messages::from_params(&params)?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::server::Request as _;
+
+    /// Every method has a name that reads back to it and a help that starts with its call.
+    #[test]
+    fn methods_are_listed_once_with_their_help() {
+        for &method in Request::METHODS {
+            let name = Request::name(method);
+            assert!(
+                Request::help(method).starts_with(&format!("{name}(")),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn internal_methods_take_one_message() {
+        let message = messages::to_param(&ReadManyRequest {
+            keys: vec!["a".into()],
+        })
+        .expect("encodes");
+        let read = Request::parse(Method::ReadMany, vec![Param::Tree(message)]);
+        assert!(matches!(read, Ok(Request::ReadMany(request)) if request.keys == ["a"]));
+        let error = Request::parse(Method::ReadMany, vec![]).expect_err("no message");
+        assert_eq!(error.fault_code(), crate::error::FAULT_INVALID_PARAMS);
+    }
+}
