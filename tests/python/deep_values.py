@@ -3,7 +3,7 @@
 
 Usage: deep_values.py BALANCER_PORT [NODE_PORT...]
 
-SPEC.md: a value is any XML-RPC value but nil, "nested to any depth the size limit allows",
+docs/protocol.md: a value is any XML-RPC value but nil, "nested to any depth the size limit allows",
 and get returns exactly what was stored. Python's marshaller recurses (it stops near 500
 levels), so the values here stay below that: 64 and 300 levels of arrays and structs mixed,
 with a leaf of every type at each level, put through the balancer, read back through it and
