@@ -143,18 +143,23 @@ fn each_key_lives_on_exactly_n_nodes() {
 // Quorums with nodes down
 // ---------------------------------------------------------------------------------------------
 
-/// With N = 3 and R = W = 2, writes and reads go on while one node is dead, and `stats()` tells
-/// the dead node apart from the live ones.
-#[test]
-fn writes_and_reads_go_on_while_one_of_three_nodes_is_dead() {
-    let mut cluster = InProcessCluster::builder()
+/// Three in-memory nodes, N = 3, R = W = 2, a replica timeout of 500 ms.
+fn three_nodes_in_memory_two_of_three() -> InProcessCluster {
+    InProcessCluster::builder()
         .nodes(3)
         .in_memory()
         .replicas(3)
         .write_quorum(2)
         .read_quorum(2)
         .timeout_ms(500)
-        .start();
+        .start()
+}
+
+/// With N = 3 and R = W = 2, writes and reads go on while one node is dead, and `stats()` tells
+/// the dead node apart from the live ones.
+#[test]
+fn writes_and_reads_go_on_while_one_of_three_nodes_is_dead() {
+    let mut cluster = three_nodes_in_memory_two_of_three();
     let lb = cluster.client();
 
     lb.put_keys(0..100, "with all nodes up");
@@ -202,14 +207,7 @@ fn writes_and_reads_go_on_while_one_of_three_nodes_is_dead() {
 /// and counts who answered, and the balancer itself stays healthy.
 #[test]
 fn with_two_of_three_nodes_dead_quorums_fail_with_503() {
-    let mut cluster = InProcessCluster::builder()
-        .nodes(3)
-        .in_memory()
-        .replicas(3)
-        .write_quorum(2)
-        .read_quorum(2)
-        .timeout_ms(500)
-        .start();
+    let mut cluster = three_nodes_in_memory_two_of_three();
     let lb = cluster.client();
     assert_eq!(lb.put("before", s("the crash")), ok200());
 

@@ -28,7 +28,7 @@
 //! them. Tests of those stay on processes.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,9 @@ use dynamite::config::{BalancerConfig, NodeConfig};
 use tokio::net::TcpSocket;
 use tokio::sync::oneshot;
 
-use super::{Cluster, ClusterBuilder, POLL_INTERVAL, Rpc, STARTUP_TIMEOUT, addr, health};
+use super::{
+    Cluster, ClusterBuilder, Daemons, Listening, POLL_INTERVAL, STARTUP_TIMEOUT, addr, health,
+};
 
 /// How long `run` may take to return once its shutdown future resolved (the server itself
 /// gives open connections up to 5 s to finish their request).
@@ -182,21 +184,6 @@ impl InProcessDaemon {
         };
         daemon.start();
         daemon
-    }
-
-    /// The port it listens on.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `127.0.0.1:PORT`.
-    pub fn addr(&self) -> String {
-        addr(self.port)
-    }
-
-    /// A fresh XML-RPC client to it.
-    pub fn rpc(&self) -> Rpc {
-        Rpc::new(self.port)
     }
 
     /// Whether it runs (started and not stopped since).
@@ -421,51 +408,33 @@ impl InProcessBuilder {
     }
 }
 
+impl Listening for InProcessDaemon {
+    fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Daemons for InProcessCluster {
+    type Daemon = InProcessDaemon;
+
+    fn node_daemons(&self) -> &[InProcessDaemon] {
+        &self.nodes
+    }
+
+    fn balancer_daemons(&self) -> &[InProcessDaemon] {
+        &self.balancers
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
 impl InProcessCluster {
     /// Three durable storage nodes and one balancer with the daemons' default N, R, W,
     /// until told otherwise.
     pub fn builder() -> InProcessBuilder {
         InProcessBuilder(Cluster::builder())
-    }
-
-    /// The temporary directory holding the data dirs.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// The storage nodes' ports, in start order.
-    pub fn node_ports(&self) -> Vec<u16> {
-        self.nodes.iter().map(InProcessDaemon::port).collect()
-    }
-
-    /// The storage nodes' `HOST:PORT`, in start order, as the balancers are given them.
-    pub fn servers(&self) -> Vec<String> {
-        self.nodes.iter().map(InProcessDaemon::addr).collect()
-    }
-
-    /// Port of balancer `i`.
-    pub fn balancer_port(&self, i: usize) -> u16 {
-        self.balancers[i].port()
-    }
-
-    /// A client of the first balancer.
-    pub fn client(&self) -> Rpc {
-        self.balancers[0].rpc()
-    }
-
-    /// A client of storage node `i`, to inspect its local copies and stats.
-    pub fn node_client(&self, i: usize) -> Rpc {
-        self.nodes[i].rpc()
-    }
-
-    /// A client of every storage node, in start order.
-    pub fn node_clients(&self) -> Vec<Rpc> {
-        self.nodes.iter().map(InProcessDaemon::rpc).collect()
-    }
-
-    /// Data directory of storage node `i` (unused when in memory).
-    pub fn data_dir(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("node-{i}"))
     }
 
     /// Starts one more balancer, with the cluster's N/R/W/timeout, over `servers` exactly as

@@ -397,16 +397,6 @@ impl Daemon {
         daemon
     }
 
-    /// The port it listens on.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `127.0.0.1:PORT`.
-    pub fn addr(&self) -> String {
-        addr(self.port)
-    }
-
     /// Its process id, while it runs.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("daemon is not running").id()
@@ -418,11 +408,6 @@ impl Daemon {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
         }
-    }
-
-    /// A fresh XML-RPC client to it.
-    pub fn rpc(&self) -> Rpc {
-        Rpc::new(self.port)
     }
 
     /// SIGKILL, then reap: a crash, not a shutdown.
@@ -570,6 +555,89 @@ pub fn peer_args(servers: &[String], i: usize) -> Vec<String> {
         .filter(|&(j, _)| j != i)
         .flat_map(|(_, peer)| ["-s".to_owned(), peer.clone()])
         .collect()
+}
+
+/// What a daemon of either harness offers a test: where it listens, and a client.
+pub trait Listening {
+    /// The port it listens on.
+    fn port(&self) -> u16;
+
+    /// `127.0.0.1:PORT`.
+    fn addr(&self) -> String {
+        addr(self.port())
+    }
+
+    /// A fresh XML-RPC client to it.
+    fn rpc(&self) -> Rpc {
+        Rpc::new(self.port())
+    }
+}
+
+impl Listening for Daemon {
+    fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// What a cluster of either harness (real processes, or [`InProcessCluster`]) offers a test,
+/// written once over its daemons.
+pub trait Daemons {
+    type Daemon: Listening;
+    fn node_daemons(&self) -> &[Self::Daemon];
+    fn balancer_daemons(&self) -> &[Self::Daemon];
+    /// The temporary directory holding the data dirs (and logs).
+    fn dir(&self) -> &Path;
+
+    /// The storage nodes' ports, in start order.
+    fn node_ports(&self) -> Vec<u16> {
+        self.node_daemons().iter().map(Listening::port).collect()
+    }
+
+    /// The storage nodes' `HOST:PORT`, in start order, as the balancers are given them.
+    fn servers(&self) -> Vec<String> {
+        self.node_daemons().iter().map(Listening::addr).collect()
+    }
+
+    /// Port of balancer `i`.
+    fn balancer_port(&self, i: usize) -> u16 {
+        self.balancer_daemons()[i].port()
+    }
+
+    /// A client of the first balancer.
+    fn client(&self) -> Rpc {
+        self.balancer_daemons()[0].rpc()
+    }
+
+    /// A client of storage node `i`, to inspect its local copies and stats.
+    fn node_client(&self, i: usize) -> Rpc {
+        self.node_daemons()[i].rpc()
+    }
+
+    /// A client of every storage node, in start order.
+    fn node_clients(&self) -> Vec<Rpc> {
+        self.node_daemons().iter().map(Listening::rpc).collect()
+    }
+
+    /// Data directory of storage node `i` (unused when in memory).
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir().join(format!("node-{i}"))
+    }
+}
+
+impl Daemons for Cluster {
+    type Daemon = Daemon;
+
+    fn node_daemons(&self) -> &[Daemon] {
+        &self.nodes
+    }
+
+    fn balancer_daemons(&self) -> &[Daemon] {
+        &self.balancers
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
 }
 
 impl Drop for Daemon {
@@ -770,41 +838,6 @@ impl Cluster {
             balancer_args: Vec::new(),
             node_args: Vec::new(),
         }
-    }
-
-    /// The temporary directory holding data dirs and logs.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// The storage nodes' ports, in start order.
-    pub fn node_ports(&self) -> Vec<u16> {
-        self.nodes.iter().map(Daemon::port).collect()
-    }
-
-    /// The storage nodes' `HOST:PORT`, in start order, as given to `-s`.
-    pub fn servers(&self) -> Vec<String> {
-        self.nodes.iter().map(Daemon::addr).collect()
-    }
-
-    /// Port of balancer `i`.
-    pub fn balancer_port(&self, i: usize) -> u16 {
-        self.balancers[i].port()
-    }
-
-    /// A client of the first balancer.
-    pub fn client(&self) -> Rpc {
-        self.balancers[0].rpc()
-    }
-
-    /// A client of storage node `i`, to inspect its local copies and stats.
-    pub fn node_client(&self, i: usize) -> Rpc {
-        self.nodes[i].rpc()
-    }
-
-    /// Data directory of storage node `i` (unused when in memory).
-    pub fn data_dir(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("node-{i}"))
     }
 
     /// Starts one more balancer, with the cluster's N/R/W/timeout, over `servers` exactly as
