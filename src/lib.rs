@@ -27,6 +27,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod layout;
 pub mod merkle;
 pub mod node;
 pub mod quorum;
