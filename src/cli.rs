@@ -45,9 +45,10 @@ pub struct NodeArgs {
     /// --bind's address:PORT when that is a specific address].
     #[arg(long, value_name = "HOST:PORT")]
     pub advertise: Option<String>,
-    /// Positions of each server on the ring; must match the balancers'.
-    #[arg(long, default_value_t = crate::ring::DEFAULT_VNODES)]
-    pub vnodes: usize,
+    /// Ignored: keys are placed by 256 partitions (accepted so that command lines written for
+    /// the ring of virtual nodes still start).
+    #[arg(long, value_name = "V")]
+    pub vnodes: Option<usize>,
     /// Replicas per key; must match the balancers' [default: 3, or the number of nodes if fewer].
     #[arg(short = 'N', long = "replicas")]
     pub replicas: Option<usize>,
@@ -63,8 +64,19 @@ pub struct NodeArgs {
     pub cache_mb: u64,
 }
 
+/// Says once, on stderr, that `--vnodes` no longer does anything.
+fn warn_vnodes(vnodes: Option<usize>) {
+    if vnodes.is_some() {
+        eprintln!(
+            "warning: --vnodes is ignored: keys are placed by {} partitions (see docs/architecture.md, Layout)",
+            crate::layout::PARTITIONS
+        );
+    }
+}
+
 impl NodeArgs {
     pub fn into_config(self) -> Result<NodeConfig, ConfigError> {
+        warn_vnodes(self.vnodes);
         let mut peers = Vec::with_capacity(self.servers.len());
         for server in &self.servers {
             peers.push(validate_address(server)?);
@@ -89,12 +101,7 @@ impl NodeArgs {
         let ring = if peers.is_empty() {
             None
         } else {
-            Some(NodeRing::new(
-                advertise,
-                &peers,
-                self.vnodes,
-                self.replicas,
-            )?)
+            Some(NodeRing::new(advertise, &peers, self.replicas)?)
         };
         let storage = if self.in_memory {
             StorageConfig::InMemory
@@ -169,9 +176,10 @@ pub struct BalancerArgs {
     /// How long one replica may take before it counts as failed.
     #[arg(long, default_value_t = 1000)]
     pub timeout_ms: u64,
-    /// Positions of each server on the ring.
-    #[arg(long, default_value_t = crate::ring::DEFAULT_VNODES)]
-    pub vnodes: usize,
+    /// Ignored: keys are placed by 256 partitions (accepted so that command lines written for
+    /// the ring of virtual nodes still start).
+    #[arg(long, value_name = "V")]
+    pub vnodes: Option<usize>,
     /// Largest HTTP body accepted; larger ones get HTTP 413.
     #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
@@ -182,6 +190,7 @@ pub struct BalancerArgs {
 
 impl BalancerArgs {
     pub fn into_config(self) -> Result<BalancerConfig, ConfigError> {
+        warn_vnodes(self.vnodes);
         BalancerConfig::from_flags(BalancerFlags {
             bind: self.bind,
             port: self.port,
@@ -190,7 +199,6 @@ impl BalancerArgs {
             read_quorum: self.read_quorum,
             write_quorum: self.write_quorum,
             timeout_ms: self.timeout_ms,
-            vnodes: self.vnodes,
             max_request_bytes: self.max_request_bytes,
             tombstone_grace_ms: self.tombstone_grace_ms,
         })

@@ -30,7 +30,7 @@ pub struct NodeConfig {
     pub cache_bytes: u64,
 }
 
-/// The ring as a storage node sees it: itself and its `-s` peers, placed exactly as the
+/// The layout as a storage node sees it: itself and its `-s` peers, placed exactly as the
 /// balancers place them, so it knows which keys it shares with which peer.
 #[derive(Debug, Clone)]
 pub struct NodeRing {
@@ -38,17 +38,11 @@ pub struct NodeRing {
     pub me: String,
     /// Every storage node, this one included, deduplicated and sorted.
     pub servers: Vec<String>,
-    pub vnodes: usize,
     pub replicas: usize,
 }
 
 impl NodeRing {
-    pub fn new(
-        me: String,
-        peers: &[String],
-        vnodes: usize,
-        replicas: Option<usize>,
-    ) -> Result<Self, ConfigError> {
+    pub fn new(me: String, peers: &[String], replicas: Option<usize>) -> Result<Self, ConfigError> {
         let mut servers: Vec<String> = peers.to_vec();
         servers.push(me.clone());
         servers.sort();
@@ -60,13 +54,9 @@ impl NodeRing {
                 servers.len()
             )));
         }
-        if vnodes == 0 || vnodes > 65_536 {
-            return Err(ConfigError("--vnodes must be 1..=65536".into()));
-        }
         Ok(NodeRing {
             me,
             servers,
-            vnodes,
             replicas,
         })
     }
@@ -82,7 +72,6 @@ pub struct BalancerConfig {
     pub write_quorum: usize,
     /// How long one replica may take before it counts as failed.
     pub replica_timeout: Duration,
-    pub vnodes: usize,
     pub max_request_bytes: usize,
     /// How long a deleted key's tombstones stay after every replica has them.
     pub tombstone_grace: Duration,
@@ -103,7 +92,6 @@ pub struct BalancerFlags {
     pub read_quorum: Option<usize>,
     pub write_quorum: Option<usize>,
     pub timeout_ms: u64,
-    pub vnodes: usize,
     pub max_request_bytes: usize,
     pub tombstone_grace_ms: u64,
 }
@@ -141,9 +129,6 @@ impl BalancerConfig {
         if flags.timeout_ms == 0 {
             return Err(ConfigError("--timeout-ms must be at least 1".into()));
         }
-        if flags.vnodes == 0 || flags.vnodes > 65_536 {
-            return Err(ConfigError("--vnodes must be 1..=65536".into()));
-        }
         if flags.max_request_bytes < 1024 {
             return Err(ConfigError(
                 "--max-request-bytes must be at least 1024".into(),
@@ -156,7 +141,6 @@ impl BalancerConfig {
             read_quorum,
             write_quorum,
             replica_timeout: Duration::from_millis(flags.timeout_ms),
-            vnodes: flags.vnodes,
             max_request_bytes: flags.max_request_bytes,
             tombstone_grace: Duration::from_millis(flags.tombstone_grace_ms),
         })
@@ -164,7 +148,7 @@ impl BalancerConfig {
 }
 
 /// Checks that a server address is `host:port` with a port, and normalises nothing else:
-/// the ring hashes the address text, so every daemon must be given the same spelling.
+/// the layout hashes the address text, so every daemon must be given the same spelling.
 pub fn validate_address(address: &str) -> Result<String, ConfigError> {
     let Some((host, port)) = address.rsplit_once(':') else {
         return Err(ConfigError(format!(
@@ -192,7 +176,6 @@ mod tests {
             read_quorum: None,
             write_quorum: None,
             timeout_ms: 1000,
-            vnodes: 256,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             tombstone_grace_ms: 10_000,
         }

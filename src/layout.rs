@@ -309,8 +309,14 @@ mod tests {
         let b = Layout::new(&["d:1", "c:1", "a:1", "b:1", "a:1"], 3);
         assert_eq!(a, b);
         assert_eq!(a.fingerprint(), b.fingerprint());
-        assert_ne!(a.fingerprint(), Layout::new(&["a:1", "b:1", "c:1"], 3).fingerprint());
-        assert_ne!(a.fingerprint(), Layout::new(&["a:1", "b:1", "c:1", "d:1"], 2).fingerprint());
+        assert_ne!(
+            a.fingerprint(),
+            Layout::new(&["a:1", "b:1", "c:1"], 3).fingerprint()
+        );
+        assert_ne!(
+            a.fingerprint(),
+            Layout::new(&["a:1", "b:1", "c:1", "d:1"], 2).fingerprint()
+        );
     }
 
     #[test]
@@ -372,7 +378,10 @@ mod tests {
                 "{count} -> {} servers, N={n}: {joined} of {total} moved, ideal {ideal:.0}",
                 count + 1
             );
-            assert!(joined as f64 >= ideal * 0.75, "{joined} moved, ideal {ideal:.0}");
+            assert!(
+                joined as f64 >= ideal * 0.75,
+                "{joined} moved, ideal {ideal:.0}"
+            );
             let left = moved(&after, &before);
             assert!(left as f64 <= ideal * 1.25, "leaving: {left} moved");
         }
@@ -399,10 +408,7 @@ mod tests {
             first[layout.partition_walk(partition).next().expect("a server")] += 1;
         }
         let fair = PARTITIONS as f64 / 5.0;
-        assert!(
-            first.iter().all(|&c| (c as f64) < fair * 1.5),
-            "{first:?}"
-        );
+        assert!(first.iter().all(|&c| (c as f64) < fair * 1.5), "{first:?}");
     }
 
     proptest! {

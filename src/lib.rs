@@ -32,7 +32,6 @@ pub mod merkle;
 pub mod node;
 pub mod quorum;
 pub mod random;
-pub mod ring;
 pub mod rpc;
 pub mod runtime;
 pub mod shutdown;

@@ -131,19 +131,17 @@ fn a_node_on_another_ring_is_refused_and_the_others_go_on() {
     let dir = tempfile::tempdir().expect("temp dir");
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let servers: Vec<String> = ports.iter().map(|&port| addr(port)).collect();
-    // Node 2 places the servers at 64 positions each; everyone else at the default 256.
+    // Node 2 keeps two replicas of each key (its own layout); everyone else three.
     let nodes: Vec<Daemon> = (0..3)
         .map(|i| {
-            let mut args: Vec<String> = ["--in-memory", "-N", "3", "--aae-interval-ms", "200"]
+            let n = if i == 2 { "2" } else { "3" };
+            let mut args: Vec<String> = ["--in-memory", "-N", n, "--aae-interval-ms", "200"]
                 .map(str::to_owned)
                 .to_vec();
             for (j, peer) in servers.iter().enumerate() {
                 if j != i {
                     args.extend(["-s".to_owned(), peer.clone()]);
                 }
-            }
-            if i == 2 {
-                args.extend(["--vnodes".to_owned(), "64".to_owned()]);
             }
             Daemon::storage_node(dir.path(), &format!("node-{i}"), ports[i], &args)
         })

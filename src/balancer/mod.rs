@@ -1,6 +1,6 @@
 //! The load balancer: Dynamo's request coordinator.
 //!
-//! It owns the ring and nothing else: no data, no state that must survive it, so any number of
+//! It owns the layout and nothing else: no data, no state that must survive it, so any number of
 //! balancers run side by side over the same nodes. For each request it computes the key's
 //! replicas (the preference list, with down nodes replaced by fallbacks: [`targets`], fed by
 //! the failure detector in `health`) and drives them:
@@ -46,7 +46,7 @@ use tokio::sync::oneshot;
 use crate::clock::micros;
 use crate::config::BalancerConfig;
 use crate::error::{Error, QuorumKind, Result};
-use crate::ring::Ring;
+use crate::layout::Layout;
 use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::codec;
 use crate::rpc::messages::{Op, OpReply};
@@ -103,13 +103,13 @@ pub struct Balancer {
 
 struct Shared {
     config: BalancerConfig,
-    ring: Ring,
-    /// The ring's servers, as the coordinator's machines name them.
+    layout: Layout,
+    /// The layout's servers, as the coordinator's machines name them.
     servers: Servers,
-    /// The ring's fingerprint with N, as storage nodes with peers report theirs.
+    /// The layout's fingerprint (with N), as storage nodes with peers report theirs.
     fingerprint: String,
     client: RpcClient,
-    /// One batching queue per storage node, indexed like `ring.servers()`.
+    /// One batching queue per storage node, indexed like `layout.servers()`.
     nodes: Vec<NodeQueue>,
     health: Health,
     metrics: BalancerMetrics,
@@ -120,21 +120,21 @@ struct Shared {
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
-        let ring = Ring::new(&config.servers, config.vnodes);
-        let health = Health::new(ring.servers());
-        let fingerprint = ring.fingerprint_with_replicas(config.replicas);
+        let layout = Layout::new(&config.servers, config.replicas);
+        let health = Health::new(layout.servers());
+        let fingerprint = layout.fingerprint();
         let client = RpcClient::new();
-        let nodes = ring
+        let nodes = layout
             .servers()
             .iter()
             .map(|address| NodeQueue::new(address.clone(), client.clone(), config.replica_timeout))
             .collect();
-        let servers = Servers(ring.servers().to_vec().into());
+        let servers = Servers(layout.servers().to_vec().into());
         Balancer {
             shared: Arc::new(Shared {
                 config,
                 fingerprint,
-                ring,
+                layout,
                 servers,
                 client,
                 nodes,
@@ -149,14 +149,14 @@ impl Balancer {
     /// [`targets::plan`]), as the failure detector sees the nodes now.
     fn plan(&self, key: &str, needed: usize) -> Plan {
         let shared = &self.shared;
-        let walk: Vec<usize> = shared.ring.walk(key.as_bytes()).collect();
+        let walk: Vec<usize> = shared.layout.walk(key.as_bytes()).collect();
         targets::plan(&walk, shared.config.replicas, needed, |server| {
             shared.health.is_up(server)
         })
     }
 
     fn address(&self, server: usize) -> &str {
-        &self.shared.ring.servers()[server]
+        &self.shared.layout.servers()[server]
     }
 
     /// One operation on one replica, bounded by the replica timeout; records the outcome in
@@ -300,7 +300,7 @@ impl Balancer {
     async fn measure_clocks(&self) {
         let shared = &self.shared;
         let probes = shared
-            .ring
+            .layout
             .servers()
             .iter()
             .map(|address| shared.client.probe(address, MEASURE_TIMEOUT));
@@ -488,7 +488,7 @@ impl Balancer {
     fn stats(&self) -> Value {
         let shared = &self.shared;
         let servers = shared
-            .ring
+            .layout
             .servers()
             .iter()
             .enumerate()
@@ -531,7 +531,7 @@ impl Balancer {
                 ("N".to_string(), int(config.replicas)),
                 ("R".to_string(), int(config.read_quorum)),
                 ("W".to_string(), int(config.write_quorum)),
-                ("vnodes".to_string(), int(config.vnodes)),
+                ("partitions".to_string(), int(crate::layout::PARTITIONS)),
                 (
                     "timeout_ms".to_string(),
                     int(config.replica_timeout.as_millis() as usize),

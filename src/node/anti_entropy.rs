@@ -2,8 +2,8 @@
 //!
 //! Read repair mends what is read and hinted handoff mends short outages; anything else that
 //! drifts (a hint lost with its holder, a wiped disk, a node down for days) is found here, as
-//! in Dynamo §4.7. A node with `-s` peers builds the same ring the balancers build (the peers
-//! and itself, `--vnodes`, `-N`), so it knows, for every key it stores, which peers replicate
+//! in Dynamo §4.7. A node with `-s` peers builds the same layout the balancers build (the
+//! peers and itself, `-N`), so it knows, for every key it stores, which peers replicate
 //! it too. For each peer it keeps a [`merkle::Tree`] over exactly the keys the two share,
 //! updated in place on every write, and periodically compares it with the peer's tree for it,
 //! top down: one hash when in sync, and only the differing leaves' key lists otherwise. Keys
@@ -11,8 +11,9 @@
 //! on each side (tombstones included, so a delete is never undone), so one exchange repairs
 //! both replicas.
 //!
-//! Both ends check that they share a ring: an exchange between nodes configured with
-//! different rings is refused with a clear error rather than "repairing" keys into the wrong
+//! Both ends check that they share a layout (its fingerprint, still called `ring` on the wire
+//! and in `stats()`): an exchange between nodes configured with different layouts is refused
+//! with a clear error rather than "repairing" keys into the wrong
 //! places. The cost per round is bounded by `--aae-max-keys`.
 //!
 //! The trees live in memory (16 bytes × 4369 nodes per peer) and are rebuilt from a scan of
@@ -27,8 +28,8 @@ use dxr::Value;
 
 use crate::config::NodeRing;
 use crate::error::{Error, Result};
+use crate::layout::Layout;
 use crate::merkle::{self, EntryHash, LEAVES, LEVELS};
-use crate::ring::Ring;
 use crate::rpc::client::RpcClient;
 use crate::rpc::messages::{
     self, AaeQuery, AaeReply, AaeRequest, MergeManyRequest, ReadManyRequest,
@@ -64,11 +65,11 @@ pub struct Exchange {
 }
 
 pub struct AntiEntropy {
-    ring: Ring,
+    layout: Layout,
     me: usize,
     me_address: String,
     replicas: usize,
-    /// Ring fingerprint and N: what two daemons must agree on.
+    /// The layout's fingerprint (with N): what two daemons must agree on.
     fingerprint: String,
     /// One tree per server (the entry for this node stays empty).
     trees: Vec<Mutex<merkle::Tree>>,
@@ -81,16 +82,16 @@ pub struct AntiEntropy {
 
 impl AntiEntropy {
     pub fn new(config: &NodeRing, interval: Duration, max_keys: usize) -> Result<Self> {
-        let ring = Ring::new(&config.servers, config.vnodes);
-        let me = ring
+        let layout = Layout::new(&config.servers, config.replicas);
+        let me = layout
             .servers()
             .iter()
             .position(|server| *server == config.me)
-            .ok_or_else(|| Error::Internal("this node is missing from its own ring".into()))?;
-        let servers = ring.servers().len();
+            .ok_or_else(|| Error::Internal("this node is missing from its own layout".into()))?;
+        let servers = layout.servers().len();
         Ok(AntiEntropy {
-            fingerprint: ring.fingerprint_with_replicas(config.replicas),
-            ring,
+            fingerprint: layout.fingerprint(),
+            layout,
             me,
             me_address: config.me.clone(),
             replicas: config.replicas,
@@ -111,7 +112,7 @@ impl AntiEntropy {
 
     /// The peers that replicate `key` together with this node; none if it is not a replica.
     fn sharing(&self, key: &[u8]) -> Vec<usize> {
-        let preference = self.ring.preference_list(key, self.replicas);
+        let preference = self.layout.preference_list(key, self.replicas);
         if !preference.contains(&self.me) {
             return Vec::new();
         }
@@ -149,17 +150,17 @@ impl AntiEntropy {
     pub fn answer(&self, node: &StorageNode, request: AaeRequest) -> Result<AaeReply> {
         if request.ring != self.fingerprint {
             return Err(Error::invalid(format!(
-                "ring mismatch: this node has ring {}, the asking node {} (check -s, --vnodes and -N)",
+                "ring mismatch: this node has layout {}, the asking node {} (check -s and -N)",
                 self.fingerprint, request.ring
             )));
         }
         let peer = self
-            .ring
+            .layout
             .servers()
             .iter()
             .position(|server| *server == request.from)
             .filter(|&peer| peer != self.me)
-            .ok_or_else(|| Error::invalid("the asking node is not a peer on this ring"))?;
+            .ok_or_else(|| Error::invalid("the asking node is not a peer in this layout"))?;
         match request.query {
             AaeQuery::Root => Ok(AaeReply::Root(self.tree(peer).root())),
             AaeQuery::Children { level, parents } => {
@@ -227,7 +228,7 @@ impl AntiEntropy {
         peer: usize,
     ) -> Result<Exchange> {
         self.metrics.rounds.inc();
-        let address = self.ring.servers()[peer].clone();
+        let address = self.layout.servers()[peer].clone();
         let tree = self.tree(peer);
         let ask = |query: AaeQuery| {
             let request = AaeRequest {
@@ -355,7 +356,7 @@ impl AntiEntropy {
 
     /// Exchanges with every peer, once.
     pub async fn round(&self, node: &StorageNode, client: &RpcClient) {
-        for peer in 0..self.ring.servers().len() {
+        for peer in 0..self.layout.servers().len() {
             if peer == self.me {
                 continue;
             }
@@ -363,7 +364,7 @@ impl AntiEntropy {
                 Ok(exchange) if exchange != Exchange::default() => {
                     self.mismatch_reported[peer].store(false, Ordering::Relaxed);
                     tracing::info!(
-                        peer = self.ring.servers()[peer],
+                        peer = self.layout.servers()[peer],
                         pushed = exchange.pushed,
                         pulled = exchange.pulled,
                         "anti-entropy repaired keys"
@@ -374,9 +375,9 @@ impl AntiEntropy {
                     self.metrics.failures.inc();
                     let mismatch = error.to_string().contains("ring mismatch");
                     if mismatch && !self.mismatch_reported[peer].swap(true, Ordering::Relaxed) {
-                        tracing::error!(peer = self.ring.servers()[peer], %error, "anti-entropy refused");
+                        tracing::error!(peer = self.layout.servers()[peer], %error, "anti-entropy refused");
                     } else {
-                        tracing::debug!(peer = self.ring.servers()[peer], %error, "anti-entropy exchange failed");
+                        tracing::debug!(peer = self.layout.servers()[peer], %error, "anti-entropy exchange failed");
                     }
                 }
             }

@@ -1424,12 +1424,13 @@ pub fn server_state(stats: &Value, address: &str) -> (String, Option<String>) {
 }
 
 /// The addresses of `key`'s N replicas, coordinator first, as every balancer over
-/// `servers` with the default `--vnodes` places it.
+/// `servers` with N = `n` places it.
 pub fn replicas_of(servers: &[String], key: &str, n: usize) -> Vec<String> {
-    let ring = dynamite::ring::Ring::new(servers, dynamite::ring::DEFAULT_VNODES);
-    ring.preference_list(key.as_bytes(), n)
+    let layout = dynamite::layout::Layout::new(servers, n);
+    layout
+        .preference_list(key.as_bytes(), n)
         .into_iter()
-        .map(|i| ring.servers()[i].clone())
+        .map(|i| layout.servers()[i].clone())
         .collect()
 }
 
