@@ -110,6 +110,22 @@ impl AntiEntropy {
         &self.fingerprint
     }
 
+    /// Whether this node is one of `key`'s replicas in the layout.
+    pub fn replicates(&self, key: &[u8]) -> bool {
+        self.layout
+            .preference_list(key, self.replicas)
+            .contains(&self.me)
+    }
+
+    /// The addresses of `key`'s replicas in the layout.
+    pub fn replica_addresses(&self, key: &[u8]) -> Vec<String> {
+        self.layout
+            .preference_list(key, self.replicas)
+            .into_iter()
+            .map(|server| self.layout.servers()[server].clone())
+            .collect()
+    }
+
     /// The peers that replicate `key` together with this node; none if it is not a replica.
     fn sharing(&self, key: &[u8]) -> Vec<usize> {
         let preference = self.layout.preference_list(key, self.replicas);

@@ -80,6 +80,10 @@ pub async fn run(
     let syncer = tokio::spawn(sync_periodically(node.engine.clone()));
     let handoff = tokio::spawn(hints::handoff_periodically(node.clone(), RpcClient::new()));
     let anti_entropy = tokio::spawn(anti_entropy_periodically(node.clone(), RpcClient::new()));
+    let rehome = tokio::spawn(super::rehome::rehome_until_done(
+        node.clone(),
+        RpcClient::new(),
+    ));
     let limits = ServerLimits {
         max_request_bytes: config.max_request_bytes,
     };
@@ -87,6 +91,7 @@ pub async fn run(
     syncer.abort();
     handoff.abort();
     anti_entropy.abort();
+    rehome.abort();
     node.engine.sync()?;
     Ok(())
 }

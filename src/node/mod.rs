@@ -31,6 +31,7 @@ mod key_locks;
 mod lifecycle;
 mod operations;
 mod reaped;
+pub mod rehome;
 pub mod replica;
 pub mod request;
 mod row_cache;

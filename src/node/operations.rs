@@ -80,6 +80,23 @@ impl StorageNode {
         Ok(())
     }
 
+    /// Drops the node's own copy of `key` if it still holds exactly the versions `dots`
+    /// (rehoming: the copy was handed to the key's replicas); answers whether it did.
+    pub fn drop_if_unchanged(&self, key: &str, dots: &[Dot]) -> Result<bool> {
+        check_key(key)?;
+        let place = Place::own(key);
+        Ok(self
+            .write_one(place, |tx, place| {
+                let siblings = tx.siblings(place)?;
+                if !siblings.dots().eq(dots.iter().copied()) {
+                    return Ok(false);
+                }
+                *siblings = Siblings::new();
+                Ok(true)
+            })?
+            .0)
+    }
+
     /// Runs one write in a transaction of its own; answers what `stage` returned and the
     /// place's sibling set after the write.
     fn write_one<T>(

@@ -30,6 +30,10 @@ pub(super) struct NodeMetrics {
     pub(super) expired: Counter,
     /// Writes refused because they entered the cluster too far ahead of this node's clock.
     pub(super) clock_refusals: Counter,
+    /// Keys handed to their replicas and dropped here (see `rehome.rs`).
+    pub(super) rehomed: Counter,
+    /// Keys this node does not replicate still here, as the last rehoming pass left them.
+    pub(super) rehome_left: std::sync::atomic::AtomicI64,
 }
 
 impl StorageNode {
@@ -100,6 +104,18 @@ impl StorageNode {
                 "dynamite_node_expired_total",
                 "Replica operations refused unapplied because they arrived after their deadline.",
                 &m.expired,
+            ),
+            Figure::counter(
+                "rehomed",
+                "dynamite_node_rehomed_total",
+                "Keys this node no longer replicates, handed to their replicas and dropped here.",
+                &m.rehomed,
+            ),
+            Figure::gauge(
+                "rehome_left",
+                "dynamite_node_rehome_left",
+                "Keys this node does not replicate still here, after the last rehoming pass.",
+                m.rehome_left.load(Ordering::Relaxed),
             ),
             Figure::counter(
                 "clock_refusals",

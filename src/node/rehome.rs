@@ -1,0 +1,177 @@
+//! Rehoming: keys a node holds but no longer replicates are handed to their replicas, then
+//! dropped.
+//!
+//! A node's own data should hold only keys whose partition it replicates. It can hold others
+//! after the layout changed under it: its data was written under another placement (the ring
+//! of virtual nodes before partitions), or the node was restarted with another set of `-s`
+//! servers or another `-N`. Left alone, such keys are lost to readers: the balancers ask the
+//! new replicas, which never had them, and anti-entropy only compares keys two nodes share.
+//!
+//! So a node with peers walks its data once at start. Every key it no longer replicates is
+//! sent, as an ordinary merge, to each of the key's replicas; once *every one* of them has
+//! it, the node drops its own copy, and only if the copy is still the one it sent (a write
+//! that arrived meanwhile stays until the next pass). A replica that does not answer keeps
+//! the key here, and the pass is tried again later, further apart each time, until nothing is
+//! left to move. Nothing is dropped before all N replicas hold it, so a replica failing
+//! right after costs nothing that anti-entropy cannot bring back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::rpc::batch;
+use crate::rpc::client::RpcClient;
+use crate::rpc::messages::{MergeRequest, Op, OpReply};
+use crate::storage::Tree;
+use crate::version::{Dot, Siblings};
+
+use super::StorageNode;
+
+/// Keys read per page of the walk, and sent per batch to each replica.
+const PAGE_KEYS: usize = 256;
+/// How long a replica may take to accept a page of keys.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Wait before the first pass (let the cluster come up), and the first wait between passes
+/// that left keys behind; doubled each time, up to [`MAX_RETRY_AFTER`].
+const FIRST_RETRY_AFTER: Duration = Duration::from_secs(2);
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// What a pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Keys handed to all their replicas and dropped here.
+    pub moved: usize,
+    /// Keys this node does not replicate that are still here (a replica did not answer, or
+    /// the key changed while it was being sent).
+    pub left: usize,
+}
+
+/// Passes until one leaves nothing behind; returns at once for a node without peers.
+pub async fn rehome_until_done(node: Arc<StorageNode>, client: RpcClient) {
+    if node.aae.is_none() {
+        return;
+    }
+    let mut wait = FIRST_RETRY_AFTER;
+    loop {
+        tokio::time::sleep(wait).await;
+        let pass = rehome_pass(&node, &client).await;
+        if pass.moved > 0 || pass.left > 0 {
+            tracing::info!(
+                moved = pass.moved,
+                left = pass.left,
+                "handed keys this node no longer replicates to their replicas"
+            );
+        }
+        if pass.left == 0 {
+            return;
+        }
+        wait = (wait * 2).min(MAX_RETRY_AFTER);
+    }
+}
+
+/// One walk over the node's data.
+pub async fn rehome_pass(node: &Arc<StorageNode>, client: &RpcClient) -> Pass {
+    let Some(aae) = &node.aae else {
+        return Pass::default();
+    };
+    let mut pass = Pass::default();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = match node.engine.scan(Tree::Data, after.as_deref(), PAGE_KEYS) {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::error!(%error, "rehoming cannot read this node's data");
+                pass.left += 1;
+                return pass;
+            }
+        };
+        let full_page = page.len() == PAGE_KEYS;
+        after = page.last().map(|(key, _)| key.clone());
+        let strays: Vec<(String, Siblings)> = page
+            .into_iter()
+            .filter(|(key, _)| !aae.replicates(key))
+            .filter_map(|(key, bytes)| {
+                let key = String::from_utf8(key).ok()?;
+                Some((key, Siblings::decode(&bytes)?))
+            })
+            .collect();
+        if !strays.is_empty() {
+            let page_pass = hand_over(node, client, strays).await;
+            pass.moved += page_pass.moved;
+            pass.left += page_pass.left;
+        }
+        node.metrics.rehome_left.store(
+            i64::try_from(pass.left).unwrap_or(i64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if !full_page {
+            return pass;
+        }
+    }
+}
+
+/// Sends `strays` to each of their replicas, then drops the ones every replica took.
+async fn hand_over(
+    node: &Arc<StorageNode>,
+    client: &RpcClient,
+    strays: Vec<(String, Siblings)>,
+) -> Pass {
+    let Some(aae) = &node.aae else {
+        return Pass::default();
+    };
+    // Per replica address, the indexes of the strays it must take.
+    let mut by_replica: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for (index, (key, _)) in strays.iter().enumerate() {
+        for replica in aae.replica_addresses(key.as_bytes()) {
+            by_replica.entry(replica).or_default().push(index);
+        }
+    }
+    let mut taken = vec![0usize; strays.len()];
+    let mut replicas_of = vec![0usize; strays.len()];
+    for indexes in by_replica.values() {
+        for &index in indexes {
+            replicas_of[index] += 1;
+        }
+    }
+    let deadline_us = crate::clock::now_us().saturating_add(crate::clock::micros(SEND_TIMEOUT));
+    for (address, indexes) in by_replica {
+        let ops: Vec<Op> = indexes
+            .iter()
+            .map(|&index| {
+                let (key, siblings) = &strays[index];
+                Op::Merge(MergeRequest {
+                    key: key.clone(),
+                    siblings: siblings.clone(),
+                    hint_for: None,
+                })
+            })
+            .collect();
+        let sent: Vec<(&Op, u64)> = ops.iter().map(|op| (op, deadline_us)).collect();
+        match batch::send_batch(client, &address, &sent, SEND_TIMEOUT).await {
+            Ok(replies) => {
+                for (&index, reply) in indexes.iter().zip(replies) {
+                    if reply == OpReply::Merged {
+                        taken[index] += 1;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::debug!(replica = address, %error, "a replica did not take rehomed keys");
+            }
+        }
+    }
+    let mut pass = Pass::default();
+    for (index, (key, siblings)) in strays.into_iter().enumerate() {
+        let everyone = replicas_of[index] > 0 && taken[index] == replicas_of[index];
+        let dropped = everyone
+            && node
+                .drop_if_unchanged(&key, &siblings.dots().collect::<Vec<Dot>>())
+                .unwrap_or(false);
+        if dropped {
+            pass.moved += 1;
+        } else {
+            pass.left += 1;
+        }
+    }
+    node.metrics.rehomed.add(pass.moved as u64);
+    pass
+}

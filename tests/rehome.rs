@@ -1,0 +1,109 @@
+//! Keys a node no longer replicates are handed to their replicas, then dropped.
+//!
+//! A node's data can hold keys it does not replicate when the layout changed under it: data
+//! written under the ring of virtual nodes, or a cluster restarted with another set of
+//! servers. The story here is the second: four durable nodes hold 300 keys at N = 3; the
+//! cluster is restarted with a fifth node, so about a fifth of the replicas change hands.
+//! Every node hands what it no longer replicates to the key's new replicas and drops it, the
+//! new node fills up, and every key reads back, held by exactly its three replicas.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// How long the rehoming passes (and anti-entropy) may take to settle.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+const KEYS: usize = 300;
+
+/// A durable node on `port` with `peers`, its data in `dir/node-{i}`.
+fn node(dir: &std::path::Path, i: usize, port: u16, servers: &[String]) -> Daemon {
+    let data = dir.join(format!("node-{i}"));
+    let mut args = vec![
+        "--data-dir".to_owned(),
+        data.to_string_lossy().into_owned(),
+        "-N".to_owned(),
+        "3".to_owned(),
+        "--aae-interval-ms".to_owned(),
+        "500".to_owned(),
+    ];
+    args.extend(peer_args(servers, i));
+    Daemon::storage_node(dir, &format!("node-{i}"), port, &args)
+}
+
+fn balancer(dir: &std::path::Path, servers: &[String]) -> Daemon {
+    let args = ["-N", "3", "-R", "2", "-W", "2"].map(str::to_owned);
+    Daemon::load_balancer(dir, "balancer", free_port(), servers, &args)
+}
+
+/// Each node's own copy of `key`, by node.
+fn holders(nodes: &[Daemon], servers: &[String], key: &str) -> Vec<String> {
+    nodes
+        .iter()
+        .zip(servers)
+        .filter(|(node, _)| node.rpc().get(key).is_ok_and(|value| value != Value::Nil))
+        .map(|(_, address)| address.clone())
+        .collect()
+}
+
+#[test]
+fn a_fifth_node_takes_its_share_and_the_others_let_go() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let all: Vec<String> = ports.iter().map(|&port| addr(port)).collect();
+    let four = all[..4].to_vec();
+
+    let mut nodes: Vec<Daemon> = (0..4)
+        .map(|i| node(dir.path(), i, ports[i], &four))
+        .collect();
+    let lb = balancer(dir.path(), &four);
+    lb.rpc().put_keys(0..KEYS, "on four nodes");
+    wait_until(SETTLE_TIMEOUT, "every key is on its three replicas", || {
+        (0..KEYS).all(|i| holders(&nodes, &four, &key(i)).len() == 3)
+    });
+    let will_move = (0..KEYS)
+        .filter(|&i| replicas_of(&four, &key(i), 3) != replicas_of(&all, &key(i), 3))
+        .count();
+    assert!(
+        will_move > KEYS / 10,
+        "the fifth node changes the replicas of {will_move} keys"
+    );
+
+    // The cluster restarts with a fifth node.
+    drop(lb);
+    for node in &mut nodes {
+        node.kill();
+    }
+    let nodes: Vec<Daemon> = (0..5)
+        .map(|i| node(dir.path(), i, ports[i], &all))
+        .collect();
+    let lb = balancer(dir.path(), &all);
+
+    wait_until(
+        SETTLE_TIMEOUT,
+        "every key is held by exactly its replicas under the new layout",
+        || {
+            (0..KEYS).all(|i| {
+                let mut expected = replicas_of(&all, &key(i), 3);
+                expected.sort();
+                holders(&nodes, &all, &key(i)) == expected
+            })
+        },
+    );
+    let rehomed: i64 = nodes
+        .iter()
+        .map(|node| int_member(&node.rpc().stats(), "rehomed"))
+        .sum();
+    assert!(
+        rehomed > 0,
+        "the nodes that lost keys handed them over and dropped them"
+    );
+    for node in &nodes {
+        assert_eq!(int_member(&node.rpc().stats(), "rehome_left"), 0);
+    }
+    let client = lb.rpc();
+    for i in 0..KEYS {
+        assert_eq!(client.get(&key(i)), Ok(value(i)), "get {}", key(i));
+    }
+}
