@@ -22,10 +22,12 @@ pub const LEAVES: usize = FANOUT * FANOUT * FANOUT;
 /// The XOR-combinable hash of one entry.
 pub type EntryHash = u128;
 
-/// The leaf bucket a key falls in.
+/// The leaf bucket a key falls in: the top 12 bits of MD5(key), so that a leaf is a range of
+/// the key's partition (its first byte; see `crate::layout`), and a contiguous range of a
+/// node's storage (`crate::node::keys`).
 pub fn bucket(key: &[u8]) -> usize {
     let digest = md5::compute(key).0;
-    (usize::from(digest[0]) << 8 | usize::from(digest[1])) % LEAVES
+    (usize::from(digest[0]) << 4 | usize::from(digest[1]) >> 4) % LEAVES
 }
 
 /// The hash an entry contributes: MD5 over the key's length, the key and the stored bytes.

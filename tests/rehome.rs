@@ -1,4 +1,5 @@
-//! Keys a node no longer replicates are handed to their replicas, then dropped.
+//! Keys a node no longer replicates are handed to their replicas, then dropped; and a data
+//! directory from before partitions is rewritten at start (keys stored by partition).
 //!
 //! A node's data can hold keys it does not replicate when the layout changed under it: data
 //! written under the ring of virtual nodes, or a cluster restarted with another set of
@@ -106,4 +107,61 @@ fn a_fifth_node_takes_its_share_and_the_others_let_go() {
     for i in 0..KEYS {
         assert_eq!(client.get(&key(i)), Ok(value(i)), "get {}", key(i));
     }
+}
+
+/// A data directory written before keys were stored by partition (each key its own engine
+/// key) opens with its keys rewritten, once, and every value reads back: the node's own
+/// copy at once, and through a balancer.
+#[test]
+fn a_data_directory_from_before_partitions_is_converted_at_start() {
+    use dynamite::storage::{self, StorageConfig, Tree, WriteOp};
+    use dynamite::version::Siblings;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("node-0");
+    {
+        // Written as the old code wrote it: a key's sibling set under the key itself.
+        let engine = storage::open(&StorageConfig::Log { dir: data.clone() }).expect("open");
+        let writes = (0..500)
+            .map(|i| {
+                let mut siblings = Siblings::new();
+                let text = format!("<value><string>value-{i:04}</string></value>");
+                siblings.write(7, None, Some(text), 1_000_000 + i as u64);
+                WriteOp::put(Tree::Data, key(i).into_bytes(), siblings.encode())
+            })
+            .collect();
+        engine.write(writes).expect("write");
+        engine.sync().expect("sync");
+    }
+    let port = free_port();
+    let args = vec!["--data-dir".to_owned(), data.to_string_lossy().into_owned()];
+    let node = Daemon::storage_node(dir.path(), "node-0", port, &args);
+    let stats = node.rpc().stats();
+    assert_eq!(
+        int_member(&stats, "keys"),
+        500,
+        "every key counted: {stats:?}"
+    );
+    for i in [0, 250, 499] {
+        assert_eq!(node.rpc().get(&key(i)), Ok(value(i)), "{}", key(i));
+    }
+    let lb = Daemon::load_balancer(
+        dir.path(),
+        "balancer",
+        free_port(),
+        &[addr(port)],
+        &["-N".to_owned(), "1".to_owned()],
+    );
+    for i in 0..500 {
+        assert_eq!(lb.rpc().get(&key(i)), Ok(value(i)), "get {}", key(i));
+    }
+    // Opened again, nothing is left to convert, and everything is still there.
+    drop(lb);
+    let mut node = node;
+    node.restart();
+    assert_eq!(int_member(&node.rpc().stats(), "keys"), 500);
+    assert!(
+        node.logs().contains("rewrote the keys"),
+        "the first start said so"
+    );
 }

@@ -34,7 +34,6 @@ use crate::rpc::client::RpcClient;
 use crate::rpc::messages::{
     self, AaeQuery, AaeReply, AaeRequest, MergeManyRequest, ReadManyRequest,
 };
-use crate::storage::{self, Tree};
 use crate::telemetry::Counter;
 
 use super::StorageNode;
@@ -55,6 +54,9 @@ pub struct AaeMetrics {
     /// Payload bytes sent and received by exchanges this node started.
     pub bytes: Counter,
     pub failures: Counter,
+    /// Keys read from storage to list the keys of differing leaves: what exchanges cost in
+    /// reads, which follows the leaves that differ, not what the node stores.
+    pub keys_scanned: Counter,
 }
 
 /// What one exchange did.
@@ -209,17 +211,22 @@ impl AntiEntropy {
         leaves: &BTreeSet<usize>,
         max_keys: usize,
     ) -> Result<(BTreeMap<usize, Vec<(String, EntryHash)>>, Vec<usize>)> {
+        // Each leaf is a range of the node's storage (`super::keys`): read just those ranges.
         let mut by_leaf: BTreeMap<usize, Vec<(String, EntryHash)>> = BTreeMap::new();
-        storage::for_each(&**node.engine(), Tree::Data, |key, bytes| {
-            let leaf = merkle::bucket(key);
-            if !leaves.contains(&leaf) || !self.sharing(key).contains(&peer) {
-                return;
-            }
-            if let Ok(text) = std::str::from_utf8(key) {
-                let entry = (text.to_owned(), merkle::entry_hash(key, bytes));
-                by_leaf.entry(leaf).or_default().push(entry);
-            }
-        })?;
+        for &leaf in leaves {
+            let entries = by_leaf.entry(leaf).or_default();
+            let mut scanned = 0u64;
+            super::keys::scan_leaf(&**node.engine(), leaf, |key, bytes| {
+                scanned += 1;
+                if !self.sharing(key).contains(&peer) {
+                    return;
+                }
+                if let Ok(text) = std::str::from_utf8(key) {
+                    entries.push((text.to_owned(), merkle::entry_hash(key, bytes)));
+                }
+            })?;
+            self.metrics.keys_scanned.add(scanned);
+        }
         // Leaves with no keys are complete too; keep whole leaves within the bound.
         let mut complete = Vec::new();
         let mut total = 0;

@@ -43,6 +43,7 @@ impl StorageNode {
             )?),
             None => None,
         };
+        super::keys::convert(&*engine)?;
         let (live_keys, tombstone_keys) = scan_data(&*engine, aae.as_ref())?;
         let hints = count_entries(&*engine, Tree::Hints)?;
         Ok(StorageNode {
@@ -152,7 +153,10 @@ fn count_entries(engine: &dyn Engine, tree: Tree) -> Result<i64> {
 /// Counts live and tombstoned keys, and fills the anti-entropy trees, once at start.
 fn scan_data(engine: &dyn Engine, aae: Option<&AntiEntropy>) -> Result<(i64, i64)> {
     let (mut live, mut tombstoned, mut corrupt) = (0, 0, 0u64);
-    storage::for_each(engine, Tree::Data, |key, bytes| {
+    storage::for_each(engine, Tree::Data, |stored_key, bytes| {
+        let Some(key) = super::keys::user_key(stored_key) else {
+            return; // converted at open: every key has the form
+        };
         if let Some(aae) = aae {
             aae.record(key, None, Some(bytes));
         }

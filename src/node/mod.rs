@@ -28,6 +28,7 @@ pub mod anti_entropy;
 mod batch;
 pub mod hints;
 mod key_locks;
+pub mod keys;
 mod lifecycle;
 mod operations;
 mod reaped;
@@ -93,9 +94,10 @@ impl StorageNode {
 
     /// The key's own copy, for a reader that does not hold the key's lock.
     fn load(&self, key: &str) -> Result<Siblings> {
-        let stored: Option<Arc<[u8]>> = match self.cache.get(key.as_bytes()) {
+        let stored_key = keys::data_key(key.as_bytes());
+        let stored: Option<Arc<[u8]>> = match self.cache.get(&stored_key) {
             Some(bytes) => Some(bytes),
-            None => self.engine.get(Tree::Data, key.as_bytes())?.map(Arc::from),
+            None => self.engine.get(Tree::Data, &stored_key)?.map(Arc::from),
         };
         match stored {
             None => Ok(Siblings::new()),

@@ -87,11 +87,14 @@ pub async fn rehome_pass(node: &Arc<StorageNode>, client: &RpcClient) -> Pass {
         let full_page = page.len() == PAGE_KEYS;
         after = page.last().map(|(key, _)| key.clone());
         let strays: Vec<(String, Siblings)> = page
-            .into_iter()
-            .filter(|(key, _)| !aae.replicates(key))
-            .filter_map(|(key, bytes)| {
-                let key = String::from_utf8(key).ok()?;
-                Some((key, Siblings::decode(&bytes)?))
+            .iter()
+            .filter_map(|(stored, bytes)| {
+                let key = super::keys::user_key(stored)?;
+                if aae.replicates(key) {
+                    return None;
+                }
+                let key = String::from_utf8(key.to_vec()).ok()?;
+                Some((key, Siblings::decode(bytes)?))
             })
             .collect();
         if !strays.is_empty() {

@@ -170,6 +170,12 @@ impl StorageNode {
                 "Anti-entropy exchanges that failed.",
                 &m.failures,
             ),
+            Figure::counter(
+                "keys_scanned",
+                "dynamite_node_aae_keys_scanned_total",
+                "Keys read from storage to list the keys of leaves that differ from a peer's.",
+                &m.keys_scanned,
+            ),
         ]
     }
 

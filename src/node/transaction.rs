@@ -35,7 +35,7 @@ pub struct Place {
 impl Place {
     pub fn new(key: &str, hint_for: Option<&str>) -> Place {
         let storage_key = match hint_for {
-            None => key.as_bytes().to_vec(),
+            None => super::keys::data_key(key.as_bytes()),
             Some(owner) => hints::slot(owner, key),
         };
         Place {
@@ -150,7 +150,7 @@ impl<'n> Transaction<'n> {
                 counts.tombstones +=
                     i64::from(siblings.is_tombstoned()) - i64::from(was_tombstoned);
                 let new_bytes: Option<Arc<[u8]>> = value.as_deref().map(Arc::from);
-                own_changes.push((place.key.clone(), stored, new_bytes));
+                own_changes.push((place.clone(), stored, new_bytes));
             }
             writes.push(WriteOp {
                 tree: place.tree(),
@@ -164,16 +164,16 @@ impl<'n> Transaction<'n> {
         }
         if let Err(error) = node.engine.write(writes) {
             // The engine may hold some of it or none: what it holds is known no more.
-            for (key, _, _) in &own_changes {
-                node.cache.forget(key.as_bytes());
+            for (place, _, _) in &own_changes {
+                node.cache.forget(&place.storage_key);
             }
             return Err(error.into());
         }
-        for (key, old, new) in own_changes {
+        for (place, old, new) in own_changes {
             if let Some(aae) = &node.aae {
-                aae.record(key.as_bytes(), old.as_deref(), new.as_deref());
+                aae.record(place.key.as_bytes(), old.as_deref(), new.as_deref());
             }
-            node.cache.set(key.as_bytes(), new);
+            node.cache.set(&place.storage_key, new);
         }
         node.live_keys.fetch_add(counts.live, Ordering::Relaxed);
         node.tombstone_keys

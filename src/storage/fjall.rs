@@ -46,11 +46,12 @@
 //!
 //! # Keys fjall cannot store directly
 //!
-//! The protocol allows keys of 0 to 65536 bytes ([`MAX_KEY_BYTES`]); fjall takes 1 to 65535. A
+//! The engine takes keys of 0 to [`MAX_KEY_BYTES`] bytes (64 KiB and a node's 3-byte
+//! prefix); fjall takes 1 to 65535. A
 //! key is stored under a *fjall key*: itself, except that the empty key maps to `"\0"` and keys
 //! longer than 65535 bytes map to their first 65535 bytes. The map is monotone, so key order is
 //! preserved. The fjall keys that several keys share, `"\0"` (for `""` and `"\0"`) and every
-//! 65535-byte key (for itself and its 256 one-byte extensions), hold a *bucket* instead of a
+//! 65535-byte key (for itself and its extensions of up to four bytes), hold a *bucket* instead of a
 //! plain value: a small sorted list of (tail, value) entries, where the key is the bucket's
 //! base (`""` for `"\0"`, the fjall key itself otherwise) followed by the tail. A write to a
 //! bucket reads, changes and rewrites it under `bucket_lock`; every other write takes no lock

@@ -206,8 +206,9 @@ pub trait Engine: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 }
 
-/// Largest key the engine accepts in any tree: the protocol's 64 KiB.
-pub const MAX_KEY_BYTES: usize = 65536;
+/// Largest key the engine accepts in any tree: the protocol's 64 KiB, and the three bytes a
+/// node puts before a key to store it by partition (`crate::node::keys`).
+pub const MAX_KEY_BYTES: usize = 65536 + 3;
 
 /// Largest value the engine accepts: far above any request the node accepts (32 MiB by
 /// default) and safely below fjall's limit of 4 GiB per stored value (the log engine's limit
