@@ -35,6 +35,7 @@ use crate::rpc::messages::{
     self, AaeQuery, AaeReply, AaeRequest, MergeManyRequest, ReadManyRequest,
 };
 use crate::telemetry::Counter;
+use crate::version::Siblings;
 
 use super::StorageNode;
 
@@ -57,7 +58,23 @@ pub struct AaeMetrics {
     /// Keys read from storage to list the keys of differing leaves: what exchanges cost in
     /// reads, which follows the leaves that differ, not what the node stores.
     pub keys_scanned: Counter,
+    /// Differing keys left to a later round because a version was too recent to tell a
+    /// write in flight from a replica that missed it.
+    pub keys_unsettled: Counter,
 }
+
+/// A key as an exchange lists it: the key, its entry hash, and when its newest version
+/// entered the cluster (microseconds).
+type Listed = (String, EntryHash, u64);
+
+/// Listed keys, by leaf.
+type ListedByLeaf = BTreeMap<usize, Vec<Listed>>;
+
+/// How old a differing key's newest version must be before an exchange repairs it: a write
+/// still on its way to its replicas makes their trees differ for a moment, and "repairing"
+/// it would only send it twice. Its copies leave the balancer within its replica timeout
+/// (1 s by default).
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// What one exchange did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -201,18 +218,17 @@ impl AntiEntropy {
         }
     }
 
-    /// The keys this node shares with `peer` in `leaves`, with their entry hashes, grouped by
-    /// leaf; whole leaves only, as many as fit in `max_keys` (at least one).
-    #[allow(clippy::type_complexity)]
+    /// The keys this node shares with `peer` in `leaves`, grouped by leaf; whole leaves only,
+    /// as many as fit in `max_keys` (at least one).
     fn list_keys(
         &self,
         node: &StorageNode,
         peer: usize,
         leaves: &BTreeSet<usize>,
         max_keys: usize,
-    ) -> Result<(BTreeMap<usize, Vec<(String, EntryHash)>>, Vec<usize>)> {
+    ) -> Result<(ListedByLeaf, Vec<usize>)> {
         // Each leaf is a range of the node's storage (`super::keys`): read just those ranges.
-        let mut by_leaf: BTreeMap<usize, Vec<(String, EntryHash)>> = BTreeMap::new();
+        let mut by_leaf = ListedByLeaf::new();
         for &leaf in leaves {
             let entries = by_leaf.entry(leaf).or_default();
             let mut scanned = 0u64;
@@ -222,7 +238,8 @@ impl AntiEntropy {
                     return;
                 }
                 if let Ok(text) = std::str::from_utf8(key) {
-                    entries.push((text.to_owned(), merkle::entry_hash(key, bytes)));
+                    let newest_us = Siblings::decode(bytes).map_or(0, |s| s.newest_timestamp_us());
+                    entries.push((text.to_owned(), merkle::entry_hash(key, bytes), newest_us));
                 }
             })?;
             self.metrics.keys_scanned.add(scanned);
@@ -292,22 +309,44 @@ impl AntiEntropy {
             return Err(Error::Internal("peer answered another question".into()));
         };
         let complete: BTreeSet<usize> = complete_leaves.into_iter().collect();
-        let theirs: BTreeMap<String, EntryHash> = entries.into_iter().collect();
+        let by_key = |entries: Vec<Listed>| -> BTreeMap<String, (EntryHash, u64)> {
+            entries
+                .into_iter()
+                .map(|(key, hash, newest_us)| (key, (hash, newest_us)))
+                .collect()
+        };
+        let theirs = by_key(entries);
         let (ours, _) = super::walk_store(|| self.list_keys(node, peer, &complete, usize::MAX))?;
-        let ours: BTreeMap<String, EntryHash> = ours.into_values().flatten().collect();
+        let ours = by_key(ours.into_values().flatten().collect());
 
+        // A key whose newest version entered the cluster less than SETTLE ago may only be a
+        // write still on its way to one of the two: leave it to a later round.
+        let settled_before = crate::clock::now_us().saturating_sub(crate::clock::micros(SETTLE));
+        let mut unsettled = 0u64;
+        let mut settled = |a: u64, b: u64| {
+            let settled = a.max(b) <= settled_before;
+            unsettled += u64::from(!settled);
+            settled
+        };
+        let newest = |entry: Option<&(EntryHash, u64)>| entry.map_or(0, |&(_, newest)| newest);
         let mut push: Vec<String> = ours
             .iter()
-            .filter(|(k, h)| theirs.get(*k) != Some(h))
+            .filter(|(k, (h, t))| {
+                theirs.get(*k).map(|&(hash, _)| hash) != Some(*h)
+                    && settled(*t, newest(theirs.get(*k)))
+            })
             .map(|(k, _)| k.clone())
             .collect();
         let mut pull: Vec<String> = theirs
             .iter()
-            .filter(|(k, h)| {
-                ours.get(*k) != Some(h) && complete.contains(&merkle::bucket(k.as_bytes()))
+            .filter(|(k, (h, t))| {
+                ours.get(*k).map(|&(hash, _)| hash) != Some(*h)
+                    && complete.contains(&merkle::bucket(k.as_bytes()))
+                    && settled(*t, newest(ours.get(*k)))
             })
             .map(|(k, _)| k.clone())
             .collect();
+        self.metrics.keys_unsettled.add(unsettled);
         // When the bound bites, start at a varying place, so that two peers repairing the same
         // node do not both send it the same first keys.
         let start = usize::try_from(crate::clock::now_ms()).unwrap_or(0);

@@ -171,6 +171,12 @@ impl StorageNode {
                 &m.failures,
             ),
             Figure::counter(
+                "keys_unsettled",
+                "dynamite_node_aae_keys_unsettled_total",
+                "Differing keys left to a later round: a version too recent to tell from a write in flight.",
+                &m.keys_unsettled,
+            ),
+            Figure::counter(
                 "keys_scanned",
                 "dynamite_node_aae_keys_scanned_total",
                 "Keys read from storage to list the keys of leaves that differ from a peer's.",

@@ -151,8 +151,10 @@ pub enum AaeReply {
     Children(Vec<u128>),
     /// Keys with their entry hashes, and the leaves they cover completely (a bounded answer
     /// may stop early; the asker compares only within complete leaves).
+    /// Each entry: the key, its entry hash, and when its newest version entered the cluster
+    /// (microseconds), so that a difference made by a write still in flight is left alone.
     Keys {
-        entries: Vec<(String, u128)>,
+        entries: Vec<(String, u128, u64)>,
         complete_leaves: Vec<usize>,
     },
 }
