@@ -360,6 +360,9 @@ impl AntiEntropy {
         pull.truncate(self.max_keys.saturating_sub(push.len()).max(1));
 
         for chunk in push.chunks(BATCH_KEYS) {
+            // Requests first: a repair of many keys goes a chunk at a time, and lets the
+            // worker's other tasks run between chunks.
+            tokio::task::yield_now().await;
             let entries = chunk
                 .iter()
                 .map(|key| Ok((key.clone(), node.read_own(key)?)))
@@ -379,6 +382,7 @@ impl AntiEntropy {
             self.metrics.keys_pushed.add(chunk.len() as u64);
         }
         for chunk in pull.chunks(BATCH_KEYS) {
+            tokio::task::yield_now().await;
             let request = ReadManyRequest {
                 keys: chunk.to_vec(),
             };
