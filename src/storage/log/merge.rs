@@ -338,8 +338,9 @@ impl Log {
                     expected = len,
                     found = found.len,
                     damaged = ?found.unheld,
-                    "a segment this node sealed does not read back whole; it gets no hint file, \
-                     and the next start will replay it and find the damage"
+                    "a sealed segment does not read back whole (damaged since it was written, \
+                     or damage passed over at open with --salvage); it gets no hint file, and \
+                     the next start replays it"
                 );
             }
             if let Some(segment) = self.write_index().segments.get_mut(&id) {
