@@ -9,7 +9,7 @@ use crate::config::{
     BalancerConfig, BalancerFlags, ConfigError, DEFAULT_MAX_REQUEST_BYTES, NodeConfig, NodeRing,
     validate_address,
 };
-use crate::storage::StorageConfig;
+use crate::storage::{Recovery, StorageConfig};
 
 /// A Dynamite storage node: stores versioned values for the load balancers.
 #[derive(Debug, Parser)]
@@ -35,6 +35,12 @@ pub struct NodeArgs {
     /// the directory, `log` for a new one].
     #[arg(long, value_enum, conflicts_with = "in_memory")]
     pub engine: Option<EngineChoice>,
+    /// Start even though stored records are damaged (log engine): skip the damaged records
+    /// (logged, counted in stats() and /metrics as salvaged_records), keep every other, and
+    /// let anti-entropy and read repair refill what they held from peers. Without it a node
+    /// refuses to start over damage, naming the file and the offset.
+    #[arg(long, conflicts_with = "in_memory")]
+    pub salvage: bool,
     /// Do not print a line per request.
     #[arg(long)]
     pub quiet: bool,
@@ -116,9 +122,24 @@ impl NodeArgs {
                     EngineChoice::Log
                 }
             });
-            match engine {
-                EngineChoice::Fjall => StorageConfig::Fjall { dir },
-                EngineChoice::Log => StorageConfig::Log { dir },
+            match (engine, self.salvage) {
+                (EngineChoice::Fjall, true) => {
+                    return Err(ConfigError(format!(
+                        "--salvage applies to the log engine only, and {} is opened with \
+                         fjall, which recovers its journal itself at start and cannot skip a \
+                         damaged record and keep the rest: --salvage would change nothing",
+                        dir.display()
+                    )));
+                }
+                (EngineChoice::Fjall, false) => StorageConfig::Fjall { dir },
+                (EngineChoice::Log, salvage) => StorageConfig::Log {
+                    dir,
+                    recovery: if salvage {
+                        Recovery::Salvage
+                    } else {
+                        Recovery::Refuse
+                    },
+                },
             }
         };
         Ok(NodeConfig {
@@ -232,7 +253,7 @@ mod tests {
         assert_eq!(config.listen.port(), 20050);
         assert!(matches!(
             config.storage,
-            StorageConfig::Log { ref dir } | StorageConfig::Fjall { ref dir }
+            StorageConfig::Log { ref dir, .. } | StorageConfig::Fjall { ref dir }
                 if dir.ends_with("node-20050")
         ));
     }
@@ -252,15 +273,37 @@ mod tests {
             node.into_config().expect("valid").storage
         };
         let dir = PathBuf::from("/nonexistent/d");
-        assert_eq!(parse(&[]), StorageConfig::Log { dir: dir.clone() });
+        let log = |recovery| StorageConfig::Log {
+            dir: dir.clone(),
+            recovery,
+        };
+        assert_eq!(parse(&[]), log(Recovery::Refuse));
         assert_eq!(
             parse(&["--engine", "fjall"]),
             StorageConfig::Fjall { dir: dir.clone() }
         );
-        assert_eq!(parse(&["--engine", "log"]), StorageConfig::Log { dir });
+        assert_eq!(parse(&["--engine", "log"]), log(Recovery::Refuse));
+        assert_eq!(parse(&["--salvage"]), log(Recovery::Salvage));
         assert!(
             NodeArgs::try_parse_from(["storage_node", "--in-memory", "--engine", "log"]).is_err()
         );
+    }
+
+    /// `--salvage` is the log engine's: with fjall it is refused (fjall recovers on its
+    /// own and cannot skip a record), with --in-memory it is a usage error.
+    #[test]
+    fn salvage_is_for_the_log_engine_only() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["storage_node", "--data-dir", "/nonexistent/d", "--salvage"];
+            args.extend_from_slice(extra);
+            NodeArgs::try_parse_from(args).map(|node| node.into_config())
+        };
+        let refused = parse(&["--engine", "fjall"]).expect("parses");
+        assert!(
+            matches!(&refused, Err(ConfigError(reason)) if reason.contains("--salvage") && reason.contains("fjall")),
+            "{refused:?}"
+        );
+        assert!(NodeArgs::try_parse_from(["storage_node", "--in-memory", "--salvage"]).is_err());
     }
 
     #[test]

@@ -285,21 +285,21 @@ fn a_node_that_lost_its_data_is_repaired_by_reads() {
 }
 
 /// Anti-entropy costs what differs, not what is stored. Replicas in sync exchange hashes
-/// and read no key at all, round after round; a node that missed 500 writes while it was down
-/// gets exactly those back, and the exchanges read only the keys of the leaves those writes
-/// fall in, not every key stored, every round, for every peer.
+/// and read no key at all, round after round; a node that missed 1,000 of 100,000 writes
+/// while it was down gets exactly those back, and the exchanges read only the keys of the
+/// leaves those writes fall in, not every key stored, every round, for every peer.
 #[test]
 fn anti_entropy_reads_only_the_leaves_that_differ() {
-    const STORED: usize = 4_000;
-    const MISSED: usize = 500;
+    const STORED: usize = 99_000;
+    const MISSED: usize = 1_000;
     let mut cluster = InProcessCluster::builder()
         .nodes(3)
         .replicas(3)
         .write_quorum(2)
         .aae_interval_ms(200)
         .start();
-    let lb = cluster.client();
-    lb.put_keys(0..STORED, "before");
+    let lb_port = cluster.balancer_port(0);
+    put_in_parallel(lb_port, 0..STORED);
     let scanned = |cluster: &InProcessCluster| -> Vec<i64> {
         cluster
             .node_clients()
@@ -315,7 +315,7 @@ fn anti_entropy_reads_only_the_leaves_that_differ() {
             .collect()
     };
     // Settled: every node holds every key, and a round on each found its trees equal.
-    wait_until(Duration::from_secs(30), "the replicas are in sync", || {
+    wait_until(Duration::from_secs(60), "the replicas are in sync", || {
         cluster
             .node_clients()
             .iter()
@@ -331,15 +331,16 @@ fn anti_entropy_reads_only_the_leaves_that_differ() {
     });
     assert_eq!(scanned(&cluster), before, "rounds in sync read no keys");
 
-    // Node 2 misses 500 writes, then comes back.
+    // Node 2 misses 1,000 writes, then comes back once they are older than the settle time
+    // (2 s; before it, a round leaves a difference alone as a possible write in flight, and
+    // reads its leaves again at the next round).
     cluster.nodes[2].stop();
-    for i in STORED..STORED + MISSED {
-        assert_eq!(lb.put(&key(i), value(i)), ok200(), "put {}", key(i));
-    }
+    put_in_parallel(lb_port, STORED..STORED + MISSED);
+    std::thread::sleep(Duration::from_millis(2_500));
     cluster.nodes[2].start();
     let node2 = cluster.node_client(2);
     wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "node 2 got the writes it missed",
         || int_member(&node2.stats(), "keys") == (STORED + MISSED) as i64,
     );
@@ -368,12 +369,40 @@ fn anti_entropy_reads_only_the_leaves_that_differ() {
         .zip(&before)
         .map(|(now, then)| now - then)
         .sum();
-    eprintln!("anti-entropy moved {repaired} keys and read {read} from storage to repair {MISSED}");
-    // 500 keys fall in about 470 of 4096 leaves, which hold about a ninth of the keys: a
-    // repair reads those leaves on each side, a few times over while the exchanges settle;
-    // walking everything would read 4,500 keys per exchange.
-    assert!(
-        read < 4 * (STORED + MISSED) as i64,
-        "the repair read {read} keys from storage"
+    // What one side of one exchange reads: every key of the leaves a missed key falls in.
+    let leaves: std::collections::HashSet<usize> = (STORED..STORED + MISSED)
+        .map(|i| dynamite::merkle::bucket(key(i).as_bytes()))
+        .collect();
+    let in_leaves = (0..STORED + MISSED)
+        .filter(|&i| leaves.contains(&dynamite::merkle::bucket(key(i).as_bytes())))
+        .count() as i64;
+    eprintln!(
+        "anti-entropy moved {repaired} keys and read {read} from storage to repair {MISSED}; \
+         their {} leaves hold {in_leaves} keys",
+        leaves.len()
     );
+    // Node 2 exchanges with both peers and they with it: each exchange that repairs reads
+    // those leaves on both sides. A walk of everything would read 200,000 keys per exchange.
+    assert!(
+        read <= 8 * in_leaves,
+        "the repair read {read} keys from storage, over 8 times the {in_leaves} keys of the \
+         leaves that differ"
+    );
+}
+
+/// Puts `key(i) = value(i)` for every i of `keys` through the daemon on `port`, from eight
+/// threads with a connection each.
+fn put_in_parallel(port: u16, keys: std::ops::Range<usize>) {
+    const THREADS: usize = 8;
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let keys = keys.clone();
+            scope.spawn(move || {
+                let rpc = Rpc::new(port);
+                for i in keys.skip(t).step_by(THREADS) {
+                    assert_eq!(rpc.put(&key(i), value(i)), ok200(), "put {}", key(i));
+                }
+            });
+        }
+    });
 }

@@ -121,7 +121,11 @@ fn a_data_directory_from_before_partitions_is_converted_at_start() {
     let data = dir.path().join("node-0");
     {
         // Written as the old code wrote it: a key's sibling set under the key itself.
-        let engine = storage::open(&StorageConfig::Log { dir: data.clone() }).expect("open");
+        let engine = storage::open(&StorageConfig::Log {
+            dir: data.clone(),
+            recovery: storage::Recovery::Refuse,
+        })
+        .expect("open");
         let writes = (0..500)
             .map(|i| {
                 let mut siblings = Siblings::new();

@@ -76,6 +76,18 @@ impl StorageNode {
                 self.corrupt_hints.load(Ordering::Relaxed),
             ),
             Figure::gauge(
+                "salvaged_records",
+                "dynamite_node_salvaged_records",
+                "Damaged records skipped at start under --salvage; peers refill what they held.",
+                i64::try_from(self.engine.salvaged().records).unwrap_or(i64::MAX),
+            ),
+            Figure::gauge(
+                "salvaged_bytes",
+                "dynamite_node_salvaged_bytes",
+                "Bytes of the damaged records skipped at start under --salvage.",
+                i64::try_from(self.engine.salvaged().bytes).unwrap_or(i64::MAX),
+            ),
+            Figure::gauge(
                 "cache_bytes",
                 "dynamite_node_cache_bytes",
                 "Bytes held by the row cache.",

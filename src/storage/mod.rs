@@ -158,6 +158,23 @@ pub enum StorageError {
         /// [`MAX_KEY_BYTES`].
         max: usize,
     },
+    /// Stored records are damaged where no crash could have torn them, and the engine was not
+    /// told to salvage ([`Recovery::Refuse`]). `offset` is the first damaged range's, in
+    /// `segment`; `ranges` counts them all (each is logged).
+    #[error(
+        "{}",
+        damaged_line(segment, *offset, *bytes, *ranges)
+    )]
+    Damaged {
+        /// The segment file holding the first damaged range.
+        segment: PathBuf,
+        /// Where that range starts in it.
+        offset: u64,
+        /// Its length.
+        bytes: u64,
+        /// Damaged ranges in all.
+        ranges: usize,
+    },
     /// A value longer than [`MAX_VALUE_BYTES`].
     #[error("value of {len} bytes is larger than the limit of {max} bytes")]
     ValueTooLarge {
@@ -166,6 +183,46 @@ pub enum StorageError {
         /// [`MAX_VALUE_BYTES`].
         max: usize,
     },
+}
+
+/// The one line a node refusing damaged storage says: where, why it is not a crash's torn
+/// tail, and what `--salvage` would cost.
+fn damaged_line(segment: &std::path::Path, offset: u64, bytes: u64, ranges: usize) -> String {
+    let more = match ranges {
+        0 | 1 => String::new(),
+        n => format!(" ({} more damaged ranges are logged)", n - 1),
+    };
+    format!(
+        "damaged record in segment {} at offset {offset} ({bytes} bytes that are not whole \
+         records, with whole records written after them: not a torn tail from a crash){more}; \
+         refusing to start. Start with --salvage to skip the damaged records and keep every \
+         other: the writes they held are missing on this node until anti-entropy or read \
+         repair brings them back from a peer, and until then this node may answer an older \
+         value, or a deleted one",
+        segment.display()
+    )
+}
+
+/// What an engine passed over as damaged to open at all ([`Recovery::Salvage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Salvaged {
+    /// Damaged records skipped (a run of damaged bytes counts the records its length fields
+    /// account for, at least one).
+    pub records: u64,
+    /// Bytes skipped.
+    pub bytes: u64,
+}
+
+/// What an engine does at open with stored records damaged where no crash could have torn
+/// them. A crash's torn tail is cut either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Recovery {
+    /// Refuse to open ([`StorageError::Damaged`]).
+    #[default]
+    Refuse,
+    /// Skip the damaged records, keep every other, log and count what was skipped
+    /// ([`Engine::salvaged`]); the node's peers refill what is missing.
+    Salvage,
 }
 
 /// The storage layer's operations, implemented by every engine.
@@ -204,6 +261,11 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Short name for logs/metrics: "memory", "log" or "fjall".
     fn name(&self) -> &'static str;
+
+    /// What the engine passed over as damaged when it opened ([`Recovery::Salvage`]).
+    fn salvaged(&self) -> Salvaged {
+        Salvaged::default()
+    }
 }
 
 /// Largest key the engine accepts in any tree: the protocol's 64 KiB, and the three bytes a
@@ -229,6 +291,8 @@ pub enum StorageConfig {
     Log {
         /// The data directory; created if missing.
         dir: PathBuf,
+        /// What to do with damaged records found at open.
+        recovery: Recovery,
     },
 }
 
@@ -264,9 +328,13 @@ pub fn open(config: &StorageConfig) -> Result<Arc<dyn Engine>, StorageError> {
             refuse_other_layout(dir, LOG_MARKER, "fjall")?;
             Ok(Arc::new(FjallEngine::open(dir)?))
         }
-        StorageConfig::Log { dir } => {
+        StorageConfig::Log { dir, recovery } => {
             refuse_other_layout(dir, FJALL_MARKER, "log")?;
-            Ok(Arc::new(LogEngine::open(dir)?))
+            Ok(Arc::new(LogEngine::open_recovering(
+                dir,
+                log::Limits::default(),
+                *recovery,
+            )?))
         }
     }
 }

@@ -418,6 +418,42 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, then waits (bounded by [`EXIT_TIMEOUT`]) until it exits: a clean stop.
+    /// Answers its exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal("-TERM");
+        let mut child = self.child.take().expect("daemon is not running");
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not exit within {EXIT_TIMEOUT:?} of SIGTERM\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Its arguments (flags after the program's name).
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// Kills it if it runs, then starts it again with `extra` flags added to its own (for
+    /// this start and the later ones) and waits until it is healthy.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.kill();
+        self.args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        self.spawn_and_wait_healthy();
+    }
+
     /// SIGSTOP: the process keeps its sockets but answers nothing, like a hung machine.
     pub fn stop(&mut self) {
         self.signal("-STOP");

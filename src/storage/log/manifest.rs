@@ -6,16 +6,16 @@
 //! old put with the segment holding its later remove already gone, and the key would come
 //! back. So before deleting anything, a merge writes the names of every segment it replaced
 //! to the manifest (a temporary name, fsynced, renamed over `superseded`, then the directory
-//! fsynced), and [`finish`] deletes what the manifest lists, at every open before replay and
-//! before every merge. A crash before the manifest leaves the originals and their copies side
+//! fsynced), and [`finish`] deletes what the manifest lists (each segment's hint file first,
+//! then the segment), at every open before replay and before every merge. A crash before the manifest leaves the originals and their copies side
 //! by side, which replay to the same state.
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read};
 use std::path::Path;
 
-use super::log_error;
 use super::segment::{self, SegmentId};
+use super::{hint, log_error};
 use crate::storage::StorageError;
 
 /// The manifest's name in the data directory.
@@ -50,12 +50,13 @@ pub(super) fn finish(dir: &Path, segments_dir: &Path) -> Result<(), StorageError
         return Err(log_error(format!("{} is too large", manifest.display())));
     }
     for name in text.lines() {
-        if SegmentId::parse(name).is_none() {
+        let Some(id) = SegmentId::parse(name) else {
             return Err(log_error(format!(
                 "{} names {name:?}, which is not a segment",
                 manifest.display()
             )));
-        }
+        };
+        hint::remove(segments_dir, id)?;
         segment::remove_if_present(&segments_dir.join(name))?;
     }
     segment::sync_directory(segments_dir)?;

@@ -18,12 +18,19 @@
 //! copies nothing points at and waits [`MERGE_RETRY_AFTER`] before the next try (a full disk
 //! does not clear in a second).
 //!
-//! # The merge job
+//! A merge writes the hint file of each segment it writes ([`super::hint`]), from the records
+//! it encoded, once they are fsynced.
+//!
+//! # The engine's job
 //!
 //! Merges run in a job of their own, [`MergeWorker`]: a thread the engine starts at open,
 //! which looks every [`Limits::merge_check_every`](super::Limits) whether a merge is due and
 //! runs it. A merge takes seconds on a large store; on its own thread it holds up neither the
 //! node's periodic sync (which keeps bounding what a power loss can take) nor anything else.
+//! The same thread writes the hint files of sealed segments: a rotation wakes it, and it
+//! replays each sealed segment that has none (checking every record), fsyncs it and writes
+//! its hint file; it holds `hinting` for that, which a merge takes to remove the segments it
+//! replaced, so that no hint file is written for a segment being removed.
 //! Dropping the engine stops the job: a merge under way stops at the end of its current step,
 //! leaving the sealed segments and the copies made so far, a state replay handles as it
 //! handles a crash before the manifest.
@@ -34,11 +41,12 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::hint::{self, HintBuilder, Seal};
 use super::index::{Loc, Segment};
-use super::record::{self, tree_slot};
+use super::record::{self, Mark, Record, ValueAt, tree_slot};
 use super::segment::{self, SegmentId};
 use super::{Log, lock, manifest};
-use crate::storage::{StorageError, Tree, WriteOp, keys_after};
+use crate::storage::{Salvaged, StorageError, Tree, WriteOp, keys_after};
 
 /// Index entries copied per step of a merge, between two turns of the index lock (each turn
 /// holds up this node's writes and reads, so it is kept short); a step also ends once it
@@ -67,7 +75,7 @@ pub(super) struct MergeWorker {
 
 impl MergeWorker {
     pub fn start(log: Arc<Log>) -> Result<MergeWorker, StorageError> {
-        let stop = Arc::new(Stop::default());
+        let stop = log.job.clone();
         let thread = std::thread::Builder::new()
             .name("log-merge".into())
             .spawn({
@@ -92,40 +100,64 @@ impl Drop for MergeWorker {
     }
 }
 
-/// The merge job's loop, until it is stopped.
+/// The job's loop, until it is stopped: hint files whenever a segment is sealed, a look for
+/// a merge every [`Limits::merge_check_every`](super::Limits).
 fn run(log: &Log, stop: &Stop) {
-    while !stop.wait(log.limits.merge_check_every) {
-        if let Err(error) = log.merge_if_due(stop) {
-            tracing::error!(%error, "a merge of the log failed; it is tried again in a minute");
+    let every = log.limits.merge_check_every;
+    let mut next_look = Instant::now() + every;
+    while !stop.wait_until(next_look) {
+        if let Err(error) = log.write_missing_hints(stop) {
+            tracing::error!(%error, "writing the hint files of sealed segments failed");
+        }
+        if Instant::now() >= next_look {
+            if let Err(error) = log.merge_if_due(stop) {
+                tracing::error!(%error, "a merge of the log failed; it is tried again in a minute");
+            }
+            next_look = Instant::now() + every;
         }
     }
 }
 
-/// Tells the merge job to stop, and wakes it.
+/// Tells the engine's job to stop, or that a segment was sealed; and wakes it.
 #[derive(Debug, Default)]
 pub(super) struct Stop {
-    stopped: Mutex<bool>,
+    state: Mutex<JobState>,
     wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct JobState {
+    stopped: bool,
+    sealed: bool,
 }
 
 impl Stop {
     pub fn stop(&self) {
-        *lock(&self.stopped) = true;
+        lock(&self.state).stopped = true;
         self.wake.notify_all();
     }
 
     pub fn is_stopped(&self) -> bool {
-        *lock(&self.stopped)
+        lock(&self.state).stopped
     }
 
-    /// Waits `timeout`, or less once stopped; answers whether it is stopped.
-    fn wait(&self, timeout: Duration) -> bool {
-        let stopped = lock(&self.stopped);
-        let (stopped, _) = self
+    /// A segment was sealed: its hint file is due.
+    pub fn sealed(&self) {
+        lock(&self.state).sealed = true;
+        self.wake.notify_all();
+    }
+
+    /// Waits until `deadline`, or less once stopped or a segment is sealed; answers whether it
+    /// is stopped.
+    fn wait_until(&self, deadline: Instant) -> bool {
+        let state = lock(&self.state);
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let (mut state, _) = self
             .wake
-            .wait_timeout_while(stopped, timeout, |stopped| !*stopped)
+            .wait_timeout_while(state, timeout, |state| !state.stopped && !state.sealed)
             .unwrap_or_else(PoisonError::into_inner);
-        *stopped
+        state.sealed = false;
+        state.stopped
     }
 }
 
@@ -217,10 +249,14 @@ impl Log {
                 return Err(error);
             }
         }
-        for file in &output.files {
-            file.sync_all()?;
+        if let Err(error) = output.files.iter().try_for_each(|file| file.sync_all()) {
+            self.leave_hints_to_the_job(&output.ids);
+            return Err(error.into());
         }
+        let copies = output.files.len();
+        self.write_copies_hints(output);
         segment::sync_directory(&self.segments_dir)?;
+        let _hinting = lock(&self.hinting);
         manifest::write(&self.dir, &sealed)?;
         {
             let mut index = self.write_index();
@@ -229,30 +265,103 @@ impl Log {
             }
         }
         for id in &sealed {
+            hint::remove(&self.segments_dir, *id)?;
             segment::remove_if_present(&self.segments_dir.join(id.file_name()))?;
         }
         segment::sync_directory(&self.segments_dir)?;
         manifest::clear(&self.dir)?;
         tracing::info!(
             segments = sealed.len(),
-            copies = output.files.len(),
+            copies = copies,
             "merged the log's sealed segments"
         );
         Ok(true)
     }
 
+    /// Writes the hint files of a merge's copies, fsynced already; one that cannot be written
+    /// is left to the job.
+    fn write_copies_hints(&self, output: MergeOutput) {
+        let failed: Vec<SegmentId> = output
+            .into_hints()
+            .filter_map(|(id, bytes)| match hint::write(&self.segments_dir, id, &bytes) {
+                Ok(()) => None,
+                Err(error) => {
+                    tracing::warn!(%error, copy = id.file_name(), "cannot write a merge copy's hint file; the job tries again");
+                    Some(id)
+                }
+            })
+            .collect();
+        self.leave_hints_to_the_job(&failed);
+    }
+
+    /// Marks segments as wanting a hint file from the job.
+    fn leave_hints_to_the_job(&self, ids: &[SegmentId]) {
+        let mut index = self.write_index();
+        for id in ids {
+            if let Some(segment) = index.segments.get_mut(id) {
+                segment.needs_hint = true;
+            }
+        }
+    }
+
+    /// The job's hint files: replays each sealed segment that wants one (checking every
+    /// record), fsyncs it and writes its hint file. A segment that does not read back whole
+    /// gets none, with an error in the log: the next start replays it and finds the damage.
+    pub(super) fn write_missing_hints(&self, stop: &Stop) -> Result<(), StorageError> {
+        let _hinting = lock(&self.hinting);
+        let active = lock(&self.writer).id;
+        let wanting: Vec<(SegmentId, Arc<File>, u64)> = self
+            .read_index()
+            .segments
+            .iter()
+            .filter(|(id, segment)| **id < active && segment.needs_hint)
+            .map(|(id, segment)| (*id, segment.file.clone(), segment.len))
+            .collect();
+        for (id, file, len) in wanting {
+            if stop.is_stopped() {
+                break;
+            }
+            let mut hint = HintBuilder::default();
+            let reader = std::io::BufReader::with_capacity(1 << 20, segment::Reader::new(&file));
+            let found = record::replay(reader, |tree, key, value| hint.push(tree, key, value))?;
+            if found.unheld.is_empty() && found.len == len {
+                file.sync_data()?;
+                let seal = Seal {
+                    len,
+                    last_record: found.last_record,
+                    damaged: Salvaged::default(),
+                };
+                hint::write(&self.segments_dir, id, &hint.finish(id, seal))?;
+            } else {
+                tracing::error!(
+                    segment = %self.segments_dir.join(id.file_name()).display(),
+                    expected = len,
+                    found = found.len,
+                    damaged = ?found.unheld,
+                    "a sealed segment does not read back whole (damaged since it was written, \
+                     or damage passed over at open with --salvage); it gets no hint file, and \
+                     the next start replays it"
+                );
+            }
+            if let Some(segment) = self.write_index().segments.get_mut(&id) {
+                segment.needs_hint = false;
+            }
+        }
+        Ok(())
+    }
+
     /// After a merge that did not get to its end: removes the copies nothing points at yet;
-    /// the others are live segments now. One that cannot be removed is kept as an empty
-    /// segment, so that the next merge replaces it (and lists it in its manifest) rather than
-    /// leaving it to be replayed.
+    /// the others are live segments now, whose hint files are left to the job. One that
+    /// cannot be removed is kept as an empty segment, so that the next merge replaces it (and
+    /// lists it in its manifest) rather than leaving it to be replayed.
     fn discard_unused_copies(&self, output: &MergeOutput) {
+        self.leave_hints_to_the_job(&output.ids);
         let mut index = self.write_index();
         for (id, file) in output.ids.iter().zip(&output.files) {
             if !index.segments.contains_key(id)
                 && segment::remove_if_present(&self.segments_dir.join(id.file_name())).is_err()
             {
-                let file = file.clone();
-                index.segments.insert(*id, Segment { file, len: 0 });
+                index.segments.insert(*id, Segment::new(file.clone(), 0));
             }
         }
     }
@@ -280,15 +389,14 @@ impl Log {
                     ops.push(WriteOp::put(tree, key.clone(), loc.read(file)?));
                 }
                 let record = record::encode(&ops)?;
-                let (segment, file, base) = output.append(&self.segments_dir, &record.bytes)?;
+                let (segment, file, base) = output.append(&self.segments_dir, &record, &ops)?;
                 let mut index = self.write_index();
-                index.segments.insert(
-                    segment,
-                    Segment {
-                        file,
-                        len: output.len,
-                    },
-                );
+                // The merge writes its copies' hint files itself, once they are whole.
+                let copy = Segment {
+                    needs_hint: false,
+                    ..Segment::new(file, output.len)
+                };
+                index.segments.insert(segment, copy);
                 for ((key, old, _), value_offset) in step.entries.into_iter().zip(&record.values) {
                     let slot = tree_slot(tree);
                     if index.trees[slot].get(&key) == Some(&old) {
@@ -348,7 +456,7 @@ struct MergeStep {
 }
 
 /// The segments a merge writes: `(last.id, last.sub + 1)`, `(last.id, last.sub + 2)`, …,
-/// each created when the first record goes into it.
+/// each created when the first record goes into it, with their hint files being built.
 struct MergeOutput {
     segment_bytes: u64,
     last: SegmentId,
@@ -356,6 +464,8 @@ struct MergeOutput {
     len: u64,
     ids: Vec<SegmentId>,
     files: Vec<Arc<File>>,
+    /// Per copy: its hint file so far, its length and its last record.
+    hints: Vec<(HintBuilder, Seal)>,
 }
 
 impl MergeOutput {
@@ -367,17 +477,21 @@ impl MergeOutput {
             len: 0,
             ids: Vec::new(),
             files: Vec::new(),
+            hints: Vec::new(),
         }
     }
 
-    /// Appends a record; the segment it went to, its file, and the record's offset there.
+    /// Appends the record of `ops`; the segment it went to, its file, and the record's offset
+    /// there. A record that fails to go in whole is cut off, so the copy stays whole records.
     fn append(
         &mut self,
         dir: &Path,
-        record: &[u8],
+        record: &Record,
+        ops: &[WriteOp],
     ) -> Result<(SegmentId, Arc<File>, u64), StorageError> {
         use std::os::unix::fs::FileExt;
-        let full = self.len > 0 && self.len + record.len() as u64 > self.segment_bytes;
+        let size = record.bytes.len() as u64;
+        let full = self.len > 0 && self.len + size > self.segment_bytes;
         let file = match &self.file {
             Some(file) if !full => file.clone(),
             _ => {
@@ -385,15 +499,42 @@ impl MergeOutput {
                 let file = Arc::new(segment::create(dir, self.last)?);
                 self.ids.push(self.last);
                 self.files.push(file.clone());
+                self.hints.push(Default::default());
                 self.file = Some(file.clone());
                 self.len = 0;
                 file
             }
         };
         let offset = self.len;
-        file.write_all_at(record, offset)?;
-        self.len += record.len() as u64;
+        if let Err(error) = file.write_all_at(&record.bytes, offset) {
+            if let Err(truncate) = file.set_len(offset) {
+                tracing::warn!(%truncate, "cannot cut a partial record off a merge's copy");
+            }
+            return Err(error.into());
+        }
+        self.len += size;
+        if let Some((hint, seal)) = self.hints.last_mut() {
+            for (op, value_offset) in ops.iter().zip(&record.values) {
+                let value = op.value.as_ref().map(|value| ValueAt {
+                    offset: offset + value_offset,
+                    len: value.len() as u32,
+                });
+                hint.push(op.tree, &op.key, value);
+            }
+            let mut header = [0; record::HEADER_BYTES];
+            header.copy_from_slice(&record.bytes[..record::HEADER_BYTES]);
+            seal.last_record = Some(Mark { offset, header });
+            seal.len = self.len;
+        }
         Ok((self.last, file, offset))
+    }
+
+    /// Each copy's id and hint file.
+    fn into_hints(self) -> impl Iterator<Item = (SegmentId, Vec<u8>)> {
+        self.ids
+            .into_iter()
+            .zip(self.hints)
+            .map(|(id, (hint, seal))| (id, hint.finish(id, seal)))
     }
 }
 

@@ -14,7 +14,10 @@
 //! - [`record`]: one write is one checksummed record, so a crash leaves it whole or absent;
 //! - [`segment`]: records are appended to segment files, sealed once they pass
 //!   [`Limits::segment_bytes`];
-//! - [`index`]: the in-memory map from keys to values on disk, rebuilt at open by replay;
+//! - [`index`]: the in-memory map from keys to values on disk, rebuilt at open from hint files
+//!   and by replay, which tells a crash's torn tail from damage;
+//! - [`hint`]: beside each sealed segment, its keys and where their values lie, so that a
+//!   start reads those instead of every value;
 //! - [`merge`]: copying the live values out of sealed segments and deleting them, in a
 //!   background job of the engine's own;
 //! - [`manifest`]: how a merge deletes segments without bringing a deleted key back.
@@ -27,12 +30,19 @@
 //! fsyncs the segments written since the last sync, and the directory when files were created
 //! or removed; the node calls it every second. Open fsyncs every segment it replays.
 //!
+//! # Damage
+//!
+//! A crash tears at most the last record written; a record that does not hold anywhere else
+//! is damage, and the engine refuses to open over it unless told to salvage
+//! ([`Recovery`](crate::storage::Recovery); the rules are in [`index`]).
+//!
 //! # Limits
 //!
 //! One write is one record, whose payload must stay under 4 GiB (the node's requests are far
 //! smaller). Each segment is an open file: 64 MiB segments and merges at half dead keep that
 //! to a few hundred per node below about 10 GiB of live data.
 
+mod hint;
 mod index;
 mod manifest;
 mod merge;
@@ -49,9 +59,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use std::time::Duration;
 
 use self::index::{Index, Loc, Segment};
-use self::merge::{MergeSchedule, MergeWorker};
+use self::merge::{MergeSchedule, MergeWorker, Stop};
 use self::segment::SegmentId;
-use super::{Engine, KeyValue, StorageError, Tree, WriteOp, check_key, check_ops, keys_after};
+use super::{
+    Engine, KeyValue, Recovery, Salvaged, StorageError, Tree, WriteOp, check_key, check_ops,
+    keys_after,
+};
 
 pub(super) use self::segment::SEGMENTS_DIR;
 
@@ -126,25 +139,34 @@ impl std::fmt::Debug for LogEngine {
 ///
 /// 1. `merging`: held by whoever merges, for the whole merge, so merges run one at a time;
 ///    it guards the merge schedule ([`MergeSchedule`]).
-/// 2. `writer`: the active segment; held for one append, and for a rotation.
-/// 3. `index`: read for a lookup, a scan or a merge step's choice of keys; written to publish
+/// 2. `hinting`: held by the job while it writes the hint files of sealed segments, and by a
+///    merge while it removes the segments it replaced, so that no hint file is written for a
+///    segment being removed.
+/// 3. `writer`: the active segment; held for one append, and for a rotation.
+/// 4. `index`: read for a lookup, a scan or a merge step's choice of keys; written to publish
 ///    a write, a new segment or a merge step's copies. Writes publish under `writer`, so the
 ///    index follows the log's order.
-/// 4. `unsynced`: the sealed segments the next sync must fsync; taken by a rotation (under
+/// 5. `unsynced`: the sealed segments the next sync must fsync; taken by a rotation (under
 ///    `writer`) and by a sync (alone).
 ///
-/// The merge job's stop flag ([`merge::Stop`]) comes after all of them: it is taken alone,
-/// or under `merging` between two merge steps. The order is what keeps a merge from
+/// The job's signal ([`merge::Stop`]: stop, or a segment was sealed) comes after all of
+/// them: it is taken alone, under `writer` by a rotation, or under `merging` between two
+/// merge steps. The order is what keeps a merge from
 /// deadlocking with writes: every write holds `writer` while it waits for `index`, so
 /// nothing may wait for `writer` while it holds `index`.
 struct Log {
     dir: PathBuf,
     segments_dir: PathBuf,
     merging: Mutex<MergeSchedule>,
+    hinting: Mutex<()>,
     writer: Mutex<Writer>,
     index: RwLock<Index>,
     unsynced: Mutex<Unsynced>,
     limits: Limits,
+    /// Wakes the engine's job (a segment was sealed), or stops it.
+    job: Arc<Stop>,
+    /// What the open passed over as damaged.
+    salvaged: Salvaged,
     /// Held by the process for as long as the log is open.
     _lock: File,
 }
@@ -159,15 +181,25 @@ fn log_error(message: String) -> StorageError {
 }
 
 impl LogEngine {
-    /// Opens (or creates) the engine in `dir`, replaying every segment into the index, and
-    /// starts its merge job.
+    /// Opens (or creates) the engine in `dir`, rebuilding the index from the segments (their
+    /// hint files where it can), and starts its job (hint files and merges). Refuses damaged
+    /// records ([`Recovery::Refuse`]).
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         Self::open_with(dir, Limits::default())
     }
 
     /// [`LogEngine::open`] with other sizes (tests use small ones).
     pub fn open_with(dir: &Path, limits: Limits) -> Result<Self, StorageError> {
-        let log = Arc::new(Log::open(dir, limits)?);
+        Self::open_recovering(dir, limits, Recovery::Refuse)
+    }
+
+    /// [`LogEngine::open_with`], saying what to do with damaged records.
+    pub fn open_recovering(
+        dir: &Path,
+        limits: Limits,
+        recovery: Recovery,
+    ) -> Result<Self, StorageError> {
+        let log = Arc::new(Log::open(dir, limits, recovery)?);
         let merge_job = MergeWorker::start(log.clone())?;
         Ok(LogEngine {
             log,
@@ -177,7 +209,7 @@ impl LogEngine {
 }
 
 impl Log {
-    fn open(dir: &Path, limits: Limits) -> Result<Self, StorageError> {
+    fn open(dir: &Path, limits: Limits, recovery: Recovery) -> Result<Self, StorageError> {
         let segments_dir = dir.join(SEGMENTS_DIR);
         fs::create_dir_all(&segments_dir)?;
         let lock_file = OpenOptions::new()
@@ -192,24 +224,20 @@ impl Log {
         }
         manifest::finish(dir, &segments_dir)?;
         let ids = segment::list(&segments_dir)?;
-        let mut index = Index::load(&segments_dir, &ids)?;
+        hint::remove_orphans(&segments_dir, &ids)?;
+        let (mut index, salvaged) = Index::load(&segments_dir, &ids, recovery)?;
         let next = match ids.last() {
             Some(last) => last.next()?,
             None => SegmentId::FIRST,
         };
         let file = Arc::new(segment::create(&segments_dir, next)?);
         segment::sync_directory(&segments_dir)?;
-        index.segments.insert(
-            next,
-            Segment {
-                file: file.clone(),
-                len: 0,
-            },
-        );
+        index.segments.insert(next, Segment::new(file.clone(), 0));
         Ok(Log {
             dir: dir.to_path_buf(),
             segments_dir,
             merging: Mutex::new(MergeSchedule::default()),
+            hinting: Mutex::new(()),
             writer: Mutex::new(Writer {
                 id: next,
                 file,
@@ -218,6 +246,8 @@ impl Log {
             index: RwLock::new(index),
             unsynced: Mutex::new(Unsynced::default()),
             limits,
+            job: Arc::new(Stop::default()),
+            salvaged,
             _lock: lock_file,
         })
     }
@@ -234,19 +264,17 @@ impl Log {
     /// and is fsynced by the next sync.
     fn rotate(&self, writer: &mut Writer, next: SegmentId) -> Result<(), StorageError> {
         let file = Arc::new(segment::create(&self.segments_dir, next)?);
-        self.write_index().segments.insert(
-            next,
-            Segment {
-                file: file.clone(),
-                len: 0,
-            },
-        );
+        self.write_index()
+            .segments
+            .insert(next, Segment::new(file.clone(), 0));
         let old = std::mem::replace(&mut writer.file, file);
         writer.id = next;
         writer.len = 0;
         let mut unsynced = lock(&self.unsynced);
         unsynced.files.push(old);
         unsynced.directory = true;
+        drop(unsynced);
+        self.job.sealed();
         Ok(())
     }
 
@@ -303,6 +331,10 @@ impl Engine for LogEngine {
 
     fn name(&self) -> &'static str {
         "log"
+    }
+
+    fn salvaged(&self) -> Salvaged {
+        self.log.salvaged
     }
 }
 
