@@ -40,6 +40,11 @@ fn records(bytes: &[u8]) -> Vec<Record> {
         for _ in 0..u32_at(at + 12).unwrap_or(0) {
             let key_len = u32_at(op + 2).expect("key length");
             let key = &bytes[op + 6..op + 6 + key_len];
+            // A client key is stored after 0xFF and two bytes of its MD5 (`node::keys`).
+            let key = match key {
+                [0xFF, _, _, rest @ ..] => rest,
+                other => other,
+            };
             keys.push(String::from_utf8_lossy(key).into_owned());
             op += 6 + key_len + 4 + u32_at(op + 6 + key_len).expect("value length");
         }
