@@ -4,7 +4,10 @@
 #   ceiling   examples/ceiling.rs, an HTTP server that does nothing: the bound for one hop
 #   node      one durable storage node, called directly (put(key, value) and get(key) as a
 #             Python client sends them; the node writes its own copy only)
-#   balancer  a load balancer over three durable storage nodes, N=3 R=2 W=2
+#   balancer  a load balancer over three durable storage nodes, N=3 R=2 W=2, the nodes with
+#             each other as -s peers (anti-entropy at its default interval), as
+#             examples/local_cluster.sh starts them: the configuration users run
+#   isolated  the same, the nodes without peers (no anti-entropy): what the rounds cost
 #   hung      (not in the default set) the balancer set-up again, healthy, then with one of the
 #             three nodes hung (SIGSTOP: it accepts TCP connections and never answers): put and
 #             get throughput and latency side by side, with the ratios hung/healthy, the
@@ -23,17 +26,17 @@
 # (23700-23705: below Linux's ephemeral range, so outgoing connections cannot take them).
 # A stopped node is always sent SIGCONT before it is stopped for good.
 #
-#   examples/bench.sh                      # RUNS=3 DURATION=10: about 4 minutes, plus the build
+#   examples/bench.sh                      # RUNS=3 DURATION=10: about 6 minutes, plus the build
 #   RUNS=3 DURATION=5 examples/bench.sh
 #   PARTS="balancer hung" examples/bench.sh  # about 2.5 minutes
 #
 # Settings (environment): RUNS DURATION WARMUP CONNECTIONS KEYS VALUE_BYTES PORT_BASE
-# LOADGEN_THREADS CARGO_TARGET_DIR, PARTS (default "ceiling node balancer"; "hung" also exists)
+# LOADGEN_THREADS CARGO_TARGET_DIR, PARTS (default "ceiling node balancer isolated"; "hung" also
+# exists)
 # to run only some of the set-ups, BUILD=0 to use the binaries already built, TIMEOUT_MS (the
 # balancer's --timeout-ms, default 1000 as the daemon's), ONSET_SECS (default 3: the mixed
-# load measured right after the hang, with no warm-up), PEERS=1 to start the balancer's three
-# nodes with each other as -s peers (anti-entropy on, as examples/local_cluster.sh does;
-# default 0, as the README's table was measured). The load generator shares the
+# load measured right after the hang, with no warm-up), PEERS=0 to start the "balancer"
+# part's nodes without peers. The load generator shares the
 # machine with the daemons it measures: on a 2-core machine the figures are what both sides
 # together can do, and any other work on the machine lowers them (the CPU time per request
 # is the steadier figure).
@@ -48,11 +51,11 @@ KEYS=${KEYS:-100000}
 VALUE_BYTES=${VALUE_BYTES:-100}
 PORT_BASE=${PORT_BASE:-23700}
 LOADGEN_THREADS=${LOADGEN_THREADS:-1}
-PARTS=${PARTS:-ceiling node balancer}
+PARTS=${PARTS:-ceiling node balancer isolated}
 BUILD=${BUILD:-1}
 TIMEOUT_MS=${TIMEOUT_MS:-1000}
 ONSET_SECS=${ONSET_SECS:-3}
-PEERS=${PEERS:-0}
+PEERS=${PEERS:-1}
 target_dir=${CARGO_TARGET_DIR:-target}
 
 if [[ $BUILD != 0 ]]; then
@@ -237,7 +240,7 @@ echo "bench: $RUNS runs x ${DURATION}s (+${WARMUP}s warm-up), $CONNECTIONS conne
 ceiling_port=$PORT_BASE
 node_port=$((PORT_BASE + 1))
 balancer_port=$((PORT_BASE + 2))
-node_rss=- cluster_rss=(-) balancer_rss=-
+node_rss=- cluster_rss=(-) balancer_rss=- isolated_rss=(-)
 
 # 1. The ceiling.
 if part ceiling; then
@@ -267,20 +270,23 @@ if part node; then
     stop_daemons
 fi
 
-# 3. Three durable storage nodes behind a balancer; with "hung", then one of them hung.
-if part balancer || part hung; then
+# start_cluster LABEL PEERS: three durable storage nodes (each with the other two as -s peers,
+# anti-entropy on, when PEERS is 1) and a balancer over them; "LABEL" names the logs.
+start_cluster() {
+    local label=$1 with_peers=$2 i j port
+    local -a peers
     servers=()
     cluster_node_pids=()
     for i in 1 2 3; do
         port=$((PORT_BASE + 2 + i))
         peers=()
-        if [[ $PEERS != 0 ]]; then
+        if [[ $with_peers != 0 ]]; then
             for j in 1 2 3; do
                 [[ $j == "$i" ]] || peers+=(-s "127.0.0.1:$((PORT_BASE + 2 + j))")
             done
         fi
-        "$bin/storage_node" --bind 127.0.0.1 -p "$port" --data-dir "$work/cluster-$i" --quiet \
-            "${peers[@]}" >"$work/cluster-$i.log" 2>&1 &
+        "$bin/storage_node" --bind 127.0.0.1 -p "$port" --data-dir "$work/$label-$i" --quiet \
+            "${peers[@]}" >"$work/$label-$i.log" 2>&1 &
         pids+=($!)
         cluster_node_pids+=($!)
         servers+=(-s "127.0.0.1:$port")
@@ -290,13 +296,21 @@ if part balancer || part hung; then
         balancer_quiet=(--quiet)
     fi
     "$bin/load_balancer" --bind 127.0.0.1 -p "$balancer_port" "${servers[@]}" -N 3 -R 2 -W 2 \
-        --timeout-ms "$TIMEOUT_MS" "${balancer_quiet[@]}" >"$work/balancer.log" 2>&1 &
+        --timeout-ms "$TIMEOUT_MS" "${balancer_quiet[@]}" >"$work/$label-balancer.log" 2>&1 &
     balancer_pid=$!
     pids+=("$balancer_pid")
     front_pids=("$balancer_pid") behind_pids=("${cluster_node_pids[@]}")
     for i in 1 2 3; do wait_up $((PORT_BASE + 2 + i)) "${cluster_node_pids[i - 1]}"; done
     wait_up "$balancer_port" "$balancer_pid"
-    echo "balancer over three storage nodes (N=3 R=2 W=2, --timeout-ms $TIMEOUT_MS):"
+}
+
+# 3. Three durable storage nodes that know each other behind a balancer, as
+# examples/local_cluster.sh starts them; with "hung", then one of them hung.
+if part balancer || part hung; then
+    start_cluster balancer "$PEERS"
+    echo "balancer over three storage nodes (N=3 R=2 W=2, --timeout-ms $TIMEOUT_MS$(
+        [[ $PEERS != 0 ]] && echo ", nodes with peers: anti-entropy on" ||
+            echo ", nodes without peers")):"
     measure balancer-put "$balancer_port" 0
     preload "$balancer_port"
     measure balancer-get "$balancer_port" 1
@@ -343,6 +357,18 @@ PY
     stop_daemons
 fi
 
+# 4. The same without peers: no anti-entropy, for comparison.
+if part isolated; then
+    start_cluster isolated 0
+    echo "the same, nodes without peers (no anti-entropy):"
+    measure isolated-put "$balancer_port" 0
+    preload "$balancer_port"
+    measure isolated-get "$balancer_port" 1
+    isolated_rss=()
+    for pid in "${cluster_node_pids[@]}"; do isolated_rss+=("$(rss "$pid")"); done
+    stop_daemons
+fi
+
 echo
 python3 - "$results" <<'PY'
 import json, statistics, sys
@@ -362,7 +388,7 @@ def cpu(runs, field):
     values = [r.get(field) for r in runs]
     return "%6.1f" % med(values) if None not in values else "     -"
 labels = ["ceiling-put", "ceiling-get", "node-put", "node-get", "balancer-put", "balancer-get",
-          "hung-onset", "hung-put", "hung-get"]
+          "isolated-put", "isolated-get", "hung-onset", "hung-put", "hung-get"]
 for label in labels:
     runs = rows.get(label)
     if not runs:
@@ -405,7 +431,7 @@ if any(r["errors"] for label, runs in rows.items() if label != "hung-onset" for 
     print("\n!!! SOME RUNS HAD ERRORS: their figures are not valid !!!")
 if any(r["errors"] for r in rows.get("hung-onset", [])):
     print("\n!!! requests failed in the first seconds after the hang (see the errors above) !!!")
-if any(r["all"]["nil"] for label in ("node-get", "balancer-get", "hung-get") for r in rows.get(label, [])):
+if any(r["all"]["nil"] for label in ("node-get", "balancer-get", "isolated-get", "hung-get") for r in rows.get(label, [])):
     print("\n!!! some gets answered nil: the preload missed keys (see its errors above) !!!")
 PY
 echo
@@ -413,4 +439,5 @@ echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on t
 echo "memory (VmRSS) after the runs:"
 echo "  single storage node ($KEYS keys):       $node_rss"
 echo "  cluster storage nodes:                 ${cluster_rss[*]}"
+echo "  the same without peers:                ${isolated_rss[*]}"
 echo "  load balancer:                         $balancer_rss"

@@ -174,19 +174,28 @@ impl AntiEntropy {
         }
     }
 
-    fn tree(&self, peer: usize) -> merkle::Tree {
-        self.trees[peer]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    /// Reads the tree kept for `peer` under its lock (a tree is 1.1 MB: never copied).
+    fn with_tree<T>(&self, peer: usize, read: impl FnOnce(&merkle::Tree) -> T) -> T {
+        read(
+            &self.trees[peer]
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// What an exchange's two sides must agree on: the layout, N, and the trees' shape.
+    fn agreement(&self) -> String {
+        format!("{} leaves={LEAVES}", self.fingerprint)
     }
 
     /// Answers a peer's question about the tree kept for it.
     pub fn answer(&self, node: &StorageNode, request: AaeRequest) -> Result<AaeReply> {
-        if request.ring != self.fingerprint {
+        if request.ring != self.agreement() {
             return Err(Error::invalid(format!(
-                "ring mismatch: this node has layout {}, the asking node {} (check -s and -N)",
-                self.fingerprint, request.ring
+                "ring mismatch: this node has layout {}, the asking node {} (check -s and -N, \
+                 and that both run the same version)",
+                self.agreement(),
+                request.ring
             )));
         }
         let peer = self
@@ -197,13 +206,13 @@ impl AntiEntropy {
             .filter(|&peer| peer != self.me)
             .ok_or_else(|| Error::invalid("the asking node is not a peer in this layout"))?;
         match request.query {
-            AaeQuery::Root => Ok(AaeReply::Root(self.tree(peer).root())),
+            AaeQuery::Root => Ok(AaeReply::Root(self.with_tree(peer, merkle::Tree::root))),
             AaeQuery::Children { level, parents } => {
                 if parents.len() > LEAVES {
                     return Err(Error::invalid("too many tree nodes asked for"));
                 }
                 Ok(AaeReply::Children(
-                    self.tree(peer).children(level, &parents),
+                    self.with_tree(peer, |tree| tree.children(level, &parents)),
                 ))
             }
             AaeQuery::Keys { leaves } => {
@@ -269,11 +278,10 @@ impl AntiEntropy {
     ) -> Result<Exchange> {
         self.metrics.rounds.inc();
         let address = self.layout.servers()[peer].clone();
-        let tree = self.tree(peer);
         let ask = |query: AaeQuery| {
             let request = AaeRequest {
                 from: self.me_address.clone(),
-                ring: self.fingerprint.clone(),
+                ring: self.agreement(),
                 query,
             };
             self.call::<AaeReply>(client, &address, messages::AAE, request)
@@ -281,7 +289,7 @@ impl AntiEntropy {
         let AaeReply::Root(root) = ask(AaeQuery::Root).await? else {
             return Err(Error::Internal("peer answered another question".into()));
         };
-        if root == tree.root() {
+        if root == self.with_tree(peer, merkle::Tree::root) {
             self.metrics.in_sync.inc();
             return Ok(Exchange::default());
         }
@@ -295,7 +303,9 @@ impl AntiEntropy {
             else {
                 return Err(Error::Internal("peer answered another question".into()));
             };
-            frontier = tree.differing_children(level, &frontier, &theirs);
+            frontier = self.with_tree(peer, |tree| {
+                tree.differing_children(level, &frontier, &theirs)
+            });
             if frontier.is_empty() {
                 self.metrics.in_sync.inc();
                 return Ok(Exchange::default());

@@ -1,8 +1,8 @@
 //! How a node's own copies are keyed in its engine: by partition and Merkle leaf first.
 //!
 //! A key `k` is stored under `0xFF, d0, d1, k`, where `d0 d1` are the first two bytes of
-//! MD5(k). `d0` is the key's partition ([`crate::layout`]) and the top 12 bits of `d0 d1`
-//! its anti-entropy leaf ([`crate::merkle::bucket`]), so the engine's key order puts a
+//! MD5(k). `d0` is the key's partition ([`crate::layout`]) and `d0 d1` its anti-entropy
+//! leaf ([`crate::merkle::bucket`]), so the engine's key order puts a
 //! partition, and within it a leaf, in one contiguous range: listing the keys of a leaf that
 //! differs from a peer's is a range scan of that leaf, not a walk over everything stored, and
 //! a whole partition can be read out in one scan.
@@ -42,42 +42,35 @@ pub fn user_key(stored: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// Where a leaf's keys start and end in the engine's order: the `after` cursor that starts a
-/// scan at the leaf's first key, and the prefix past which its keys end.
-pub fn leaf_range(leaf: usize) -> (Vec<u8>, [u8; PREFIX_BYTES]) {
-    let first = (leaf % LEAVES) << 4; // the leaf's first 16-bit prefix
-    let last = first | 0xF;
+/// Where a leaf's keys lie in the engine's order: the `after` cursor that starts a scan at
+/// the leaf's first key, and the key every one of them is below (`None` for the last leaf).
+pub fn leaf_range(leaf: usize) -> (Vec<u8>, Option<Vec<u8>>) {
+    // A leaf is a run of 16-bit prefixes (the first two bytes of the key's MD5).
+    let shift = 16 - LEAVES.trailing_zeros();
+    let first = (leaf % LEAVES) << shift;
+    let next = first + (1 << shift);
     let after = match first.checked_sub(1) {
         // Keys greater than [MARK, p - 1, 0xFF...]: none of p - 1's keys, since a key never
         // holds 0xFF.
         Some(before) => vec![MARK, (before >> 8) as u8, before as u8, MARK],
         None => vec![MARK],
     };
-    (after, [MARK, (last >> 8) as u8, last as u8])
-}
-
-/// Whether `stored` lies past the leaf whose range ends at `end` (see [`leaf_range`]).
-pub fn past_leaf(stored: &[u8], end: &[u8; PREFIX_BYTES]) -> bool {
-    stored
-        .get(..PREFIX_BYTES)
-        .is_none_or(|prefix| prefix > &end[..])
+    let before = (next <= 0xFFFF).then(|| vec![MARK, (next >> 8) as u8, next as u8]);
+    (after, before)
 }
 
 /// Calls `visit` with each key of `leaf` (the key itself, not its engine key) and its stored
-/// bytes, in pages of [`SCAN_PAGE`]: a range scan of the leaf, nothing outside it.
+/// bytes, in pages of [`SCAN_PAGE`]: a range scan of the leaf, reading nothing outside it.
 pub fn scan_leaf(
     engine: &dyn Engine,
     leaf: usize,
     mut visit: impl FnMut(&[u8], &[u8]),
 ) -> Result<()> {
-    let (mut after, end) = leaf_range(leaf);
+    let (mut after, before) = leaf_range(leaf);
     loop {
-        let page = engine.scan(Tree::Data, Some(&after), SCAN_PAGE)?;
+        let page = engine.scan_range(Tree::Data, Some(&after), before.as_deref(), SCAN_PAGE)?;
         let full = page.len() == SCAN_PAGE;
         for (stored, value) in &page {
-            if past_leaf(stored, &end) {
-                return Ok(());
-            }
             if let Some(key) = user_key(stored) {
                 visit(key, value);
             }
@@ -150,9 +143,12 @@ mod tests {
                 crate::layout::Layout::partition_of(key.as_bytes())
             );
             let leaf = merkle::bucket(key.as_bytes());
-            let (after, end) = leaf_range(leaf);
+            let (after, before) = leaf_range(leaf);
             assert!(stored[..] > after[..], "{key:?} after its leaf's start");
-            assert!(!past_leaf(&stored, &end), "{key:?} within its leaf");
+            assert!(
+                before.is_none_or(|before| stored < before),
+                "{key:?} within its leaf"
+            );
         }
         assert_eq!(user_key(b"plain"), None);
         assert_eq!(user_key(&[MARK, 1]), None);

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::{Engine, KeyValue, StorageError, Tree, WriteOp, check_key, check_ops, keys_after};
+use super::{
+    Engine, KeyValue, StorageError, Tree, WriteOp, check_key, check_ops, keys_after, keys_between,
+};
 
 /// Keeps every tree in a `BTreeMap`; loses everything when dropped.
 #[derive(Debug, Default)]
@@ -92,6 +94,26 @@ impl Engine for MemoryEngine {
         let page = trees
             .tree(tree)
             .range::<[u8], _>(keys_after(after))
+            .take(limit)
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        Ok(page)
+    }
+
+    fn scan_range(
+        &self,
+        tree: Tree,
+        after: Option<&[u8]>,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        let Some(bounds) = keys_between(after, before) else {
+            return Ok(Vec::new());
+        };
+        let trees = self.read();
+        let page = trees
+            .tree(tree)
+            .range::<[u8], _>(bounds)
             .take(limit)
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();

@@ -255,6 +255,24 @@ pub trait Engine: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<KeyValue>, StorageError>;
 
+    /// As [`Engine::scan`], and only keys strictly below `before` (no bound when `None`): a
+    /// range read without reading a value past it, which is what a small range (one
+    /// anti-entropy leaf holds a handful of keys) needs to cost what it holds.
+    fn scan_range(
+        &self,
+        tree: Tree,
+        after: Option<&[u8]>,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        let mut page = self.scan(tree, after, limit)?;
+        if let Some(before) = before {
+            let end = page.partition_point(|(key, _)| key.as_slice() < before);
+            page.truncate(end);
+        }
+        Ok(page)
+    }
+
     /// Forces everything written so far to stable storage (fsync); a background task calls it
     /// periodically.
     fn sync(&self) -> Result<(), StorageError>;
@@ -372,6 +390,23 @@ fn keys_after(after: Option<&[u8]>) -> (Bound<&[u8]>, Bound<&[u8]>) {
         after.map_or(Bound::Unbounded, Bound::Excluded),
         Bound::Unbounded,
     )
+}
+
+/// The bounds of keys strictly between `after` and `before` (either open when `None`); `None`
+/// when that range is empty (a `BTreeMap` panics on a range whose start passes its end).
+fn keys_between<'a>(
+    after: Option<&'a [u8]>,
+    before: Option<&'a [u8]>,
+) -> Option<(Bound<&'a [u8]>, Bound<&'a [u8]>)> {
+    if let (Some(after), Some(before)) = (after, before)
+        && after >= before
+    {
+        return None;
+    }
+    Some((
+        after.map_or(Bound::Unbounded, Bound::Excluded),
+        before.map_or(Bound::Unbounded, Bound::Excluded),
+    ))
 }
 
 /// Refuses a write whose keys or values exceed the limits, before any of it is applied.

@@ -24,6 +24,7 @@ macro_rules! engine_suite {
             trees_are_separate,
             scan_returns_keys_in_order,
             scan_after_is_exclusive,
+            scan_range_stops_before_its_bound,
             scan_pages_through_a_tree,
             scan_limit_zero_is_empty,
             longest_and_empty_keys,
@@ -290,6 +291,26 @@ pub fn scan_after_is_exclusive(engine: &Arc<dyn Engine>) {
         vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
     );
     assert_eq!(after(b"z"), Vec::<Vec<u8>>::new());
+}
+
+pub fn scan_range_stops_before_its_bound(engine: &Arc<dyn Engine>) {
+    let ops = [&b"a"[..], b"b", b"c", b"d"]
+        .iter()
+        .map(|key| put(Tree::Meta, key, b"v"))
+        .collect();
+    engine.write(ops).unwrap();
+    let range = |after: Option<&[u8]>, before: Option<&[u8]>, limit| {
+        keys(&engine.scan_range(Tree::Meta, after, before, limit).unwrap())
+    };
+    let k = |key: &[u8]| key.to_vec();
+    assert_eq!(range(Some(b"a"), Some(b"d"), 10), vec![k(b"b"), k(b"c")]);
+    assert_eq!(range(None, Some(b"c"), 10), vec![k(b"a"), k(b"b")]);
+    assert_eq!(range(Some(b"b"), None, 10), vec![k(b"c"), k(b"d")]);
+    assert_eq!(range(None, Some(b"bb"), 1), vec![k(b"a")]);
+    // Empty and inverted ranges are empty, not a panic.
+    assert!(range(Some(b"b"), Some(b"b"), 10).is_empty());
+    assert!(range(Some(b"c"), Some(b"a"), 10).is_empty());
+    assert!(range(None, Some(b""), 10).is_empty());
 }
 
 pub fn scan_pages_through_a_tree(engine: &Arc<dyn Engine>) {

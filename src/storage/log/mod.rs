@@ -63,7 +63,7 @@ use self::merge::{MergeSchedule, MergeWorker, Stop};
 use self::segment::SegmentId;
 use super::{
     Engine, KeyValue, Recovery, Salvaged, StorageError, Tree, WriteOp, check_key, check_ops,
-    keys_after,
+    keys_between,
 };
 
 pub(super) use self::segment::SEGMENTS_DIR;
@@ -320,7 +320,17 @@ impl Engine for LogEngine {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StorageError> {
-        self.log.scan(tree, after, limit)
+        self.log.scan(tree, after, None, limit)
+    }
+
+    fn scan_range(
+        &self,
+        tree: Tree,
+        after: Option<&[u8]>,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        self.log.scan(tree, after, before, limit)
     }
 
     /// Fsyncs what was written since the last sync. Merges are the merge job's: a sync never
@@ -398,12 +408,16 @@ impl Log {
         &self,
         tree: Tree,
         after: Option<&[u8]>,
+        before: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StorageError> {
+        let Some(bounds) = keys_between(after, before) else {
+            return Ok(Vec::new());
+        };
         let found: Vec<(Vec<u8>, Loc, Arc<File>)> = {
             let index = self.read_index();
             index.trees[record::tree_slot(tree)]
-                .range::<[u8], _>(keys_after(after))
+                .range::<[u8], _>(bounds)
                 .take(limit)
                 .map(|(key, loc)| Ok((key.clone(), *loc, index.file_of(*loc)?)))
                 .collect::<Result<_, StorageError>>()?

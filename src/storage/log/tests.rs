@@ -208,7 +208,9 @@ fn a_merge_finishes_while_writers_write() {
             let (engine, stop) = (engine.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut written = 0u64;
-                while !stop.load(Ordering::Relaxed) {
+                // Bounded: with 4 KB segments, writers left free while a slow merge runs
+                // would open segments by the thousand and run out of file descriptors.
+                while !stop.load(Ordering::Relaxed) && written < 20_000 {
                     let key = format!("w{writer}");
                     engine
                         .write(vec![put(Tree::Data, &key, &written.to_string())])
