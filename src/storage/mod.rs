@@ -392,12 +392,12 @@ fn keys_after(after: Option<&[u8]>) -> (Bound<&[u8]>, Bound<&[u8]>) {
     )
 }
 
+/// The two ends of a range of keys.
+type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+
 /// The bounds of keys strictly between `after` and `before` (either open when `None`); `None`
 /// when that range is empty (a `BTreeMap` panics on a range whose start passes its end).
-fn keys_between<'a>(
-    after: Option<&'a [u8]>,
-    before: Option<&'a [u8]>,
-) -> Option<(Bound<&'a [u8]>, Bound<&'a [u8]>)> {
+fn keys_between<'a>(after: Option<&'a [u8]>, before: Option<&'a [u8]>) -> Option<KeyBounds<'a>> {
     if let (Some(after), Some(before)) = (after, before)
         && after >= before
     {
