@@ -90,8 +90,9 @@ pub struct AntiEntropy {
     replicas: usize,
     /// The layout's fingerprint (with N): what two daemons must agree on.
     fingerprint: String,
-    /// One tree per server (the entry for this node stays empty).
-    trees: Vec<Mutex<merkle::Tree>>,
+    /// One tree per server this node shares a partition with (none for itself and for
+    /// servers it shares nothing with: a tree is 1.1 MB).
+    trees: Vec<Option<Mutex<merkle::Tree>>>,
     /// Per peer: has a ring mismatch already been reported? (Once is clear enough.)
     mismatch_reported: Vec<AtomicBool>,
     pub interval: Duration,
@@ -108,14 +109,27 @@ impl AntiEntropy {
             .position(|server| *server == config.me)
             .ok_or_else(|| Error::Internal("this node is missing from its own layout".into()))?;
         let servers = layout.servers().len();
+        let mut shares = vec![false; servers];
+        for partition in 0..crate::layout::PARTITIONS {
+            let replicas: Vec<usize> = layout
+                .partition_walk(partition)
+                .take(config.replicas)
+                .collect();
+            if replicas.contains(&me) {
+                for server in replicas {
+                    shares[server] = server != me;
+                }
+            }
+        }
         Ok(AntiEntropy {
             fingerprint: layout.fingerprint(),
             layout,
             me,
             me_address: config.me.clone(),
             replicas: config.replicas,
-            trees: (0..servers)
-                .map(|_| Mutex::new(merkle::Tree::new()))
+            trees: shares
+                .iter()
+                .map(|&shared| shared.then(|| Mutex::new(merkle::Tree::new())))
                 .collect(),
             mismatch_reported: (0..servers).map(|_| AtomicBool::new(false)).collect(),
             interval,
@@ -167,20 +181,20 @@ impl AntiEntropy {
         let old = old.map(|bytes| merkle::entry_hash(key, bytes));
         let new = new.map(|bytes| merkle::entry_hash(key, bytes));
         for peer in peers {
-            let mut tree = self.trees[peer]
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            tree.update(bucket, old, new);
+            if let Some(tree) = &self.trees[peer] {
+                let mut tree = tree.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                tree.update(bucket, old, new);
+            }
         }
     }
 
     /// Reads the tree kept for `peer` under its lock (a tree is 1.1 MB: never copied).
+    /// A server this node shares nothing with has the empty tree.
     fn with_tree<T>(&self, peer: usize, read: impl FnOnce(&merkle::Tree) -> T) -> T {
-        read(
-            &self.trees[peer]
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        match &self.trees[peer] {
+            Some(tree) => read(&tree.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
+            None => read(&merkle::Tree::new()),
+        }
     }
 
     /// What an exchange's two sides must agree on: the layout, N, and the trees' shape.
@@ -433,8 +447,8 @@ impl AntiEntropy {
     /// Exchanges with every peer, once.
     pub async fn round(&self, node: &StorageNode, client: &RpcClient) {
         for peer in 0..self.layout.servers().len() {
-            if peer == self.me {
-                continue;
+            if self.trees[peer].is_none() {
+                continue; // itself, or a server it shares no partition with
             }
             match self.exchange(node, client, peer).await {
                 Ok(exchange) if exchange != Exchange::default() => {
