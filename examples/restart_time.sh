@@ -4,7 +4,8 @@
 # (its own put, as examples/rss_check.sh does), waits SETTLE_SECS, then RUNS times (default
 # 3): puts AGAIN_KEYS keys again (default 100,000: a partly filled active segment, as a node
 # under load has), SIGKILLs the node, starts it on the same directory and times it from the
-# spawn to its first `GET /health` answered 200. Prints each time and the median, with the
+# spawn to its first `GET /health` answered 200, and to its stats() saying keys_counted (the
+# count of its keys it makes in the background). Prints each time and the median, with the
 # data directory's size and its segment and hint files. Everything it starts is stopped on
 # exit. A few minutes on a 2-core machine.
 #
@@ -12,9 +13,11 @@
 #   KEYS=200000 RUNS=5 examples/restart_time.sh
 #   BUILD=0 CARGO_TARGET_DIR=/tmp/other/target examples/restart_time.sh   # another build
 #   NO_HINTS=1 examples/restart_time.sh      # hint files removed before each start: replay all
+#   COLD=1 examples/restart_time.sh          # the page cache dropped before each start (root)
 #
-# The segments are in the page cache when the node starts again (it was killed a moment
-# before), so this measures the work of a start, not the disk's reads.
+# Unless COLD=1, the segments are in the page cache when the node starts again (it was killed
+# a moment before), so this measures the work of a start, not the disk's reads; COLD=1 drops
+# the machine's page cache first (/proc/sys/vm/drop_caches), as after a reboot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +30,7 @@ SETTLE_SECS=${SETTLE_SECS:-3}
 RUNS=${RUNS:-3}
 BUILD=${BUILD:-1}
 NO_HINTS=${NO_HINTS:-0}
+COLD=${COLD:-0}
 target_dir=${CARGO_TARGET_DIR:-target}
 
 if [[ $BUILD != 0 ]]; then
@@ -66,6 +70,16 @@ start_node() {
         sleep 0.01
     done
     elapsed_ms=$(($(now_ms) - started))
+    # Then the node counts its keys in the background (stats: keys_counted); time that too.
+    counted_ms=
+    for _ in $(seq 1 3000); do
+        if curl -fsS -d '<?xml version="1.0"?><methodCall><methodName>stats</methodName></methodCall>' \
+            "http://127.0.0.1:$PORT/" 2>/dev/null | grep -q 'keys_counted</name><value><i4>1<'; then
+            counted_ms=$(($(now_ms) - started))
+            break
+        fi
+        sleep 0.05
+    done
 }
 
 put_keys() {
@@ -85,6 +99,7 @@ put_keys "$KEYS"
 sleep "$SETTLE_SECS"
 echo "after $KEYS puts: $(files)"
 times=()
+counted=()
 for run in $(seq 1 "$RUNS"); do
     put_keys "$AGAIN_KEYS"
     sleep 1
@@ -94,12 +109,18 @@ for run in $(seq 1 "$RUNS"); do
     if [[ $NO_HINTS != 0 ]]; then
         find "$work/node/segments" -name '*.hint' -delete
     fi
+    if [[ $COLD != 0 ]]; then
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+    fi
     start_node
     times+=("$elapsed_ms")
     # The log engine's own part of the start, where it says it (since hint files).
     index_ms=$(sed 's/\x1b\[[0-9;]*m//g' "$work/node.log" | grep -a "index is rebuilt" | tail -n 1 |
         grep -oE 'ms=[0-9]+' || true)
-    echo "restart $run after SIGKILL: $elapsed_ms ms to /health 200 (${index_ms:+index rebuilt in ${index_ms#ms=} ms; }$(files))"
+    counted+=("${counted_ms:-0}")
+    echo "restart $run after SIGKILL: $elapsed_ms ms to /health 200, ${counted_ms:--} ms to its keys counted (${index_ms:+index rebuilt in ${index_ms#ms=} ms; }$(files))"
 done
 median=$(printf '%s\n' "${times[@]}" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
-echo "median of $RUNS restarts: $median ms"
+counted_median=$(printf '%s\n' "${counted[@]}" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+echo "median of $RUNS restarts: $median ms to /health 200, $counted_median ms to the keys counted"

@@ -182,7 +182,9 @@ impl AntiEntropy {
         let new = new.map(|bytes| merkle::entry_hash(key, bytes));
         for peer in peers {
             if let Some(tree) = &self.trees[peer] {
-                let mut tree = tree.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut tree = tree
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 tree.update(bucket, old, new);
             }
         }
@@ -192,9 +194,19 @@ impl AntiEntropy {
     /// A server this node shares nothing with has the empty tree.
     fn with_tree<T>(&self, peer: usize, read: impl FnOnce(&merkle::Tree) -> T) -> T {
         match &self.trees[peer] {
-            Some(tree) => read(&tree.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
+            Some(tree) => read(
+                &tree
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            ),
             None => read(&merkle::Tree::new()),
         }
+    }
+
+    /// The root of the tree kept for `peer` (tests compare trees built in different ways).
+    #[cfg(test)]
+    pub fn root(&self, peer: usize) -> merkle::EntryHash {
+        self.with_tree(peer, merkle::Tree::root)
     }
 
     /// What an exchange's two sides must agree on: the layout, N, and the trees' shape.
@@ -204,6 +216,13 @@ impl AntiEntropy {
 
     /// Answers a peer's question about the tree kept for it.
     pub fn answer(&self, node: &StorageNode, request: AaeRequest) -> Result<AaeReply> {
+        if !node.census.is_done() {
+            return Err(Error::Internal(
+                "this node is still counting its keys after its start; its trees are not \
+                 complete yet"
+                    .into(),
+            ));
+        }
         if request.ring != self.agreement() {
             return Err(Error::invalid(format!(
                 "ring mismatch: this node has layout {}, the asking node {} (check -s and -N, \

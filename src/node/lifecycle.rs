@@ -3,7 +3,7 @@
 //! (journal sync, hint handoff, anti-entropy); then stopping cleanly.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -13,10 +13,11 @@ use crate::error::{Error, Result};
 use crate::rpc::client::RpcClient;
 use crate::rpc::server::{self, ServerLimits};
 use crate::storage::{self, Engine, Tree, WriteOp};
-use crate::version::{ActorId, Siblings};
+use crate::version::ActorId;
 
 use super::StorageNode;
 use super::anti_entropy::AntiEntropy;
+use super::census::Census;
 use super::hints;
 use super::key_locks::KeyLocks;
 use super::reaped::ReapedTombstones;
@@ -30,9 +31,17 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 const ACTOR_ID_KEY: &[u8] = b"actor_id";
 
 impl StorageNode {
-    /// Opens the node's storage (refusing a directory another process holds) and loads its
-    /// actor id, drawing a new one for fresh storage.
+    /// Opens the node's storage (refusing a directory another process holds), loads its
+    /// actor id, drawing a new one for fresh storage, and counts what it holds.
     pub fn open(config: &NodeConfig) -> Result<Self> {
+        let node = Self::open_uncounted(config)?;
+        node.census.run(&node)?;
+        Ok(node)
+    }
+
+    /// As [`Self::open`], leaving the count of what it holds to `Census::run`
+    /// (figures low and anti-entropy waiting until then).
+    pub(super) fn open_uncounted(config: &NodeConfig) -> Result<Self> {
         let engine = storage::open(&config.storage)?;
         let actor = load_or_create_actor(&*engine)?;
         let aae = match &config.ring {
@@ -44,17 +53,17 @@ impl StorageNode {
             None => None,
         };
         super::keys::convert(&*engine)?;
-        let (live_keys, tombstone_keys) = scan_data(&*engine, aae.as_ref())?;
         let hints = count_entries(&*engine, Tree::Hints)?;
         Ok(StorageNode {
             engine,
             actor,
             locks: KeyLocks::new(),
-            live_keys: AtomicI64::new(live_keys),
-            tombstone_keys: AtomicI64::new(tombstone_keys),
+            live_keys: AtomicI64::new(0),
+            tombstone_keys: AtomicI64::new(0),
             hints: AtomicI64::new(hints),
             corrupt_hints: AtomicI64::new(0),
             aae,
+            census: Census::pending(),
             reaped: ReapedTombstones::default(),
             last_clock_warning_us: std::sync::atomic::AtomicU64::new(0),
             cache: RowCache::new(config.cache_bytes),
@@ -71,13 +80,20 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let node = Arc::new(StorageNode::open(&config)?);
+    let node = Arc::new(StorageNode::open_uncounted(&config)?);
     tracing::info!(
         address = %config.listen,
         engine = node.engine.name(),
-        keys = node.live_keys.load(Ordering::Relaxed),
-        "storage node serving"
+        "storage node serving (counting its keys)"
     );
+    let census = {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = node.census.run(&node) {
+                tracing::error!(%error, "counting the stored keys failed");
+            }
+        })
+    };
     let syncer = tokio::spawn(sync_periodically(node.engine.clone()));
     let handoff = tokio::spawn(hints::handoff_periodically(node.clone(), RpcClient::new()));
     let anti_entropy = tokio::spawn(anti_entropy_periodically(node.clone(), RpcClient::new()));
@@ -89,6 +105,7 @@ pub async fn run(
         max_request_bytes: config.max_request_bytes,
     };
     server::serve(listener, node.clone(), limits, shutdown).await;
+    drop(census); // a blocking task cannot be aborted; the process ends with it
     syncer.abort();
     handoff.abort();
     anti_entropy.abort();
@@ -107,8 +124,10 @@ async fn anti_entropy_periodically(node: Arc<StorageNode>, client: RpcClient) {
     ticks.tick().await; // the first tick is immediate; let the cluster come up first
     loop {
         ticks.tick().await;
-        if let Some(aae) = &node.aae {
-            aae.round(&node, &client).await;
+        match &node.aae {
+            // Its trees are complete once the start's count is.
+            Some(aae) if node.census.is_done() => aae.round(&node, &client).await,
+            _ => {}
         }
     }
 }
@@ -148,29 +167,4 @@ fn count_entries(engine: &dyn Engine, tree: Tree) -> Result<i64> {
     let mut count = 0;
     storage::for_each(engine, tree, |_, _| count += 1)?;
     Ok(count)
-}
-
-/// Counts live and tombstoned keys, and fills the anti-entropy trees, once at start.
-fn scan_data(engine: &dyn Engine, aae: Option<&AntiEntropy>) -> Result<(i64, i64)> {
-    let (mut live, mut tombstoned, mut corrupt) = (0, 0, 0u64);
-    storage::for_each(engine, Tree::Data, |stored_key, bytes| {
-        let Some(key) = super::keys::user_key(stored_key) else {
-            return; // converted at open: every key has the form
-        };
-        if let Some(aae) = aae {
-            aae.record(key, None, Some(bytes));
-        }
-        match Siblings::decode(bytes) {
-            Some(siblings) => {
-                live += i64::from(siblings.is_live());
-                tombstoned += i64::from(siblings.is_tombstoned());
-            }
-            None => corrupt += 1,
-        }
-    })?;
-    if corrupt > 0 {
-        // Reads and writes of these keys fail with "corrupt"; say so once at start.
-        tracing::error!(corrupt, "stored sibling sets that cannot be decoded");
-    }
-    Ok((live, tombstoned))
 }

@@ -18,6 +18,7 @@
 //!   deadline refused, reads deferred past the reply budget;
 //! - `surface.rs`: the XML-RPC methods, `stats()` and `/metrics`, from one list of counters;
 //! - `lifecycle.rs`: opening the storage, the background tasks, serving and stopping;
+//!   `census.rs`: the count of what the node holds, made in the background after start;
 //! - [`hints`] (writes held for an unreachable peer, and their handoff), [`anti_entropy`]
 //!   (background convergence with the `-s` peers), `reaped.rs` (recently reaped deletes),
 //!   `row_cache.rs` (stored bytes of recently used keys), `key_locks.rs`.
@@ -26,6 +27,7 @@
 
 pub mod anti_entropy;
 mod batch;
+mod census;
 pub mod hints;
 mod key_locks;
 pub mod keys;
@@ -60,7 +62,8 @@ pub struct StorageNode {
     engine: Arc<dyn Engine>,
     actor: ActorId,
     locks: KeyLocks,
-    /// Keys with at least one live sibling; counted at start, then kept up to date per write.
+    /// Keys with at least one live sibling; counted at start (`census`), then kept up to
+    /// date per write.
     live_keys: AtomicI64,
     /// Keys whose every sibling is a tombstone, waiting to be reaped.
     tombstone_keys: AtomicI64,
@@ -71,6 +74,8 @@ pub struct StorageNode {
     corrupt_hints: AtomicI64,
     /// Background convergence with the `-s` peers; `None` for a node without peers.
     aae: Option<AntiEntropy>,
+    /// The count of the keys and the anti-entropy trees, made once after start.
+    census: census::Census,
     /// Tombstones reaped lately, refused if a replica sends them back.
     reaped: ReapedTombstones,
     /// When the log last said this node refused writes for its clock (microseconds).

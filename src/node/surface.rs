@@ -58,6 +58,13 @@ impl StorageNode {
                 level(&self.live_keys),
             ),
             Figure::gauge(
+                "keys_counted",
+                "dynamite_node_keys_counted",
+                "1 once the count of the stored keys made after start is done; until then \
+                 keys and tombstones are low and anti-entropy waits.",
+                i64::from(self.census.is_done()),
+            ),
+            Figure::gauge(
                 "tombstones",
                 "dynamite_node_tombstones",
                 "Deleted keys whose tombstones are not reaped yet.",

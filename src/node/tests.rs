@@ -521,3 +521,73 @@ fn keys_over_the_limit_are_refused() {
         .expect_err("too long");
     assert_eq!(error.fault_code(), crate::error::FAULT_INVALID_PARAMS);
 }
+
+/// The start's count, made in the background while commits go on, ends with the figures and
+/// the anti-entropy trees a count of the final data gives: each key counted once, whether a
+/// commit changed it before the count reached it or after.
+#[test]
+fn a_count_made_while_commits_go_on_counts_each_key_once() {
+    let config = |storage| NodeConfig {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        peers: vec!["127.0.0.1:2".into()],
+        storage,
+        log_requests: false,
+        max_request_bytes: 1 << 20,
+        ring: Some(
+            crate::config::NodeRing::new("127.0.0.1:1".into(), &["127.0.0.1:2".into()], None)
+                .expect("ring"),
+        ),
+        aae_interval: Duration::from_secs(1),
+        aae_max_keys: 1000,
+        cache_bytes: 1 << 20,
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "dynamite-census-{}-{}",
+        std::process::id(),
+        crate::random::random_u64()
+    ));
+    let storage = StorageConfig::Log {
+        dir: dir.clone(),
+        recovery: crate::storage::Recovery::Refuse,
+    };
+    {
+        let node = StorageNode::open(&config(storage.clone())).expect("open");
+        for i in 0..3000 {
+            put(&node, &format!("k{i}"), Some("<value>v</value>"));
+        }
+        for i in 0..300 {
+            put(&node, &format!("k{i}"), None);
+        }
+    }
+    let node = StorageNode::open_uncounted(&config(storage.clone())).expect("reopen");
+    let mut corrupt = 0;
+    let mut round = 0;
+    // A page of the count, then commits all over the key space: new keys, changed values,
+    // deletes, keys brought back.
+    while !node.census.step(&node, &mut corrupt).expect("step") {
+        for j in 0..20 {
+            let i = round * 20 + j;
+            put(&node, &format!("new{i}"), Some("<value>n</value>"));
+            put(
+                &node,
+                &format!("k{}", (i * 7) % 3000),
+                Some("<value>w</value>"),
+            );
+            put(&node, &format!("k{}", (i * 13 + 5) % 3000), None);
+        }
+        round += 1;
+    }
+    assert!(
+        round >= 3,
+        "the count took {round} pages: too few to interleave"
+    );
+    assert!(node.census.is_done());
+    let during = counts(&node);
+    let root_during = node.aae.as_ref().expect("peers").root(1);
+    drop(node);
+    let counted = StorageNode::open(&config(storage)).expect("reopen");
+    assert_eq!(during, counts(&counted), "(live, tombstones)");
+    assert_eq!(root_during, counted.aae.as_ref().expect("peers").root(1));
+    drop(counted);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -146,11 +146,13 @@ impl<'n> Transaction<'n> {
             if place.is_hint() {
                 counts.hints += i64::from(value.is_some()) - i64::from(existed);
             } else {
-                counts.live += i64::from(siblings.is_live()) - i64::from(was_live);
-                counts.tombstones +=
-                    i64::from(siblings.is_tombstoned()) - i64::from(was_tombstoned);
+                let change = Counts {
+                    live: i64::from(siblings.is_live()) - i64::from(was_live),
+                    tombstones: i64::from(siblings.is_tombstoned()) - i64::from(was_tombstoned),
+                    hints: 0,
+                };
                 let new_bytes: Option<Arc<[u8]>> = value.as_deref().map(Arc::from);
-                own_changes.push((place.clone(), stored, new_bytes));
+                own_changes.push((place.clone(), stored, new_bytes, change));
             }
             writes.push(WriteOp {
                 tree: place.tree(),
@@ -162,19 +164,27 @@ impl<'n> Transaction<'n> {
         if writes.is_empty() {
             return Ok(Committed { finals });
         }
+        // A change to a key the start's count has not reached yet is the count's to see
+        // (`census`); held across the write so that the count cannot pass the key meanwhile.
+        let census = node.census.hold();
         if let Err(error) = node.engine.write(writes) {
             // The engine may hold some of it or none: what it holds is known no more.
-            for (place, _, _) in &own_changes {
+            for (place, _, _, _) in &own_changes {
                 node.cache.forget(&place.storage_key);
             }
             return Err(error.into());
         }
-        for (place, old, new) in own_changes {
-            if let Some(aae) = &node.aae {
-                aae.record(place.key.as_bytes(), old.as_deref(), new.as_deref());
+        for (place, old, new, change) in own_changes {
+            if census.covers(&place.storage_key) {
+                if let Some(aae) = &node.aae {
+                    aae.record(place.key.as_bytes(), old.as_deref(), new.as_deref());
+                }
+                counts.live += change.live;
+                counts.tombstones += change.tombstones;
             }
             node.cache.set(&place.storage_key, new);
         }
+        drop(census);
         node.live_keys.fetch_add(counts.live, Ordering::Relaxed);
         node.tombstone_keys
             .fetch_add(counts.tombstones, Ordering::Relaxed);
