@@ -146,26 +146,5 @@ fn printable_key(key: &str) -> String {
     shown
 }
 
-/// Runs `walk`, a pass over the whole store, out of the way of the tokio worker's other
-/// tasks.
-///
-/// Engine work follows one rule on a node. Work whose size is bounded (a batch: at most 256
-/// operations; a chunk of anti-entropy keys; a page of hints) runs right on the worker that
-/// has the request: reads come from the page cache or one `pread`, a write is one append,
-/// and handing it to another thread would cost more than it takes. Work that grows with
-/// what the node holds (an anti-entropy walk over every key) goes through here, which moves
-/// the worker's other tasks elsewhere while it runs (`block_in_place`). Background jobs that
-/// wait on the disk run off the workers: the periodic fsync on the blocking pool, the log
-/// engine's merges on a thread of its own. On a runtime with
-/// a single thread (some tests) there is nowhere to move to, and `walk` runs in place.
-pub(crate) fn walk_store<T>(walk: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(walk)
-        }
-        _ => walk(),
-    }
-}
-
 #[cfg(test)]
 mod tests;

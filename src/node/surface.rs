@@ -233,7 +233,7 @@ impl StorageNode {
                 let aae = self.aae.as_ref().ok_or_else(|| {
                     Error::invalid("anti-entropy is off on this node (started without -s peers)")
                 })?;
-                let reply = super::walk_store(|| aae.answer(self, request))?;
+                let reply = aae.answer(self, request)?;
                 messages::reply_xml(&reply)
             }
             Request::MergeMany(request) => {
