@@ -99,10 +99,15 @@ impl Index {
         let mut index = Index::default();
         let mut loading = Loading::default();
         let mut replayed = Vec::new();
+        // Damage passed over by an earlier start, as the hint files recorded it: still
+        // counted, so that the figures do not read 0 after a restart.
+        let mut salvaged_before = Salvaged::default();
         for &id in ids {
             let file = segment::open(dir, id)?;
             if let Some(hint) = hint::load(dir, id, &file) {
                 hint.for_each(|tree, key, value| loading.push(id, tree, key, value));
+                salvaged_before.records += hint.seal.damaged.records;
+                salvaged_before.bytes += hint.seal.damaged.bytes;
                 if hint.seal.damaged != Salvaged::default() {
                     tracing::warn!(
                         segment = %dir.join(id.file_name()).display(),
@@ -171,7 +176,9 @@ impl Index {
                 ranges: damage.len(),
             });
         }
-        let salvaged = total(damage.iter().map(|(_, run)| run));
+        let mut salvaged = total(damage.iter().map(|(_, run)| run));
+        salvaged.records += salvaged_before.records;
+        salvaged.bytes += salvaged_before.bytes;
         let replays = replayed.len();
         for replay in replayed {
             let (id, segment) = replay.seal(dir, last, &damage)?;

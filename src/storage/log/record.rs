@@ -305,6 +305,16 @@ enum Resync {
 fn resync(bytes: &[u8], start: usize) -> Resync {
     let claimed_end =
         split_record(bytes, start).map(|(_, payload)| start + HEADER_BYTES + payload.len());
+    // The damaged record's own length first: where it says it ends, a record that holds (or
+    // the end of the segment) is where the log goes on. Searching byte by byte before it
+    // could take records that lie inside its value (a client may store anything, a copy of
+    // a segment included) for the log's own.
+    if let Some(end) = claimed_end
+        && end > start
+        && (end == bytes.len() || record_at(bytes, end).is_some())
+    {
+        return Resync::At(end);
+    }
     let mut record_inside = false;
     for candidate in start + 1..bytes.len() {
         let Some(size) = record_at(bytes, candidate) else {
@@ -834,6 +844,48 @@ mod tests {
 
     /// The search after damage stays linear: a megabyte of garbage before a record is passed
     /// over quickly, however its length fields read.
+    /// A value may hold anything, records of a segment included: damage to the record
+    /// holding it loses that record, and the records inside its value are not taken for the
+    /// log's own.
+    #[test]
+    fn records_inside_a_damaged_value_are_not_replayed() {
+        let inner = vec![
+            vec![WriteOp::put(
+                Tree::Data,
+                b"old".to_vec(),
+                b"resurrected".to_vec(),
+            )],
+            vec![WriteOp::put(
+                Tree::Data,
+                b"old2".to_vec(),
+                b"resurrected".to_vec(),
+            )],
+        ];
+        let (embedded, _) = segment_of(&inner);
+        let writes = vec![
+            vec![WriteOp::put(Tree::Data, b"a".to_vec(), b"1".to_vec())],
+            vec![WriteOp::put(
+                Tree::Data,
+                b"backup".to_vec(),
+                embedded.clone(),
+            )],
+            vec![WriteOp::put(Tree::Data, b"b".to_vec(), b"2".to_vec())],
+        ];
+        let (mut bytes, ends) = segment_of(&writes);
+        // A byte of the value before the embedded records: the length field is intact.
+        let value_start = ends[1] as usize - embedded.len();
+        bytes[value_start - 1] ^= 0x01;
+        let (ops, replayed) = replay_report(&bytes);
+        let mut expected = ops_of(&writes, 1);
+        expected.extend(as_replayed(&writes[2]));
+        assert_eq!(ops, expected, "only the damaged record is lost");
+        assert_eq!(replayed.unheld.len(), 1);
+        assert_eq!(
+            (replayed.unheld[0].offset, replayed.unheld[0].bytes),
+            (ends[0], ends[1] - ends[0])
+        );
+    }
+
     #[test]
     fn resynchronising_over_a_megabyte_is_quick() {
         let mut bytes: Vec<u8> = (0..1 << 20).map(|i: usize| (i * 131 + 7) as u8).collect();
