@@ -104,6 +104,10 @@ struct Writer {
     id: SegmentId,
     file: Arc<File>,
     len: u64,
+    /// A failed write left bytes past `len` that could not be cut: they must be before the
+    /// next write, or a shorter record would leave some behind, which, once the segment is
+    /// sealed, the next start would take for damage.
+    unclean_end: bool,
 }
 
 /// What the next sync must make durable.
@@ -242,6 +246,7 @@ impl Log {
                 id: next,
                 file,
                 len: 0,
+                unclean_end: false,
             }),
             index: RwLock::new(index),
             unsynced: Mutex::new(Unsynced::default()),
@@ -372,6 +377,10 @@ impl Log {
         let record = record::encode(&ops)?;
         let len = record.bytes.len() as u64;
         let mut writer = lock(&self.writer);
+        if writer.unclean_end {
+            writer.file.set_len(writer.len)?;
+            writer.unclean_end = false;
+        }
         if writer.len > 0 && writer.len + len > self.limits.segment_bytes {
             let next = writer.id.next()?;
             self.rotate(&mut writer, next)?;
@@ -381,8 +390,8 @@ impl Log {
             // A partial record past the end is cut off, so the next one follows the last
             // whole record and replay reaches it.
             if let Err(truncate) = writer.file.set_len(offset) {
-                // The next record is written at `offset` anyway; what is left past it is cut
-                // at the next open as a torn tail.
+                // Cut before the next write goes in, or that write fails too.
+                writer.unclean_end = true;
                 tracing::warn!(%truncate, "cannot cut a partial record");
             }
             return Err(error.into());
