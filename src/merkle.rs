@@ -28,8 +28,18 @@ pub type EntryHash = u128;
 /// the key's partition (its first byte; see `crate::layout`), and a contiguous range of a
 /// node's storage (`crate::node::keys`).
 pub fn bucket(key: &[u8]) -> usize {
-    let digest = md5::compute(key).0;
+    bucket_of_digest(&md5::compute(key).0)
+}
+
+/// [`bucket`] from the key's MD5, for a caller that has it already.
+pub fn bucket_of_digest(digest: &[u8; 16]) -> usize {
     (usize::from(digest[0]) << 8 | usize::from(digest[1])) % LEAVES
+}
+
+/// The partition (`crate::layout`) whose keys a leaf holds: a leaf is a range of one
+/// partition, the partition being the MD5's first byte.
+pub fn partition_of_leaf(leaf: usize) -> usize {
+    (leaf % LEAVES) / (LEAVES / crate::layout::PARTITIONS)
 }
 
 /// The hash an entry contributes: MD5 over the key's length, the key and the stored bytes.
@@ -189,6 +199,18 @@ mod tests {
         }
         assert_eq!(tree_of(&entries), reversed);
         assert!(differing_leaves(&tree_of(&entries), &reversed).is_empty());
+    }
+
+    #[test]
+    fn a_leaf_lies_in_its_keys_partition() {
+        for i in 0..2000 {
+            let key = format!("key-{i}");
+            assert_eq!(
+                partition_of_leaf(bucket(key.as_bytes())),
+                crate::layout::Layout::partition_of(key.as_bytes()),
+                "{key}"
+            );
+        }
     }
 
     #[test]

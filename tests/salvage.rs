@@ -113,25 +113,32 @@ fn refused_start(dir: &Path, node: &Daemon) -> String {
     exited.stderr
 }
 
+/// A durable storage node on a data directory in `dir`, holding `key(i) = value(i)` for
+/// `i` below `keys`; answers it and its data directory.
+fn durable_node_with_keys(dir: &Path, keys: usize) -> (Daemon, PathBuf) {
+    let data_dir = dir.join("node");
+    let data_dir_arg = data_dir.to_string_lossy().into_owned();
+    let node = Daemon::storage_node(
+        dir,
+        "node",
+        free_port(),
+        &["--data-dir".to_owned(), data_dir_arg],
+    );
+    let rpc = node.rpc();
+    for i in 0..keys {
+        assert_eq!(rpc.put(&key(i), value(i)), ok200(), "put {i}");
+    }
+    (node, data_dir)
+}
+
 /// A byte flipped in a sealed segment: the node refuses to start, with one line naming the
 /// file and the offset and saying what --salvage does; with --salvage it starts, every key
 /// outside the damaged record reads back, and stats() and /metrics count the skipped record.
 #[test]
 fn a_damaged_sealed_segment_is_refused_then_salvaged() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data_dir = dir.path().join("node");
-    let data_dir_arg = data_dir.to_string_lossy().into_owned();
-    let mut node = Daemon::storage_node(
-        dir.path(),
-        "node",
-        free_port(),
-        &["--data-dir".to_owned(), data_dir_arg],
-    );
     const KEYS: usize = 40;
-    let rpc = node.rpc();
-    for i in 0..KEYS {
-        assert_eq!(rpc.put(&key(i), value(i)), ok200(), "put {i}");
-    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut node, data_dir) = durable_node_with_keys(dir.path(), KEYS);
     // A stop and a start seal the segment those writes went to; another stop, cleanly.
     assert!(node.terminate().success());
     node.restart();
@@ -187,20 +194,9 @@ fn a_damaged_sealed_segment_is_refused_then_salvaged() {
 /// is there. Garbage after the last record is cut the same way.
 #[test]
 fn a_torn_tail_is_cut_and_every_whole_record_kept() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data_dir = dir.path().join("node");
-    let data_dir_arg = data_dir.to_string_lossy().into_owned();
-    let mut node = Daemon::storage_node(
-        dir.path(),
-        "node",
-        free_port(),
-        &["--data-dir".to_owned(), data_dir_arg],
-    );
     const KEYS: usize = 30;
-    let rpc = node.rpc();
-    for i in 0..KEYS {
-        assert_eq!(rpc.put(&key(i), value(i)), ok200(), "put {i}");
-    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut node, data_dir) = durable_node_with_keys(dir.path(), KEYS);
     node.kill();
 
     // Cut in the middle of the last record of the last segment.

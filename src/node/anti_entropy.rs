@@ -90,6 +90,9 @@ pub struct AntiEntropy {
     replicas: usize,
     /// The layout's fingerprint (with N): what two daemons must agree on.
     fingerprint: String,
+    /// Per partition, the peers that replicate it with this node (none where this node is
+    /// not a replica): looked up on every write, so computed once.
+    sharing: Vec<Vec<usize>>,
     /// One tree per server this node shares a partition with (none for itself and for
     /// servers it shares nothing with: a tree is 1.1 MB).
     trees: Vec<Option<Mutex<merkle::Tree>>>,
@@ -109,19 +112,27 @@ impl AntiEntropy {
             .position(|server| *server == config.me)
             .ok_or_else(|| Error::Internal("this node is missing from its own layout".into()))?;
         let servers = layout.servers().len();
-        let mut shares = vec![false; servers];
-        for partition in 0..crate::layout::PARTITIONS {
-            let replicas: Vec<usize> = layout
-                .partition_walk(partition)
-                .take(config.replicas)
-                .collect();
-            if replicas.contains(&me) {
-                for server in replicas {
-                    shares[server] = server != me;
+        let sharing: Vec<Vec<usize>> = (0..crate::layout::PARTITIONS)
+            .map(|partition| {
+                let replicas: Vec<usize> = layout
+                    .partition_walk(partition)
+                    .take(config.replicas)
+                    .collect();
+                if !replicas.contains(&me) {
+                    return Vec::new();
                 }
-            }
+                replicas
+                    .into_iter()
+                    .filter(|&server| server != me)
+                    .collect()
+            })
+            .collect();
+        let mut shares = vec![false; servers];
+        for &peer in sharing.iter().flatten() {
+            shares[peer] = true;
         }
         Ok(AntiEntropy {
+            sharing,
             fingerprint: layout.fingerprint(),
             layout,
             me,
@@ -159,28 +170,17 @@ impl AntiEntropy {
             .collect()
     }
 
-    /// The peers that replicate `key` together with this node; none if it is not a replica.
-    fn sharing(&self, key: &[u8]) -> Vec<usize> {
-        let preference = self.layout.preference_list(key, self.replicas);
-        if !preference.contains(&self.me) {
-            return Vec::new();
-        }
-        preference
-            .into_iter()
-            .filter(|&server| server != self.me)
-            .collect()
-    }
-
     /// Updates the trees for a key whose stored bytes changed from `old` to `new`.
     pub fn record(&self, key: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) {
-        let peers = self.sharing(key);
+        let digest = md5::compute(key).0;
+        let peers = &self.sharing[usize::from(digest[0])]; // the key's partition
         if peers.is_empty() {
             return;
         }
-        let bucket = merkle::bucket(key);
+        let bucket = merkle::bucket_of_digest(&digest);
         let old = old.map(|bytes| merkle::entry_hash(key, bytes));
         let new = new.map(|bytes| merkle::entry_hash(key, bytes));
-        for peer in peers {
+        for &peer in peers {
             if let Some(tree) = &self.trees[peer] {
                 let mut tree = tree
                     .lock()
@@ -283,18 +283,19 @@ impl AntiEntropy {
         let mut total = 0;
         for &leaf in leaves {
             let mut entries = Vec::new();
-            let mut scanned = 0u64;
-            super::keys::scan_leaf(&**node.engine(), leaf, |key, bytes| {
-                scanned += 1;
-                if !self.sharing(key).contains(&peer) {
-                    return;
-                }
-                if let Ok(text) = std::str::from_utf8(key) {
-                    let newest_us = Siblings::decode(bytes).map_or(0, |s| s.newest_timestamp_us());
-                    entries.push((text.to_owned(), merkle::entry_hash(key, bytes), newest_us));
-                }
-            })?;
-            self.metrics.keys_scanned.add(scanned);
+            // A leaf lies in one partition: a peer shares all of its keys or none.
+            if self.sharing[merkle::partition_of_leaf(leaf)].contains(&peer) {
+                let mut scanned = 0u64;
+                super::keys::scan_leaf(&**node.engine(), leaf, |key, bytes| {
+                    scanned += 1;
+                    if let Ok(text) = std::str::from_utf8(key) {
+                        let newest_us =
+                            Siblings::decode(bytes).map_or(0, |s| s.newest_timestamp_us());
+                        entries.push((text.to_owned(), merkle::entry_hash(key, bytes), newest_us));
+                    }
+                })?;
+                self.metrics.keys_scanned.add(scanned);
+            }
             // Leaves with no keys are complete too; keep whole leaves within the bound.
             if total > 0 && total + entries.len() > max_keys {
                 break;
@@ -356,7 +357,7 @@ impl AntiEntropy {
             return Err(Error::Internal("peer answered another question".into()));
         };
         let complete: BTreeSet<usize> = complete_leaves.into_iter().collect();
-        let by_key = |entries: Vec<Listed>| -> BTreeMap<String, (EntryHash, u64)> {
+        let by_key = |entries: Vec<Listed>| -> Compared {
             entries
                 .into_iter()
                 .map(|(key, hash, newest_us)| (key, (hash, newest_us)))
@@ -374,31 +375,12 @@ impl AntiEntropy {
         );
         let ours = by_key(ours.into_values().flatten().collect());
 
-        // A key whose newest version entered the cluster less than SETTLE ago may only be a
-        // write still on its way to one of the two: leave it to a later round.
         let settled_before = crate::clock::now_us().saturating_sub(crate::clock::micros(SETTLE));
-        let mut unsettled = 0u64;
-        let mut settled = |a: u64, b: u64| {
-            let settled = a.max(b) <= settled_before;
-            unsettled += u64::from(!settled);
-            settled
-        };
-        let newest = |entry: Option<&(EntryHash, u64)>| entry.map_or(0, |&(_, newest)| newest);
-        let mut push: Vec<String> = ours
-            .iter()
-            .filter(|(k, (h, t))| {
-                theirs.get(*k).map(|&(hash, _)| hash) != Some(*h)
-                    && settled(*t, newest(theirs.get(*k)))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut pull: Vec<String> = theirs
-            .iter()
-            .filter(|(k, (h, t))| {
-                ours.get(*k).map(|&(hash, _)| hash) != Some(*h) && settled(*t, newest(ours.get(*k)))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+        let Repair {
+            mut push,
+            mut pull,
+            unsettled,
+        } = plan_repair(&ours, &theirs, settled_before);
         self.metrics.keys_unsettled.add(unsettled);
         // When the bound bites, start at a varying place, so that two peers repairing the same
         // node do not both send it the same first keys.
@@ -504,9 +486,169 @@ impl AntiEntropy {
     }
 }
 
+/// One side's listed keys: entry hash and newest entry time (microseconds), by key.
+type Compared = BTreeMap<String, (EntryHash, u64)>;
+
+/// What an exchange repairs.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Repair {
+    /// Keys the peer lacks or holds otherwise: sent to it.
+    push: Vec<String>,
+    /// Keys this node lacks or holds otherwise: read from the peer.
+    pull: Vec<String>,
+    /// Differences left to a later round (counted once per direction).
+    unsettled: u64,
+}
+
+/// Compares the keys both sides listed. A key whose entry differs is repaired only if its
+/// newest version, on either side, entered the cluster no later than `settled_before`: a
+/// younger one may only be a write still on its way to one of the two.
+fn plan_repair(ours: &Compared, theirs: &Compared, settled_before: u64) -> Repair {
+    let mut repair = Repair::default();
+    let newest = |entry: Option<&(EntryHash, u64)>| entry.map_or(0, |&(_, newest)| newest);
+    for (from, to, keys) in [
+        (ours, theirs, &mut repair.push),
+        (theirs, ours, &mut repair.pull),
+    ] {
+        for (key, &(hash, newest_us)) in from {
+            let other = to.get(key);
+            if other.map(|&(hash, _)| hash) == Some(hash) {
+                continue;
+            }
+            if newest_us.max(newest(other)) <= settled_before {
+                keys.push(key.clone());
+            } else {
+                repair.unsettled += 1;
+            }
+        }
+    }
+    repair
+}
+
 fn payload_len(value: &Value) -> u64 {
     match value {
         Value::Base64(bytes) => bytes.len() as u64,
         _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries at a settle line of 1,000 µs: "old" entered before it, "new" after it.
+    const SETTLED_BEFORE: u64 = 1_000;
+    const OLD: u64 = 500;
+    const NEW: u64 = 1_500;
+
+    fn side(entries: &[(&str, u128, u64)]) -> Compared {
+        entries
+            .iter()
+            .map(|&(key, hash, newest)| (key.to_owned(), (hash, newest)))
+            .collect()
+    }
+
+    #[test]
+    fn only_settled_differences_are_repaired() {
+        // (case, ours, theirs, push, pull, unsettled)
+        type Case = (
+            &'static str,
+            Vec<(&'static str, u128, u64)>,
+            Vec<(&'static str, u128, u64)>,
+            Vec<&'static str>,
+            Vec<&'static str>,
+            u64,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "equal",
+                vec![("k", 1, OLD)],
+                vec![("k", 1, OLD)],
+                vec![],
+                vec![],
+                0,
+            ),
+            (
+                "equal and new",
+                vec![("k", 1, NEW)],
+                vec![("k", 1, NEW)],
+                vec![],
+                vec![],
+                0,
+            ),
+            (
+                "only ours, old",
+                vec![("k", 1, OLD)],
+                vec![],
+                vec!["k"],
+                vec![],
+                0,
+            ),
+            (
+                "only theirs, old",
+                vec![],
+                vec![("k", 1, OLD)],
+                vec![],
+                vec!["k"],
+                0,
+            ),
+            (
+                "differ, both old",
+                vec![("k", 1, OLD)],
+                vec![("k", 2, OLD)],
+                vec!["k"],
+                vec!["k"],
+                0,
+            ),
+            (
+                "only ours, in flight",
+                vec![("k", 1, NEW)],
+                vec![],
+                vec![],
+                vec![],
+                1,
+            ),
+            (
+                "only theirs, in flight",
+                vec![],
+                vec![("k", 1, NEW)],
+                vec![],
+                vec![],
+                1,
+            ),
+            (
+                "ours old, theirs in flight",
+                vec![("k", 1, OLD)],
+                vec![("k", 2, NEW)],
+                vec![],
+                vec![],
+                2,
+            ),
+            (
+                "settle line itself is settled",
+                vec![("k", 1, SETTLED_BEFORE)],
+                vec![],
+                vec!["k"],
+                vec![],
+                0,
+            ),
+            (
+                "one of each",
+                vec![("a", 1, OLD), ("b", 1, NEW), ("c", 1, OLD)],
+                vec![("a", 1, OLD), ("d", 4, OLD)],
+                vec!["c"],
+                vec!["d"],
+                1,
+            ),
+        ];
+        for (case, ours, theirs, push, pull, unsettled) in cases {
+            let repair = plan_repair(&side(&ours), &side(&theirs), SETTLED_BEFORE);
+            let expected = Repair {
+                push: push.into_iter().map(str::to_owned).collect(),
+                pull: pull.into_iter().map(str::to_owned).collect(),
+                unsettled,
+            };
+            assert_eq!(repair, expected, "{case}");
+        }
     }
 }

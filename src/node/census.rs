@@ -44,15 +44,16 @@ pub struct Census {
     done: AtomicBool,
 }
 
-/// Held by a commit across its engine write and its accounting.
-pub struct Held<'c>(RwLockReadGuard<'c, Cursor>);
+/// Held by a commit across its engine write and its accounting; `None` once the count is
+/// done, which it stays, so that commits then take no lock at all.
+pub struct Held<'c>(Option<RwLockReadGuard<'c, Cursor>>);
 
 impl Held<'_> {
     /// Whether the count already passed `stored_key`: a change to it is the commit's to count.
     pub fn covers(&self, stored_key: &[u8]) -> bool {
-        match &*self.0 {
-            Cursor::Done => true,
-            Cursor::Counting { through } => through
+        match self.0.as_deref() {
+            None | Some(Cursor::Done) => true,
+            Some(Cursor::Counting { through }) => through
                 .as_deref()
                 .is_some_and(|through| stored_key <= through),
         }
@@ -74,11 +75,14 @@ impl Census {
 
     /// For a commit: hold across the engine write and the accounting.
     pub fn hold(&self) -> Held<'_> {
-        Held(
+        if self.is_done() {
+            return Held(None);
+        }
+        Held(Some(
             self.cursor
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        ))
     }
 
     /// Counts one page after the cursor; answers whether the count is done.

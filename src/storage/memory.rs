@@ -7,9 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::{
-    Engine, KeyValue, StorageError, Tree, WriteOp, check_key, check_ops, keys_after, keys_between,
-};
+use super::{Engine, KeyValue, StorageError, Tree, WriteOp, check_key, check_ops, keys_between};
 
 /// Keeps every tree in a `BTreeMap`; loses everything when dropped.
 #[derive(Debug, Default)]
@@ -90,14 +88,7 @@ impl Engine for MemoryEngine {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StorageError> {
-        let trees = self.read();
-        let page = trees
-            .tree(tree)
-            .range::<[u8], _>(keys_after(after))
-            .take(limit)
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
-        Ok(page)
+        self.scan_range(tree, after, None, limit)
     }
 
     fn scan_range(
