@@ -42,14 +42,20 @@ pub fn partition_of_leaf(leaf: usize) -> usize {
     (leaf % LEAVES) / (LEAVES / crate::layout::PARTITIONS)
 }
 
-/// The hash an entry contributes: MD5 over the key's length, the key and the stored bytes.
+/// The hash an entry contributes: the 128-bit xxh3 of the key's length, the key and the
+/// stored bytes. Every write computes it twice on every replica with peers (the old entry
+/// out, the new one in), so it is a fast hash rather than a cryptographic one: replicas are
+/// not adversaries, and 128 bits make an accidental collision negligible.
 pub fn entry_hash(key: &[u8], stored: &[u8]) -> EntryHash {
-    let mut context = md5::Context::new();
-    context.consume((key.len() as u64).to_be_bytes());
-    context.consume(key);
-    context.consume(stored);
-    u128::from_be_bytes(context.finalize().0)
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&(key.len() as u64).to_be_bytes());
+    hasher.update(key);
+    hasher.update(stored);
+    hasher.digest128()
 }
+
+/// The name of [`entry_hash`], part of what two nodes must agree on to compare trees.
+pub const ENTRY_HASH: &str = "xxh3-128";
 
 /// One tree: `levels[0]` is the root (one hash), `levels[LEVELS]` the leaves.
 #[derive(Debug, Clone, PartialEq, Eq)]

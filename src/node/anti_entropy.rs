@@ -211,7 +211,11 @@ impl AntiEntropy {
 
     /// What an exchange's two sides must agree on: the layout, N, and the trees' shape.
     fn agreement(&self) -> String {
-        format!("{} leaves={LEAVES}", self.fingerprint)
+        format!(
+            "{} leaves={LEAVES} hash={}",
+            self.fingerprint,
+            merkle::ENTRY_HASH
+        )
     }
 
     /// Answers a peer's question about the tree kept for it.
