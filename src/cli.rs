@@ -64,6 +64,10 @@ pub struct NodeArgs {
     /// Most keys one anti-entropy exchange with a peer repairs.
     #[arg(long, default_value_t = 20_000)]
     pub aae_max_keys: usize,
+    /// The failure domain this node is in (rack, room, data centre): where there are at
+    /// least N zones, a partition's replicas are in N distinct zones.
+    #[arg(long, value_name = "NAME", default_value = "")]
+    pub zone: String,
     /// Memory for the cache of recently read and written keys, in MiB (0: no cache; ignored
     /// with --in-memory).
     #[arg(long, default_value_t = 32)]
@@ -107,8 +111,14 @@ impl NodeArgs {
         let ring = if peers.is_empty() {
             None
         } else {
-            Some(NodeRing::new(advertise, &peers, self.replicas)?)
+            Some(NodeRing::new(advertise.clone(), &peers, self.replicas)?)
         };
+        let replicas = ring
+            .as_ref()
+            .map_or(self.replicas.unwrap_or(3), |r| r.replicas);
+        if replicas == 0 {
+            return Err(ConfigError("-N must be at least 1".into()));
+        }
         let storage = if self.in_memory {
             StorageConfig::InMemory
         } else {
@@ -156,6 +166,9 @@ impl NodeArgs {
             } else {
                 self.cache_mb.saturating_mul(1024 * 1024)
             },
+            advertise,
+            zone: self.zone,
+            replicas,
         })
     }
 }

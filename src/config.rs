@@ -28,6 +28,12 @@ pub struct NodeConfig {
     pub aae_max_keys: usize,
     /// Capacity of the node's row cache ([`crate::node`]); 0 turns it off.
     pub cache_bytes: u64,
+    /// This node's address as members name it (`--advertise`).
+    pub advertise: String,
+    /// Its failure domain (`--zone`).
+    pub zone: String,
+    /// N for a layout version 1 this node builds from its `-s` servers.
+    pub replicas: usize,
 }
 
 /// The layout as a storage node sees it: itself and its `-s` peers, placed exactly as the
@@ -70,6 +76,9 @@ pub struct BalancerConfig {
     pub replicas: usize,
     pub read_quorum: usize,
     pub write_quorum: usize,
+    /// -R and -W as given; without them, a majority of the layout's N.
+    pub explicit_read: Option<usize>,
+    pub explicit_write: Option<usize>,
     /// How long one replica may take before it counts as failed.
     pub replica_timeout: Duration,
     pub max_request_bytes: usize,
@@ -140,6 +149,8 @@ impl BalancerConfig {
             replicas,
             read_quorum,
             write_quorum,
+            explicit_read: flags.read_quorum,
+            explicit_write: flags.write_quorum,
             replica_timeout: Duration::from_millis(flags.timeout_ms),
             max_request_bytes: flags.max_request_bytes,
             tombstone_grace: Duration::from_millis(flags.tombstone_grace_ms),

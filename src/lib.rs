@@ -22,12 +22,14 @@
 //! Everything that decides (ring placement, clocks, quorum counting, target choice, tree
 //! diffs) is pure and does no I/O; networking lives in [`rpc`], [`node`] and [`balancer`].
 
+pub mod admin;
 pub mod balancer;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod layout;
+pub mod membership;
 pub mod merkle;
 pub mod node;
 pub mod quorum;

@@ -99,21 +99,66 @@ impl Servers {
     }
 }
 
-/// Counts toward a quorum and remembers the first failure, for the 503 text.
+/// Counts toward a quorum and remembers the first failure, for the 503 text. While a layout
+/// transition runs, a write counts one tally per live version, each over its own replicas:
+/// it is met when every one is, failed as soon as one is.
 #[derive(Debug, Clone)]
 struct Count {
     kind: QuorumKind,
-    tally: Tally,
+    /// Each tally with the targets that count for it; `None`: every target counts.
+    tallies: Vec<(Tally, Option<Vec<Target>>)>,
     first_failure: Option<String>,
 }
 
 impl Count {
-    fn new(kind: QuorumKind, plan_tally: Tally, detail: Option<String>) -> Self {
+    fn new(kind: QuorumKind, plan: &Plan) -> Self {
+        let tallies = if plan.groups.is_empty() {
+            vec![(plan.tally, None)]
+        } else {
+            plan.groups
+                .iter()
+                .map(|(tally, targets)| (*tally, Some(targets.clone())))
+                .collect()
+        };
         Count {
             kind,
-            tally: plan_tally,
-            first_failure: detail,
+            tallies,
+            first_failure: plan.detail.clone(),
         }
+    }
+
+    fn outcome(&self) -> Outcome {
+        let outcomes = self.tallies.iter().map(|(tally, _)| tally.outcome());
+        let mut all_met = true;
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Failed => return Outcome::Failed,
+                Outcome::Pending => all_met = false,
+                Outcome::Met => {}
+            }
+        }
+        if all_met {
+            Outcome::Met
+        } else {
+            Outcome::Pending
+        }
+    }
+
+    fn record(&mut self, target: Target, success: bool) -> Outcome {
+        for (tally, targets) in &mut self.tallies {
+            if targets.as_ref().is_none_or(|t| t.contains(&target)) {
+                if success {
+                    tally.success();
+                } else {
+                    tally.failure();
+                }
+            }
+        }
+        self.outcome()
+    }
+
+    fn success(&mut self, target: Target) -> Outcome {
+        self.record(target, true)
     }
 
     fn failure(
@@ -124,15 +169,21 @@ impl Count {
     ) -> Outcome {
         self.first_failure
             .get_or_insert_with(|| servers.describe(target, error));
-        self.tally.failure()
+        self.record(target, false)
     }
 
     fn error(&self) -> Error {
+        let tally = self
+            .tallies
+            .iter()
+            .map(|(tally, _)| *tally)
+            .find(|tally| tally.outcome() != Outcome::Met)
+            .unwrap_or(self.tallies[0].0);
         Error::Quorum {
             kind: self.kind,
-            needed: self.tally.needed,
-            answered: self.tally.succeeded,
-            replicas: self.tally.replicas,
+            needed: tally.needed,
+            answered: tally.succeeded,
+            replicas: tally.replicas,
             detail: self.first_failure.clone(),
         }
     }
@@ -212,6 +263,7 @@ impl Write {
         plan: Plan,
         switched: bool,
     ) -> (Self, Vec<Action<()>>) {
+        let count = Count::new(QuorumKind::Write, &plan);
         let mut write = Write {
             servers,
             request,
@@ -219,7 +271,7 @@ impl Write {
             asking: None,
             passed_over: Vec::new(),
             waiting: Vec::new(),
-            count: Count::new(QuorumKind::Write, plan.tally, plan.detail),
+            count,
             answered: false,
         };
         let mut actions = Vec::new();
@@ -251,8 +303,8 @@ impl Write {
             None => {
                 self.asking = None;
                 // Those passed over answered, but nothing was stored: they count as failed.
-                for _ in self.passed_over.drain(..) {
-                    self.count.tally.failure();
+                for target in std::mem::take(&mut self.passed_over) {
+                    self.count.record(target, false);
                 }
                 self.answer_failure()
             }
@@ -277,8 +329,10 @@ impl Write {
     }
 
     fn on_coordinated(&mut self, siblings: Siblings) -> Vec<Action<()>> {
-        self.asking = None;
-        let outcome = self.count.tally.success();
+        let outcome = match self.asking.take() {
+            Some(target) => self.count.success(target),
+            None => self.count.outcome(),
+        };
         let copies: Vec<Target> = self
             .passed_over
             .drain(..)
@@ -355,7 +409,7 @@ impl Machine for Write {
             return Vec::new();
         }
         let outcome = match reply {
-            Ok(_) => self.count.tally.success(),
+            Ok(_) => self.count.success(target),
             Err(error) => self.count.failure(&self.servers, target, &error),
         };
         match outcome {
@@ -406,13 +460,14 @@ impl Read {
                 )
             })
             .collect();
+        let count = Count::new(QuorumKind::Read, &plan);
         let mut read = Read {
             servers,
             key,
             replicas,
             tombstone_grace_us,
             waiting: plan.targets,
-            count: Count::new(QuorumKind::Read, plan.tally, plan.detail),
+            count,
             merged: Siblings::new(),
             seen: Vec::new(),
             answered: false,
@@ -489,7 +544,7 @@ impl Machine for Read {
             Ok(siblings) => {
                 self.merged.merge(&siblings);
                 self.seen.push((target, siblings));
-                self.count.tally.success()
+                self.count.success(target)
             }
             Err(error) => self.count.failure(&self.servers, target, &error),
         };

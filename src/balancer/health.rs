@@ -57,6 +57,20 @@ impl Health {
         }
     }
 
+    /// Takes over what `old` knew of the nodes both name (a new layout keeps its nodes'
+    /// states).
+    pub fn carry_from(&self, old: &Health) {
+        for (server, address) in self.addresses.iter().enumerate() {
+            if let Some(before) = old.addresses.iter().position(|a| a == address) {
+                let state = old.state[before].load(Ordering::Relaxed);
+                self.state[server].store(if state == DOWN { DOWN } else { UP }, Ordering::Relaxed);
+                if let Some(error) = old.last_error(before) {
+                    self.set_last_error(server, error);
+                }
+            }
+        }
+    }
+
     pub fn is_up(&self, server: usize) -> bool {
         self.state[server].load(Ordering::Relaxed) == UP
     }
@@ -111,13 +125,19 @@ impl Health {
             .count()
     }
 
-    /// One prober round: probe down nodes, check the ring of nodes not checked yet.
-    pub async fn probe(&self, client: &RpcClient, fingerprint: &str) {
+    /// One prober round: probe down nodes. (The layout is no longer compared here: every
+    /// daemon follows the history gossip spreads.)
+    pub async fn probe(&self, client: &RpcClient) {
+        self.probe_checking(client, None).await
+    }
+
+    async fn probe_checking(&self, client: &RpcClient, fingerprint: Option<&str>) {
         let mut probes = tokio::task::JoinSet::new();
         for server in 0..self.addresses.len() {
             let state = self.state[server].load(Ordering::Relaxed);
-            let check_ring = state == MISMATCH
-                || (state == UP && !self.ring_checked[server].load(Ordering::Relaxed));
+            let check_ring = fingerprint.is_some()
+                && (state == MISMATCH
+                    || (state == UP && !self.ring_checked[server].load(Ordering::Relaxed)));
             if state != DOWN && !check_ring {
                 continue;
             }
@@ -143,7 +163,7 @@ impl Health {
             match joined {
                 Ok((server, Some(Probed::Healthy))) => self.mark_up(server),
                 Ok((server, Some(Probed::Stats(stats)))) => {
-                    self.compare_ring(server, &stats, fingerprint)
+                    self.compare_ring(server, &stats, fingerprint.unwrap_or_default())
                 }
                 _ => {}
             }

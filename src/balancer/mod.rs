@@ -47,6 +47,7 @@ use crate::clock::micros;
 use crate::config::BalancerConfig;
 use crate::error::{Error, QuorumKind, Result};
 use crate::layout::Layout;
+use crate::membership::{Membership, Report, Role, Routing};
 use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::codec;
 use crate::rpc::messages::{Op, OpReply};
@@ -103,75 +104,217 @@ pub struct Balancer {
 
 struct Shared {
     config: BalancerConfig,
-    layout: Layout,
-    /// The layout's servers, as the coordinator's machines name them.
-    servers: Servers,
-    /// The layout's fingerprint (with N), as storage nodes with peers report theirs.
-    fingerprint: String,
+    /// The layout history, learned from the seeds and followed by gossip.
+    membership: Arc<Membership>,
+    /// What requests route with, made from the membership's snapshot.
+    topology: std::sync::RwLock<Option<Arc<Topology>>>,
+    /// One batching queue per storage node ever routed to, by address.
+    queues: std::sync::Mutex<std::collections::HashMap<String, Arc<NodeQueue>>>,
     client: RpcClient,
-    /// One batching queue per storage node, indexed like `layout.servers()`.
-    nodes: Vec<NodeQueue>,
-    health: Health,
     metrics: BalancerMetrics,
     /// The last entry time handed out, so that requests entering one after another get
     /// increasing times even when the cluster clock's estimate moves back a little.
     last_entry_us: AtomicU64,
 }
 
+/// What requests route with: the membership's snapshot, with the balancer's per-node state
+/// for every server of every live layout version. A request holds it for its whole life, which
+/// is how the balancer knows when no request still routes with an older layout.
+pub struct Topology {
+    routing: Arc<Routing>,
+    /// Every server of every live version, sorted, as the coordinator's machines name them.
+    servers: Servers,
+    nodes: Vec<Arc<NodeQueue>>,
+    health: Health,
+    /// Per live version (in `routing.layouts` order): the layout's server index to ours.
+    maps: Vec<Vec<usize>>,
+}
+
+impl Topology {
+    fn address(&self, server: usize) -> &str {
+        self.servers.0.get(server).map_or("?", String::as_str)
+    }
+
+    /// `key`'s walk in live version `version` (index), in our server indexes.
+    fn walk(&self, version: usize, key: &str) -> Vec<usize> {
+        let layout = &self.routing.layouts[version].1;
+        let map = &self.maps[version];
+        layout.walk(key.as_bytes()).map(|s| map[s]).collect()
+    }
+}
+
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
-        let layout = Layout::new(&config.servers, config.replicas);
-        let health = Health::new(layout.servers());
-        let fingerprint = layout.fingerprint();
         let client = RpcClient::new();
-        let nodes = layout
-            .servers()
-            .iter()
-            .map(|address| NodeQueue::new(address.clone(), client.clone(), config.replica_timeout))
-            .collect();
-        let servers = Servers(layout.servers().to_vec().into());
+        let me = format!(
+            "balancer-{:08x}@{}",
+            crate::random::random_u64() as u32,
+            config.listen
+        );
+        let membership = Arc::new(
+            Membership::new(
+                me,
+                Role::Gateway,
+                config.servers.clone(),
+                u32::try_from(config.replicas).unwrap_or(3),
+                String::new(),
+                None,
+            )
+            .unwrap_or_else(|_| unreachable!("a membership without storage cannot fail")),
+        );
         Balancer {
             shared: Arc::new(Shared {
                 config,
-                fingerprint,
-                layout,
-                servers,
+                membership,
+                topology: std::sync::RwLock::new(None),
+                queues: Default::default(),
                 client,
-                nodes,
-                health,
                 metrics: BalancerMetrics::default(),
                 last_entry_us: AtomicU64::new(0),
             }),
         }
     }
 
-    /// The replicas a request for `key` asks, needing `needed` of them (see
-    /// [`targets::plan`]), as the failure detector sees the nodes now.
-    fn plan(&self, key: &str, needed: usize) -> Plan {
+    /// The topology requests route with now; a 503 before the balancer learned a layout.
+    fn topology(&self) -> Result<Arc<Topology>> {
         let shared = &self.shared;
-        let walk: Vec<usize> = shared.layout.walk(key.as_bytes()).collect();
-        targets::plan(&walk, shared.config.replicas, needed, |server| {
-            shared.health.is_up(server)
-        })
+        let current = shared.membership.routing();
+        {
+            let held = shared
+                .topology
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match (&*held, &current) {
+                (Some(topology), Some(routing)) if Arc::ptr_eq(&topology.routing, routing) => {
+                    return Ok(topology.clone());
+                }
+                (_, None) => {
+                    return Err(Error::Quorum {
+                        kind: QuorumKind::Read,
+                        needed: 1,
+                        answered: 0,
+                        replicas: 0,
+                        detail: Some(
+                            "this balancer has not learned the cluster's layout yet (no seed \
+                             answered)"
+                                .into(),
+                        ),
+                    });
+                }
+                _ => {}
+            }
+        }
+        let routing = current.ok_or_else(|| Error::Internal("no layout".into()))?;
+        let mut held = shared
+            .topology
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(topology) = &*held
+            && Arc::ptr_eq(&topology.routing, &routing)
+        {
+            return Ok(topology.clone());
+        }
+        let all = routing.all_servers();
+        let nodes: Vec<Arc<NodeQueue>> = {
+            let mut queues = shared
+                .queues
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            all.iter()
+                .map(|address| {
+                    queues
+                        .entry(address.clone())
+                        .or_insert_with(|| {
+                            Arc::new(NodeQueue::new(
+                                address.clone(),
+                                shared.client.clone(),
+                                shared.config.replica_timeout,
+                            ))
+                        })
+                        .clone()
+                })
+                .collect()
+        };
+        let health = Health::new(&all);
+        if let Some(old) = &*held {
+            health.carry_from(&old.health);
+        }
+        let maps = routing
+            .layouts
+            .iter()
+            .map(|(_, layout)| {
+                layout
+                    .servers()
+                    .iter()
+                    .map(|address| all.binary_search(address).unwrap_or(0))
+                    .collect()
+            })
+            .collect();
+        let topology = Arc::new(Topology {
+            routing,
+            servers: Servers(all.into()),
+            nodes,
+            health,
+            maps,
+        });
+        *held = Some(topology.clone());
+        Ok(topology)
     }
 
-    fn address(&self, server: usize) -> &str {
-        &self.shared.layout.servers()[server]
+    /// N, and R or W, for a layout: the flags when given, else a majority of its N.
+    fn quorum(&self, layout: &Layout, explicit: Option<usize>) -> (usize, usize) {
+        let n = layout.replicas().max(1);
+        let needed = explicit.unwrap_or_else(|| crate::quorum::majority(n));
+        (n, needed.clamp(1, n))
+    }
+
+    /// The replicas a read of `key` asks: R of the version reads use (see
+    /// [`targets::plan`]), as the failure detector sees the nodes now.
+    fn plan_read(&self, topology: &Topology, key: &str) -> (Plan, usize) {
+        let version = topology.routing.read;
+        let layout = &topology.routing.layouts[version].1;
+        let (n, r) = self.quorum(layout, self.shared.config.explicit_read);
+        let walk = topology.walk(version, key);
+        (
+            targets::plan(&walk, n, r, |server| topology.health.is_up(server)),
+            n,
+        )
+    }
+
+    /// The replicas a write of `key` reaches: W of every live version's (the version reads
+    /// use first, so that one of its replicas coordinates).
+    fn plan_write(&self, topology: &Topology, key: &str) -> Plan {
+        let read = topology.routing.read;
+        let order = std::iter::once(read).chain((0..topology.maps.len()).filter(|&v| v != read));
+        let plans = order
+            .map(|version| {
+                let layout = &topology.routing.layouts[version].1;
+                let (n, w) = self.quorum(layout, self.shared.config.explicit_write);
+                let walk = topology.walk(version, key);
+                targets::plan(&walk, n, w, |server| topology.health.is_up(server))
+            })
+            .collect();
+        targets::combine(plans)
     }
 
     /// One operation on one replica, bounded by the replica timeout; records the outcome in
     /// `health`. Operations travel in batches per node (see [`NodeQueue`]).
-    async fn call_replica(&self, server: usize, op: Op) -> std::result::Result<OpReply, CallError> {
+    async fn call_replica(
+        &self,
+        topology: &Topology,
+        server: usize,
+        op: Op,
+    ) -> std::result::Result<OpReply, CallError> {
         let shared = &self.shared;
-        let result = shared.nodes[server]
+        let result = topology.nodes[server]
             .call(op, shared.config.replica_timeout)
             .await;
         match &result {
-            Ok(_) => shared.health.mark_up(server),
+            Ok(_) => topology.health.mark_up(server),
             Err(error) => {
                 shared.metrics.replica_failures.inc();
-                tracing::debug!(server = self.address(server), %error, "replica call failed");
-                shared.health.record_failure(server, error);
+                tracing::debug!(server = topology.address(server), %error, "replica call failed");
+                topology.health.record_failure(server, error);
             }
         }
         result
@@ -188,6 +331,7 @@ impl Balancer {
     /// The task ends with what the machine noted, for whoever waits for the whole request.
     fn drive<M: Machine>(
         &self,
+        topology: Arc<Topology>,
         mut machine: M,
         first: Vec<Action<M::Output>>,
     ) -> (
@@ -206,8 +350,9 @@ impl Balancer {
                     match action {
                         Action::Send(target, op) => {
                             let this = this.clone();
+                            let topology = topology.clone();
                             pending.push(async move {
-                                let reply = this.call_replica(target.server, op).await;
+                                let reply = this.call_replica(&topology, target.server, op).await;
                                 (target, reply)
                             });
                         }
@@ -299,9 +444,11 @@ impl Balancer {
     /// Asks every node for `GET /health`, which measures its clock (see [`crate::clock`]).
     async fn measure_clocks(&self) {
         let shared = &self.shared;
-        let probes = shared
-            .layout
-            .servers()
+        let servers = match self.topology() {
+            Ok(topology) => topology.servers.0.to_vec(),
+            Err(_) => shared.config.servers.clone(),
+        };
+        let probes = servers
             .iter()
             .map(|address| shared.client.probe(address, MEASURE_TIMEOUT));
         futures_util::future::join_all(probes).await;
@@ -316,11 +463,11 @@ impl Balancer {
         context: Option<VClock>,
         entered_us: u64,
     ) -> Result<()> {
-        let shared = &self.shared;
-        let mut plan = self.plan(&key, shared.config.write_quorum);
+        let topology = self.topology()?;
+        let mut plan = self.plan_write(&topology, &key);
         let (order, switched) =
             targets::order_for_write(std::mem::take(&mut plan.targets), |server| {
-                shared.nodes[server].is_lagging()
+                topology.nodes[server].is_lagging()
             });
         plan.targets = order;
         let request = WriteRequest {
@@ -329,34 +476,36 @@ impl Balancer {
             context,
             entered_us,
         };
-        let (machine, first) = Write::start(shared.servers.clone(), request, plan, switched);
-        Self::answer(self.drive(machine, first).0).await
+        let (machine, first) = Write::start(topology.servers.clone(), request, plan, switched);
+        Self::answer(self.drive(topology, machine, first).0).await
     }
 
     /// Reads the key from R replicas and returns their merged sibling set; read repair (or
     /// reaping) follows in the background once the stragglers answered.
     pub async fn read(&self, key: String) -> Result<Siblings> {
-        Self::answer(self.start_read(key).0).await
+        Self::answer(self.start_read(key)?.0).await
     }
 
+    #[allow(clippy::type_complexity)]
     fn start_read(
         &self,
         key: String,
-    ) -> (
+    ) -> Result<(
         oneshot::Receiver<Result<Siblings>>,
         tokio::task::JoinHandle<Vec<Event>>,
-    ) {
+    )> {
         let shared = &self.shared;
-        let plan = self.plan(&key, shared.config.read_quorum);
-        let grace_us = micros(shared.config.tombstone_grace);
-        let (machine, first) = Read::start(
-            shared.servers.clone(),
-            key,
-            plan,
-            shared.config.replicas,
-            grace_us,
-        );
-        self.drive(machine, first)
+        let topology = self.topology()?;
+        let (plan, n) = self.plan_read(&topology, &key);
+        // No tombstone is reaped while a transition runs: a replica of another version may
+        // not hold it yet, and would bring the deleted value back.
+        let grace_us = if topology.routing.in_transition() {
+            u64::MAX
+        } else {
+            micros(shared.config.tombstone_grace)
+        };
+        let (machine, first) = Read::start(topology.servers.clone(), key, plan, n, grace_us);
+        Ok(self.drive(topology, machine, first))
     }
 
     /// A delete's tombstones can go once the grace period is over and every replica has
@@ -370,7 +519,9 @@ impl Balancer {
         tokio::spawn(async move {
             for retry in 0..TOMBSTONE_CHECKS {
                 tokio::time::sleep(wait).await;
-                let (answered, finished) = this.start_read(key.clone());
+                let Ok((answered, finished)) = this.start_read(key.clone()) else {
+                    continue;
+                };
                 // A failed read says nothing: try again.
                 let deleted = match Self::answer(answered).await {
                     Ok(siblings) => siblings.is_tombstoned(),
@@ -420,6 +571,7 @@ impl Balancer {
                 Ok(versions_xml(&siblings))
             }
             Request::Stats => codec::value_to_xml(&self.stats()),
+            Request::Cluster(call) => self.shared.membership.answer(call, self.report()).await,
         }
     }
 
@@ -480,42 +632,52 @@ impl Balancer {
                 "servers_up",
                 "dynamite_balancer_servers_up",
                 "Storage nodes whose last call succeeded.",
-                i64::try_from(self.shared.health.up_count()).unwrap_or(i64::MAX),
+                self.topology().map_or(0, |t| {
+                    i64::try_from(t.health.up_count()).unwrap_or(i64::MAX)
+                }),
             ),
         ]
     }
 
     fn stats(&self) -> Value {
         let shared = &self.shared;
-        let servers = shared
-            .layout
-            .servers()
+        let topology = self.topology().ok();
+        let servers = topology
             .iter()
-            .enumerate()
-            .map(|(index, address)| {
-                let mut entry = vec![
-                    ("address".to_string(), Value::String(address.clone())),
-                    (
-                        "state".to_string(),
-                        Value::String(shared.health.state(index).into()),
-                    ),
-                ];
-                if let Some(error) = shared.health.last_error(index) {
-                    entry.push(("last_error".to_string(), Value::String(error)));
-                }
-                // How far the node's clock is from this balancer's, as measured (see
-                // `crate::clock`): deadlines are translated by it.
-                if let Some(offset) = shared.client.clocks().offset(address) {
-                    entry.push((
-                        "clock_offset_us".to_string(),
-                        codec::int_value(offset.offset_us),
-                    ));
-                    entry.push((
-                        "clock_error_us".to_string(),
-                        codec::int_value(i64::try_from(offset.error_us).unwrap_or(i64::MAX)),
-                    ));
-                }
-                Value::Struct(entry.into_iter().collect())
+            .flat_map(|topology| {
+                topology
+                    .servers
+                    .0
+                    .iter()
+                    .enumerate()
+                    .map(|(index, address)| {
+                        let mut entry = vec![
+                            ("address".to_string(), Value::String(address.clone())),
+                            (
+                                "state".to_string(),
+                                Value::String(topology.health.state(index).into()),
+                            ),
+                        ];
+                        if let Some(error) = topology.health.last_error(index) {
+                            entry.push(("last_error".to_string(), Value::String(error)));
+                        }
+                        // How far the node's clock is from this balancer's, as measured (see
+                        // `crate::clock`): deadlines are translated by it.
+                        if let Some(offset) = shared.client.clocks().offset(address) {
+                            entry.push((
+                                "clock_offset_us".to_string(),
+                                codec::int_value(offset.offset_us),
+                            ));
+                            entry.push((
+                                "clock_error_us".to_string(),
+                                codec::int_value(
+                                    i64::try_from(offset.error_us).unwrap_or(i64::MAX),
+                                ),
+                            ));
+                        }
+                        Value::Struct(entry.into_iter().collect())
+                    })
+                    .collect::<Vec<_>>()
             })
             .collect();
         let counters = self
@@ -525,21 +687,40 @@ impl Balancer {
             .collect();
         let config = &shared.config;
         let int = |n: usize| codec::int_value(i64::try_from(n).unwrap_or(i64::MAX));
+        let (n, r, w, ring, version) = match &topology {
+            Some(topology) => {
+                let read = topology.routing.read_layout();
+                let (n, r) = self.quorum(read, config.explicit_read);
+                let (_, w) = self.quorum(read, config.explicit_write);
+                (
+                    n,
+                    r,
+                    w,
+                    topology.routing.current().fingerprint(),
+                    topology.routing.current_version(),
+                )
+            }
+            None => (
+                config.replicas,
+                config.read_quorum,
+                config.write_quorum,
+                String::new(),
+                0,
+            ),
+        };
         Value::Struct(
             [
                 ("servers".to_string(), Value::Array(servers)),
-                ("N".to_string(), int(config.replicas)),
-                ("R".to_string(), int(config.read_quorum)),
-                ("W".to_string(), int(config.write_quorum)),
+                ("N".to_string(), int(n)),
+                ("R".to_string(), int(r)),
+                ("W".to_string(), int(w)),
                 ("partitions".to_string(), int(crate::layout::PARTITIONS)),
+                ("layout_version".to_string(), int(version as usize)),
                 (
                     "timeout_ms".to_string(),
                     int(config.replica_timeout.as_millis() as usize),
                 ),
-                (
-                    "ring".to_string(),
-                    Value::String(shared.fingerprint.clone()),
-                ),
+                ("ring".to_string(), Value::String(ring)),
                 ("counters".to_string(), Value::Struct(counters)),
                 // Tasks alive in the runtime: returns to its idle level once late replies are
                 // in, which is how a leak of per-request tasks would show.
@@ -552,6 +733,18 @@ impl Balancer {
             ]
             .into(),
         )
+    }
+
+    /// What this balancer says of itself in gossip.
+    fn report(&self) -> Report {
+        Report {
+            layout_version: self
+                .shared
+                .membership
+                .routing()
+                .map_or(0, |r| r.current_version()),
+            ..Report::default()
+        }
     }
 }
 
@@ -603,11 +796,19 @@ pub async fn run(
         "load balancer serving"
     );
     let balancer = Arc::new(Balancer::new(config));
+    // Learn the layout from the seeds (or build version 1 from them) before serving.
+    let membership = balancer.shared.membership.clone();
+    membership.bootstrap(&balancer.report()).await;
     // Entry times are read on the cluster clock: measure it before the first write comes.
     balancer.measure_clocks().await;
     let prober = tokio::spawn(probe_periodically(balancer.clone()));
+    let gossip = {
+        let reporter = balancer.clone();
+        tokio::spawn(membership.run(move || reporter.report()))
+    };
     server::serve(listener, balancer, limits, shutdown).await;
     prober.abort();
+    gossip.abort();
     Ok(())
 }
 
@@ -617,10 +818,8 @@ async fn probe_periodically(balancer: Arc<Balancer>) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let shared = &balancer.shared;
-        shared
-            .health
-            .probe(&shared.client, &shared.fingerprint)
-            .await;
+        if let Ok(topology) = balancer.topology() {
+            topology.health.probe(&balancer.shared.client).await;
+        }
     }
 }

@@ -16,10 +16,12 @@ pub enum Method {
     GetVersions,
     Delete,
     Stats,
+    /// The `cluster.*` methods, by index in [`crate::membership::status::METHODS`].
+    Cluster(usize),
 }
 
 /// A client's call, read.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Request {
     /// `value` is its XML text; `context` what the client had seen (none: a blind put).
     Put {
@@ -38,6 +40,7 @@ pub enum Request {
         context: Option<VClock>,
     },
     Stats,
+    Cluster(crate::membership::status::ClusterCall),
 }
 
 impl server::Request for Request {
@@ -49,6 +52,14 @@ impl server::Request for Request {
         Method::GetVersions,
         Method::Delete,
         Method::Stats,
+        Method::Cluster(0),
+        Method::Cluster(1),
+        Method::Cluster(2),
+        Method::Cluster(3),
+        Method::Cluster(4),
+        Method::Cluster(5),
+        Method::Cluster(6),
+        Method::Cluster(7),
     ];
 
     fn name(method: Method) -> &'static str {
@@ -58,6 +69,9 @@ impl server::Request for Request {
             Method::GetVersions => "get_versions",
             Method::Delete => "delete",
             Method::Stats => "stats",
+            Method::Cluster(i) => crate::membership::status::METHODS
+                .get(i)
+                .map_or("cluster.?", |(name, _)| name),
         }
     }
 
@@ -72,6 +86,9 @@ impl server::Request for Request {
                 "delete(key[, context]) -> \"200\" once W replicas stored the tombstone"
             }
             Method::Stats => "stats() -> {servers: [{address, state}], N, R, W, counters}",
+            Method::Cluster(i) => crate::membership::status::METHODS
+                .get(i)
+                .map_or("cluster.?() -> ?", |(_, help)| help),
         }
     }
 
@@ -99,6 +116,7 @@ impl server::Request for Request {
                 expect_params(&params, 0)?;
                 Request::Stats
             }
+            Method::Cluster(i) => Request::Cluster(crate::membership::status::parse(i, params)?),
         })
     }
 }
@@ -124,7 +142,15 @@ mod tests {
             );
         }
         let names: Vec<&str> = Request::METHODS.iter().map(|&m| Request::name(m)).collect();
-        assert_eq!(names, ["put", "get", "get_versions", "delete", "stats"]);
+        assert_eq!(
+            names[..5],
+            ["put", "get", "get_versions", "delete", "stats"]
+        );
+        let cluster: Vec<&str> = crate::membership::status::METHODS
+            .iter()
+            .map(|(name, _)| *name)
+            .collect();
+        assert_eq!(names[5..], cluster[..]);
     }
 
     #[test]
@@ -187,7 +213,7 @@ mod tests {
         ];
         for (method, params, expected) in cases {
             let got = Request::parse(method, params).map_err(|error| error.fault_code());
-            assert_eq!(got, expected, "{method:?}");
+            assert_eq!(format!("{got:?}"), format!("{expected:?}"), "{method:?}");
         }
     }
 }

@@ -35,6 +35,45 @@ pub struct Plan {
     pub tally: Tally,
     /// Why some replicas were left out, for the 503 text.
     pub detail: Option<String>,
+    /// While more than one layout version is live, a write needs its quorum in each
+    /// version's replica set: one tally per version, with the targets that count for it
+    /// (empty: the one tally above, over every target).
+    pub groups: Vec<(Tally, Vec<Target>)>,
+}
+
+/// One plan per live layout version (the version reads use first) made into one: every
+/// target once, in that order, each version's tally counting its own targets.
+pub fn combine(plans: Vec<Plan>) -> Plan {
+    if plans.len() == 1 {
+        return plans.into_iter().next().unwrap_or_else(|| Plan {
+            targets: Vec::new(),
+            tally: Tally::new(0, 0),
+            detail: None,
+            groups: Vec::new(),
+        });
+    }
+    let mut targets: Vec<Target> = Vec::new();
+    let mut groups = Vec::with_capacity(plans.len());
+    let mut detail = None;
+    let mut tally = Tally::new(0, 0);
+    for (i, plan) in plans.into_iter().enumerate() {
+        for target in &plan.targets {
+            if !targets.contains(target) {
+                targets.push(*target);
+            }
+        }
+        if i == 0 {
+            tally = plan.tally;
+        }
+        detail = detail.or(plan.detail);
+        groups.push((plan.tally, plan.targets));
+    }
+    Plan {
+        targets,
+        tally,
+        detail,
+        groups,
+    }
 }
 
 /// The replicas for a request needing `needed` of the key's `replicas`: the preference list
@@ -66,6 +105,7 @@ pub fn plan(walk: &[usize], replicas: usize, needed: usize, is_up: impl Fn(usize
         targets,
         tally,
         detail,
+        groups: Vec::new(),
     }
 }
 

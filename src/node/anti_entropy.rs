@@ -106,18 +106,27 @@ pub struct AntiEntropy {
 impl AntiEntropy {
     pub fn new(config: &NodeRing, interval: Duration, max_keys: usize) -> Result<Self> {
         let layout = Layout::new(&config.servers, config.replicas);
+        Self::from_layout(layout, &config.me, interval, max_keys)
+    }
+
+    /// Anti-entropy for `me` over `layout`.
+    pub fn from_layout(
+        layout: Layout,
+        me_address: &str,
+        interval: Duration,
+        max_keys: usize,
+    ) -> Result<Self> {
+        let replicas = layout.replicas();
         let me = layout
             .servers()
             .iter()
-            .position(|server| *server == config.me)
+            .position(|server| server == me_address)
             .ok_or_else(|| Error::Internal("this node is missing from its own layout".into()))?;
         let servers = layout.servers().len();
         let sharing: Vec<Vec<usize>> = (0..crate::layout::PARTITIONS)
             .map(|partition| {
-                let replicas: Vec<usize> = layout
-                    .partition_walk(partition)
-                    .take(config.replicas)
-                    .collect();
+                let replicas: Vec<usize> =
+                    layout.partition_walk(partition).take(replicas).collect();
                 if !replicas.contains(&me) {
                     return Vec::new();
                 }
@@ -136,8 +145,8 @@ impl AntiEntropy {
             fingerprint: layout.fingerprint(),
             layout,
             me,
-            me_address: config.me.clone(),
-            replicas: config.replicas,
+            me_address: me_address.to_owned(),
+            replicas: replicas,
             trees: shares
                 .iter()
                 .map(|&shared| shared.then(|| Mutex::new(merkle::Tree::new())))

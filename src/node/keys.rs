@@ -59,6 +59,14 @@ pub fn leaf_range(leaf: usize) -> (Vec<u8>, Option<Vec<u8>>) {
     (after, before)
 }
 
+/// Where a partition's keys lie in the engine's order, as [`leaf_range`] gives a leaf's: a
+/// partition is the run of leaves that share the first byte of MD5.
+pub fn partition_range(partition: usize) -> (Vec<u8>, Option<Vec<u8>>) {
+    let per_partition = LEAVES / crate::layout::PARTITIONS;
+    let first = partition % crate::layout::PARTITIONS * per_partition;
+    (leaf_range(first).0, leaf_range(first + per_partition - 1).1)
+}
+
 /// Calls `visit` with each key of `leaf` (the key itself, not its engine key) and its stored
 /// bytes, in pages of [`SCAN_PAGE`]: a range scan of the leaf, reading nothing outside it.
 pub fn scan_leaf(

@@ -44,13 +44,32 @@ impl StorageNode {
     pub(super) fn open_uncounted(config: &NodeConfig) -> Result<Self> {
         let engine = storage::open(&config.storage)?;
         let actor = load_or_create_actor(&*engine)?;
-        let aae = match &config.ring {
-            Some(ring) => Some(AntiEntropy::new(
+        let membership = Arc::new(crate::membership::Membership::new(
+            config.advertise.clone(),
+            crate::membership::Role::Node,
+            config.peers.clone(),
+            u32::try_from(config.replicas).unwrap_or(3),
+            config.zone.clone(),
+            Some(engine.clone()),
+        )?);
+        // Anti-entropy over the stored layout's newest version, or the one -s gives.
+        let stored_layout = membership
+            .routing()
+            .map(|routing| routing.current().clone())
+            .filter(|layout| layout.servers().contains(&config.advertise));
+        let aae = match (stored_layout, &config.ring) {
+            (Some(layout), _) => Some(AntiEntropy::from_layout(
+                layout,
+                &config.advertise,
+                config.aae_interval,
+                config.aae_max_keys,
+            )?),
+            (None, Some(ring)) => Some(AntiEntropy::new(
                 ring,
                 config.aae_interval,
                 config.aae_max_keys,
             )?),
-            None => None,
+            (None, None) => None,
         };
         super::keys::convert(&*engine)?;
         let hints = count_entries(&*engine, Tree::Hints)?;
@@ -63,6 +82,9 @@ impl StorageNode {
             hints: AtomicI64::new(hints),
             corrupt_hints: AtomicI64::new(0),
             aae,
+            membership,
+            syncing: AtomicI64::new(0),
+            sync_progress: Default::default(),
             census: Census::pending(),
             reaped: ReapedTombstones::default(),
             last_clock_warning_us: std::sync::atomic::AtomicU64::new(0),
@@ -101,6 +123,11 @@ pub async fn run(
         node.clone(),
         RpcClient::new(),
     ));
+    let gossip = {
+        let reporter = node.clone();
+        tokio::spawn(node.membership.clone().run(move || reporter.report()))
+    };
+    let sync = tokio::spawn(super::sync::sync_forever(node.clone()));
     let limits = ServerLimits {
         max_request_bytes: config.max_request_bytes,
     };
@@ -110,6 +137,8 @@ pub async fn run(
     handoff.abort();
     anti_entropy.abort();
     rehome.abort();
+    gossip.abort();
+    sync.abort();
     node.engine.sync()?;
     Ok(())
 }
@@ -125,8 +154,12 @@ async fn anti_entropy_periodically(node: Arc<StorageNode>, client: RpcClient) {
     loop {
         ticks.tick().await;
         match &node.aae {
-            // Its trees are complete once the start's count is.
-            Some(aae) if node.census.is_done() => aae.round(&node, &client).await,
+            // Its trees are complete once the start's count is; they are built for one
+            // layout, and pause while the cluster's is another (a transition moves data
+            // by its own means, see `sync.rs`).
+            Some(aae) if node.census.is_done() && node.aae_layout_current(aae) => {
+                aae.round(&node, &client).await
+            }
             _ => {}
         }
     }
@@ -141,6 +174,30 @@ async fn sync_periodically(engine: Arc<dyn Engine>) {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(%error, "journal sync failed"),
             Err(error) => tracing::error!(%error, "journal sync task failed"),
+        }
+    }
+}
+
+impl StorageNode {
+    /// Whether anti-entropy's layout is the cluster's only live one.
+    fn aae_layout_current(&self, aae: &AntiEntropy) -> bool {
+        self.membership.routing().is_some_and(|routing| {
+            !routing.in_transition() && routing.current().fingerprint() == aae.fingerprint()
+        })
+    }
+
+    /// What this node says of itself in gossip and `cluster.status()`.
+    pub fn report(&self) -> crate::membership::Report {
+        crate::membership::Report {
+            zone: self.membership.zone.clone(),
+            layout_version: self
+                .membership
+                .routing()
+                .map_or(0, |routing| routing.current_version()),
+            syncing: u64::try_from(self.syncing.load(std::sync::atomic::Ordering::Relaxed))
+                .unwrap_or(0),
+            keys: u64::try_from(self.live_keys.load(std::sync::atomic::Ordering::Relaxed))
+                .unwrap_or(0),
         }
     }
 }

@@ -39,6 +39,7 @@ pub mod replica;
 pub mod request;
 mod row_cache;
 mod surface;
+pub mod sync;
 mod transaction;
 
 use std::sync::Arc;
@@ -72,8 +73,14 @@ pub struct StorageNode {
     /// Hints that cannot be decoded, as the last handoff pass found them (see
     /// [`hints::handoff_round`]).
     corrupt_hints: AtomicI64,
-    /// Background convergence with the `-s` peers; `None` for a node without peers.
+    /// Background convergence with the peers sharing partitions; `None` for a node without
+    /// a layout at start. Built for one layout: it pauses while the layout is another.
     aae: Option<AntiEntropy>,
+    /// The layout history, gossip and `cluster.*`.
+    pub membership: Arc<crate::membership::Membership>,
+    /// Partitions still to receive for the newest layout version.
+    syncing: AtomicI64,
+    sync_progress: std::sync::Mutex<sync::Progress>,
     /// The count of the keys and the anti-entropy trees, made once after start.
     census: census::Census,
     /// Tombstones reaped lately, refused if a replica sends them back.

@@ -45,11 +45,10 @@ pub struct Pass {
     pub left: usize,
 }
 
-/// Passes until one leaves nothing behind; returns at once for a node without peers.
+/// Passes until one leaves nothing behind, and again whenever the layout history changes
+/// (a transition that ended leaves the old holders' copies to go).
 pub async fn rehome_until_done(node: Arc<StorageNode>, client: RpcClient) {
-    if node.aae.is_none() {
-        return;
-    }
+    let mut changes = node.membership.watch();
     let mut wait = FIRST_RETRY_AFTER;
     loop {
         tokio::time::sleep(wait).await;
@@ -62,17 +61,23 @@ pub async fn rehome_until_done(node: Arc<StorageNode>, client: RpcClient) {
             );
         }
         if pass.left == 0 {
-            return;
+            // Until the layouts change again.
+            let _ = changes.changed().await;
+            changes.mark_unchanged();
+            wait = FIRST_RETRY_AFTER;
+        } else {
+            wait = (wait * 2).min(MAX_RETRY_AFTER);
         }
-        wait = (wait * 2).min(MAX_RETRY_AFTER);
     }
 }
 
 /// One walk over the node's data.
 pub async fn rehome_pass(node: &Arc<StorageNode>, client: &RpcClient) -> Pass {
-    let Some(aae) = &node.aae else {
+    let Some(routing) = node.membership.routing() else {
         return Pass::default();
     };
+    let me = node.membership.me.clone();
+
     let mut pass = Pass::default();
     let mut after: Option<Vec<u8>> = None;
     loop {
@@ -90,7 +95,8 @@ pub async fn rehome_pass(node: &Arc<StorageNode>, client: &RpcClient) -> Pass {
             .iter()
             .filter_map(|(stored, bytes)| {
                 let key = super::keys::user_key(stored)?;
-                if aae.replicates(key) {
+                // A key stays while any live layout version places it here.
+                if routing.replicates(&me, key) {
                     return None;
                 }
                 let key = String::from_utf8(key.to_vec()).ok()?;
@@ -98,7 +104,7 @@ pub async fn rehome_pass(node: &Arc<StorageNode>, client: &RpcClient) -> Pass {
             })
             .collect();
         if !strays.is_empty() {
-            let page_pass = hand_over(node, client, strays).await;
+            let page_pass = hand_over(node, client, &routing, strays).await;
             pass.moved += page_pass.moved;
             pass.left += page_pass.left;
         }
@@ -116,15 +122,13 @@ pub async fn rehome_pass(node: &Arc<StorageNode>, client: &RpcClient) -> Pass {
 async fn hand_over(
     node: &Arc<StorageNode>,
     client: &RpcClient,
+    routing: &crate::membership::Routing,
     strays: Vec<(String, Siblings)>,
 ) -> Pass {
-    let Some(aae) = &node.aae else {
-        return Pass::default();
-    };
     // Per replica address, the indexes of the strays it must take.
     let mut by_replica: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
     for (index, (key, _)) in strays.iter().enumerate() {
-        for replica in aae.replica_addresses(key.as_bytes()) {
+        for replica in routing.current_replicas(key.as_bytes()) {
             by_replica.entry(replica).or_default().push(index);
         }
     }

@@ -19,6 +19,9 @@ pub enum Method {
     Aae,
     MergeMany,
     ReadMany,
+    SyncPage,
+    /// The `cluster.*` methods, by index in [`crate::membership::status::METHODS`].
+    Cluster(usize),
 }
 
 /// A call to a storage node, read.
@@ -41,6 +44,9 @@ pub enum Request {
     MergeMany(MergeManyRequest),
     /// Anti-entropy pull.
     ReadMany(ReadManyRequest),
+    /// A page of a partition, for a node receiving it.
+    SyncPage(crate::node::sync::SyncPageRequest),
+    Cluster(crate::membership::status::ClusterCall),
 }
 
 impl server::Request for Request {
@@ -53,6 +59,15 @@ impl server::Request for Request {
         Method::Aae,
         Method::MergeMany,
         Method::ReadMany,
+        Method::SyncPage,
+        Method::Cluster(0),
+        Method::Cluster(1),
+        Method::Cluster(2),
+        Method::Cluster(3),
+        Method::Cluster(4),
+        Method::Cluster(5),
+        Method::Cluster(6),
+        Method::Cluster(7),
     ];
 
     fn name(method: Method) -> &'static str {
@@ -63,6 +78,10 @@ impl server::Request for Request {
             Method::Aae => messages::AAE,
             Method::MergeMany => messages::MERGE_MANY,
             Method::ReadMany => messages::READ_MANY,
+            Method::SyncPage => crate::node::sync::SYNC_PAGE_METHOD,
+            Method::Cluster(i) => crate::membership::status::METHODS
+                .get(i)
+                .map_or("cluster.?", |(name, _)| name),
         }
     }
 
@@ -82,6 +101,12 @@ impl server::Request for Request {
             Method::ReadMany => {
                 "node.read_many(message) -> internal: many keys' sibling sets (anti-entropy)"
             }
+            Method::SyncPage => {
+                "node.sync_page(message) -> internal: a page of a partition's keys, for a node receiving it"
+            }
+            Method::Cluster(i) => crate::membership::status::METHODS
+                .get(i)
+                .map_or("cluster.?() -> ?", |(_, help)| help),
         }
     }
 
@@ -105,6 +130,8 @@ impl server::Request for Request {
             Method::Aae => Request::Aae(messages::from_params(&params)?),
             Method::MergeMany => Request::MergeMany(messages::from_params(&params)?),
             Method::ReadMany => Request::ReadMany(messages::from_params(&params)?),
+            Method::SyncPage => Request::SyncPage(messages::from_params(&params)?),
+            Method::Cluster(i) => Request::Cluster(crate::membership::status::parse(i, params)?),
         })
     }
 }

@@ -34,6 +34,10 @@ pub(super) struct NodeMetrics {
     pub(super) rehomed: Counter,
     /// Keys this node does not replicate still here, as the last rehoming pass left them.
     pub(super) rehome_left: std::sync::atomic::AtomicI64,
+    /// Pages of a partition served to a node receiving it.
+    pub(super) sync_pages_served: Counter,
+    /// Keys received from other nodes for partitions a new layout gave this node.
+    pub(super) sync_keys_received: Counter,
 }
 
 impl StorageNode {
@@ -135,6 +139,32 @@ impl StorageNode {
                 "dynamite_node_rehome_left",
                 "Keys this node does not replicate still here, after the last rehoming pass.",
                 m.rehome_left.load(Ordering::Relaxed),
+            ),
+            Figure::gauge(
+                "syncing",
+                "dynamite_node_partitions_syncing",
+                "Partitions this node still has to receive for the newest layout version.",
+                self.syncing.load(Ordering::Relaxed),
+            ),
+            Figure::gauge(
+                "layout_version",
+                "dynamite_node_layout_version",
+                "The newest layout version this node knows (0: none yet).",
+                self.membership.routing().map_or(0, |r| {
+                    i64::try_from(r.current_version()).unwrap_or(i64::MAX)
+                }),
+            ),
+            Figure::counter(
+                "sync_keys_received",
+                "dynamite_node_sync_keys_received_total",
+                "Keys received for partitions a new layout version gave this node.",
+                &m.sync_keys_received,
+            ),
+            Figure::counter(
+                "sync_pages_served",
+                "dynamite_node_sync_pages_served_total",
+                "Pages of partitions sent to nodes receiving them.",
+                &m.sync_pages_served,
             ),
             Figure::counter(
                 "clock_refusals",
@@ -278,6 +308,8 @@ impl StorageNode {
                     .map_or_else(|| codec::NIL_XML.to_owned(), str::to_owned))
             }
             Request::Stats => self.stats_xml(),
+            Request::SyncPage(request) => messages::reply_xml(&self.sync_page(&request)?),
+            Request::Cluster(_) => Err(Error::Internal("cluster calls are async".into())),
         }
     }
 }
@@ -286,7 +318,10 @@ impl Handler for StorageNode {
     type Request = Request;
 
     async fn call(&self, request: Request) -> Result<String> {
-        self.call_sync(request)
+        match request {
+            Request::Cluster(call) => self.membership.answer(call, self.report()).await,
+            request => self.call_sync(request),
+        }
     }
 
     fn count_fault(&self) {

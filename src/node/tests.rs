@@ -25,6 +25,9 @@ fn node() -> StorageNode {
         aae_max_keys: 1000,
         // On, so that the stories below also check the cache stays true to the engine.
         cache_bytes: 1 << 20,
+        advertise: "127.0.0.1:1".into(),
+        zone: String::new(),
+        replicas: 3,
     };
     StorageNode::open(&config).expect("in-memory node opens")
 }
@@ -540,6 +543,9 @@ fn a_count_made_while_commits_go_on_counts_each_key_once() {
         aae_interval: Duration::from_secs(1),
         aae_max_keys: 1000,
         cache_bytes: 1 << 20,
+        advertise: "127.0.0.1:1".into(),
+        zone: String::new(),
+        replicas: 2,
     };
     let dir = std::env::temp_dir().join(format!(
         "dynamite-census-{}-{}",

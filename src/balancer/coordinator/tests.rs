@@ -29,6 +29,7 @@ fn plan(targets: Vec<Target>, needed: usize) -> Plan {
         targets,
         tally: Tally::new(3, needed),
         detail: None,
+        groups: Vec::new(),
     }
 }
 
@@ -309,6 +310,7 @@ fn sloppy_quorum_hints_and_left_out_replicas() {
         targets: vec![fallback, own(B)],
         tally,
         detail: Some("1 replica(s) down with no fallback".into()),
+        groups: Vec::new(),
     };
     let (mut write, actions) =
         Write::start(servers(), request(Some("<value>v</value>")), plan, false);
@@ -536,6 +538,7 @@ fn a_read_with_nobody_to_ask_fails_at_once() {
         targets: vec![],
         tally,
         detail: Some("3 replica(s) down with no fallback".into()),
+        groups: Vec::new(),
     };
     let (_, actions) = Read::start(servers(), "k".into(), plan, 3, GRACE_US);
     assert!(matches!(

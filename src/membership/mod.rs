@@ -1,0 +1,573 @@
+//! Live membership: the layout history as one daemon holds it, spread by gossip, stored by
+//! nodes, changed by `cluster.*` calls.
+//!
+//! [`history`] holds the rules (pure). This module is their shell, shared by both daemons:
+//!
+//! - the history, and a [`Routing`] snapshot made from it that requests hold for their whole
+//!   life: a daemon acknowledges a new version (`ack`) once no request still holds a snapshot
+//!   without it, and says it reads from a version (`sync_ack`) once no request still reads
+//!   from an older one;
+//! - gossip: every [`GOSSIP_INTERVAL`] a daemon sends the digest of its history to every
+//!   member (and its seeds); on a mismatch the two exchange histories and merge;
+//! - the start: a node loads its stored history; a daemon without one asks its seeds and
+//!   takes theirs, and only when every seed answered without one does it build version 1
+//!   from itself and its `-s` servers (so a cluster started as today gets today's layout,
+//!   and a node started with `-s any-member` joins the existing cluster instead);
+//! - applies (`apply.rs`): a lock granted by a majority of the current members makes sure
+//!   that of two racing `cluster.apply(v)` exactly one wins.
+
+pub mod apply;
+pub mod history;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::layout::{Layout, Member};
+use crate::rpc::client::RpcClient;
+use crate::rpc::messages;
+use crate::storage::{Engine, Tree, WriteOp};
+use history::History;
+
+/// How often a daemon compares histories with every member.
+pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
+/// How long one gossip call may take.
+const GOSSIP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a daemon without a history waits for its seeds before building version 1 from
+/// its `-s` servers anyway.
+const BOOTSTRAP_PATIENCE: Duration = Duration::from_secs(5);
+/// A peer heard of within this long is "up" in `cluster.status()`.
+const UP_WITHIN: Duration = Duration::from_secs(3);
+
+const HISTORY_KEY: &[u8] = b"layout_history";
+
+pub const GOSSIP_METHOD: &str = "cluster.gossip";
+
+/// What a daemon is in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A storage node: `me` is its address as members name it.
+    Node,
+    /// A balancer: routes requests, stores nothing; `me` is a name of its own.
+    Gateway,
+}
+
+/// What a daemon says of itself in gossip, for `cluster.status()`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub zone: String,
+    /// Newest layout version it knows.
+    pub layout_version: u64,
+    /// Partitions it still has to receive.
+    pub syncing: u64,
+    pub keys: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GossipRequest {
+    pub from: String,
+    pub digest: String,
+    pub history: Option<History>,
+    pub report: Report,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GossipReply {
+    /// `None` from a daemon that has no history yet.
+    pub digest: Option<String>,
+    /// Sent when the digests differ (after merging what came).
+    pub history: Option<History>,
+    pub report: Report,
+}
+
+/// A daemon's view of the layouts, fixed for the requests that hold it.
+#[derive(Debug)]
+pub struct Routing {
+    pub history: History,
+    /// The live versions' layouts, oldest first, with their numbers.
+    pub layouts: Vec<(u64, Layout)>,
+    /// Index in `layouts` of the version reads use.
+    pub read: usize,
+}
+
+impl Routing {
+    fn new(history: History) -> Routing {
+        let layouts: Vec<(u64, Layout)> = history
+            .versions
+            .iter()
+            .map(|v| (v.number, v.layout()))
+            .collect();
+        let read_version = history.read_version();
+        let read = layouts
+            .iter()
+            .position(|(n, _)| *n == read_version)
+            .unwrap_or(0);
+        Routing {
+            history,
+            layouts,
+            read,
+        }
+    }
+
+    pub fn current(&self) -> &Layout {
+        &self.layouts[self.layouts.len() - 1].1
+    }
+
+    pub fn current_version(&self) -> u64 {
+        self.layouts[self.layouts.len() - 1].0
+    }
+
+    pub fn read_layout(&self) -> &Layout {
+        &self.layouts[self.read].1
+    }
+
+    pub fn read_version(&self) -> u64 {
+        self.layouts[self.read].0
+    }
+
+    pub fn in_transition(&self) -> bool {
+        self.layouts.len() > 1
+    }
+
+    /// Every address of every live version, sorted.
+    pub fn all_servers(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .layouts
+            .iter()
+            .flat_map(|(_, l)| l.servers().iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Whether `address` replicates `key` in some live version.
+    pub fn replicates(&self, address: &str, key: &[u8]) -> bool {
+        self.layouts.iter().any(|(_, layout)| {
+            layout
+                .preference_list(key, layout.replicas())
+                .into_iter()
+                .any(|s| layout.servers()[s] == address)
+        })
+    }
+
+    /// `key`'s replicas in the newest version.
+    pub fn current_replicas(&self, key: &[u8]) -> Vec<String> {
+        let layout = self.current();
+        layout
+            .preference_list(key, layout.replicas())
+            .into_iter()
+            .map(|s| layout.servers()[s].clone())
+            .collect()
+    }
+}
+
+/// What a daemon last heard from a peer.
+#[derive(Debug, Clone)]
+struct Heard {
+    at: Instant,
+    report: Report,
+}
+
+struct State {
+    history: Option<History>,
+    /// Snapshots handed out before the current one, still held by some request or not.
+    old: Vec<Weak<Routing>>,
+}
+
+pub struct Membership {
+    pub me: String,
+    pub role: Role,
+    /// The `-s` servers.
+    seeds: Vec<String>,
+    /// N for a version 1 this daemon builds.
+    replicas: u32,
+    pub zone: String,
+    state: Mutex<State>,
+    routing: RwLock<Option<Arc<Routing>>>,
+    store: Option<Arc<dyn Engine>>,
+    client: RpcClient,
+    heard: Mutex<BTreeMap<String, Heard>>,
+    /// Wakes whoever waits for the history to change (sync, rehoming, the gossip loop).
+    changed: tokio::sync::watch::Sender<u64>,
+    pub(crate) lock: Mutex<Option<apply::Lock>>,
+}
+
+impl Membership {
+    /// A daemon's membership; a node passes its engine, from which the stored history is
+    /// loaded (and where every change is kept).
+    pub fn new(
+        me: String,
+        role: Role,
+        seeds: Vec<String>,
+        replicas: u32,
+        zone: String,
+        store: Option<Arc<dyn Engine>>,
+    ) -> Result<Membership> {
+        let stored = match &store {
+            Some(engine) => match engine.get(Tree::Meta, HISTORY_KEY)? {
+                Some(bytes) => Some(History::decode(&bytes).ok_or_else(|| {
+                    Error::Internal("the stored layout history cannot be decoded".into())
+                })?),
+                None => None,
+            },
+            None => None,
+        };
+        let membership = Membership {
+            me,
+            role,
+            seeds,
+            replicas,
+            zone,
+            state: Mutex::new(State {
+                history: None,
+                old: Vec::new(),
+            }),
+            routing: RwLock::new(None),
+            store,
+            client: RpcClient::new(),
+            heard: Mutex::new(BTreeMap::new()),
+            changed: tokio::sync::watch::channel(0).0,
+            lock: Mutex::new(None),
+        };
+        if let Some(history) = stored {
+            membership.install(history, false)?;
+        }
+        Ok(membership)
+    }
+
+    /// The snapshot requests route with; `None` until the daemon has a history.
+    pub fn routing(&self) -> Option<Arc<Routing>> {
+        self.routing
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn history(&self) -> Option<History> {
+        self.state().history.clone()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A receiver that sees a new value whenever the history changes.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn client(&self) -> &RpcClient {
+        &self.client
+    }
+
+    /// Makes `history` this daemon's (after its own trackers are brought up to date), stores
+    /// it on a node, and hands out a new snapshot when the layouts changed.
+    fn install(&self, mut history: History, persist_always: bool) -> Result<bool> {
+        let mut state = self.state();
+        self.update_own_trackers(&mut history, &mut state.old);
+        let changed = state.history.as_ref() != Some(&history);
+        if !changed && !persist_always {
+            return Ok(false);
+        }
+        if let Some(engine) = &self.store {
+            engine.write(vec![WriteOp::put(
+                Tree::Meta,
+                HISTORY_KEY,
+                history.encode(),
+            )])?;
+        }
+        let versions_changed = state.history.as_ref().is_none_or(|old| {
+            old.versions != history.versions || old.read_version() != history.read_version()
+        });
+        if versions_changed {
+            if let Some(previous) = self.routing() {
+                state.old.push(Arc::downgrade(&previous));
+            }
+            *self
+                .routing
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(Arc::new(Routing::new(history.clone())));
+            tracing::info!(
+                version = history.current().number,
+                live = history.versions.len(),
+                read = history.read_version(),
+                "layout history changed"
+            );
+        }
+        state.history = Some(history);
+        drop(state);
+        self.changed.send_modify(|n| *n += 1);
+        Ok(true)
+    }
+
+    /// This daemon's own trackers: ack what no request still routes without, say it reads
+    /// what no request still reads older than; prune what everyone is done with.
+    fn update_own_trackers(&self, history: &mut History, old: &mut Vec<Weak<Routing>>) {
+        old.retain(|snapshot| snapshot.strong_count() > 0);
+        let held: Vec<Arc<Routing>> = old.iter().filter_map(Weak::upgrade).collect();
+        let newest = history.current().number;
+        let ack = held
+            .iter()
+            .map(|r| r.current_version())
+            .min()
+            .unwrap_or(newest)
+            .min(newest);
+        let reads = held
+            .iter()
+            .map(|r| r.read_version())
+            .chain(std::iter::once(history.read_version()))
+            .min()
+            .unwrap_or(newest);
+        drop(held);
+        let me = self.me.clone();
+        History::raise(&mut history.ack, &me, ack);
+        History::raise(&mut history.sync_ack, &me, reads);
+        let now = crate::clock::now_us();
+        if self.role == Role::Gateway {
+            let seen = history.gateways.get(&me).copied().unwrap_or(0);
+            if seen.saturating_add(history::GATEWAY_RENEW_US) <= now {
+                history.gateways.insert(me, now);
+            }
+        }
+        history.prune(now);
+    }
+
+    /// Marks this node as having received everything for `version`.
+    pub fn mark_synced(&self, version: u64) -> Result<()> {
+        let Some(mut history) = self.history() else {
+            return Ok(());
+        };
+        if History::raise(&mut history.sync, &self.me, version) {
+            self.install(history, false)?;
+        }
+        Ok(())
+    }
+
+    /// Merges a history that came from elsewhere.
+    pub fn merge(&self, theirs: &History) -> Result<bool> {
+        let mut mine = match self.history() {
+            Some(mine) => mine,
+            None => {
+                if self.role == Role::Node
+                    && theirs.all_members().iter().all(|m| *m != self.me)
+                    && self.seeds.is_empty()
+                {
+                    tracing::info!(
+                        version = theirs.current().number,
+                        "learned the cluster's layout; this node is not a member yet"
+                    );
+                }
+                return self.install(theirs.clone(), true);
+            }
+        };
+        let merged = mine.merge(theirs);
+        if let Some(conflict) = merged.conflict {
+            tracing::error!("{conflict}");
+        }
+        self.install(mine, false)
+    }
+
+    /// Re-runs the own-tracker rules (called each gossip round: requests holding old
+    /// snapshots finish between rounds).
+    pub fn refresh(&self) -> Result<()> {
+        if let Some(history) = self.history() {
+            self.install(history, false)?;
+        }
+        Ok(())
+    }
+
+    /// Builds version 1 from this daemon (if a node) and its seeds.
+    fn build_initial(&self) -> Result<()> {
+        let mut addresses = self.seeds.clone();
+        if self.role == Role::Node {
+            addresses.push(self.me.clone());
+        }
+        let members: Vec<Member> = addresses
+            .into_iter()
+            .map(|address| Member {
+                zone: if address == self.me {
+                    self.zone.clone()
+                } else {
+                    String::new()
+                },
+                address,
+                weight: 1,
+            })
+            .collect();
+        let count = {
+            let mut a: Vec<&String> = members.iter().map(|m| &m.address).collect();
+            a.sort();
+            a.dedup();
+            a.len() as u32
+        };
+        let history = History::initial(members, self.replicas.min(count.max(1)));
+        tracing::info!(
+            members = ?history.current().members.iter().map(|m| &m.address).collect::<Vec<_>>(),
+            "no member of the cluster has a layout yet: built version 1 from -s"
+        );
+        self.install(history, true)?;
+        Ok(())
+    }
+
+    /// Who this daemon gossips with: every member of a live version and its seeds.
+    fn peers(&self) -> Vec<String> {
+        let mut peers = self.seeds.clone();
+        if let Some(routing) = self.routing() {
+            peers.extend(routing.all_servers());
+        }
+        peers.sort();
+        peers.dedup();
+        peers.retain(|p| *p != self.me);
+        peers
+    }
+
+    /// Answers a peer's gossip.
+    pub fn answer_gossip(&self, request: GossipRequest, report: Report) -> Result<GossipReply> {
+        self.hear(&request.from, request.report.clone());
+        if let Some(theirs) = &request.history {
+            self.merge(theirs)?;
+        }
+        let mine = self.history();
+        let digest = mine.as_ref().map(History::digest);
+        let history = match (&mine, &digest) {
+            (Some(mine), Some(digest)) if *digest != request.digest => Some(mine.clone()),
+            _ => None,
+        };
+        Ok(GossipReply {
+            digest,
+            history,
+            report,
+        })
+    }
+
+    fn hear(&self, from: &str, report: Report) {
+        self.heard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                from.to_owned(),
+                Heard {
+                    at: Instant::now(),
+                    report,
+                },
+            );
+    }
+
+    /// The last report from `address` if heard lately.
+    pub fn heard_from(&self, address: &str) -> Option<(bool, Report)> {
+        let heard = self
+            .heard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        heard
+            .get(address)
+            .map(|h| (h.at.elapsed() <= UP_WITHIN, h.report.clone()))
+    }
+
+    /// One exchange with `peer`; answers what it said of itself and whether it has a history.
+    pub async fn gossip_with(&self, peer: &str, report: &Report) -> Option<GossipReply> {
+        let mine = self.history();
+        let request = GossipRequest {
+            from: self.me.clone(),
+            digest: mine.as_ref().map(History::digest).unwrap_or_default(),
+            history: None,
+            report: report.clone(),
+        };
+        let reply = self.call_gossip(peer, &request).await?;
+        self.hear(peer, reply.report.clone());
+        if let Some(theirs) = &reply.history
+            && let Err(error) = self.merge(theirs)
+        {
+            tracing::error!(%error, "could not keep the layout history");
+        }
+        // Theirs is older or different: send ours (merged) back.
+        let ours = self.history();
+        let our_digest = ours.as_ref().map(History::digest);
+        if ours.is_some() && reply.digest.is_some() && our_digest != reply.digest {
+            let push = GossipRequest {
+                history: ours,
+                digest: our_digest.unwrap_or_default(),
+                ..request
+            };
+            let _ = self.call_gossip(peer, &push).await;
+        } else if ours.is_some() && reply.digest.is_none() {
+            let push = GossipRequest {
+                history: ours,
+                digest: our_digest.unwrap_or_default(),
+                ..request
+            };
+            let _ = self.call_gossip(peer, &push).await;
+        }
+        Some(reply)
+    }
+
+    async fn call_gossip(&self, peer: &str, request: &GossipRequest) -> Option<GossipReply> {
+        let param = messages::to_param(request).ok()?;
+        match self
+            .client
+            .call(peer, GOSSIP_METHOD, vec![param], GOSSIP_TIMEOUT)
+            .await
+        {
+            Ok(value) => messages::from_value(&value).ok(),
+            Err(error) => {
+                tracing::debug!(peer, %error, "gossip failed");
+                None
+            }
+        }
+    }
+
+    /// One round with every peer.
+    pub async fn gossip_round(&self, report: &Report) {
+        if let Err(error) = self.refresh() {
+            tracing::error!(%error, "could not keep the layout history");
+        }
+        let peers = self.peers();
+        let calls = peers.iter().map(|peer| self.gossip_with(peer, report));
+        futures_util::future::join_all(calls).await;
+    }
+
+    /// Gets a history at start: the stored one, a seed's, or version 1 built from `-s`.
+    pub async fn bootstrap(&self, report: &Report) {
+        if self.history().is_some() {
+            return;
+        }
+        if self.seeds.is_empty() {
+            return; // a node alone waits for a balancer or an operator to tell it
+        }
+        let started = Instant::now();
+        loop {
+            let calls = self.seeds.iter().map(|seed| self.gossip_with(seed, report));
+            let replies = futures_util::future::join_all(calls).await;
+            if self.history().is_some() {
+                return; // a seed had one, or one reached us meanwhile
+            }
+            let everyone_answered = replies.iter().all(Option::is_some);
+            if everyone_answered || started.elapsed() >= BOOTSTRAP_PATIENCE {
+                if let Err(error) = self.build_initial() {
+                    tracing::error!(%error, "could not keep the layout history");
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Runs gossip forever (both daemons); `report` says what this daemon is now.
+    pub async fn run(self: Arc<Self>, report: impl Fn() -> Report + Send + Sync + 'static) {
+        self.bootstrap(&report()).await;
+        let mut ticks = tokio::time::interval(GOSSIP_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            self.gossip_round(&report()).await;
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Receiving partitions during a transition: a node pulls each partition the newest layout
+//! version gives it, from every holder of that partition in the older live versions, by range
+//! scans of their partition-ordered data, and merges what comes by vector clock.
+//!
+//! It starts only once every router acknowledged the newest version (`ack_min`): from then
+//! on every write reaches this node directly, so what the pull misses can only be newer than
+//! it and is here already. It pulls from every old holder, not one, because a write
+//! acknowledged by W of them may be missing on the others. A holder that cannot be reached
+//! is retried (logged, counted in `cluster.status()` as partitions still syncing), unless it
+//! has been removed from the newest version: a dead node is taken out with a new version,
+//! and then its partitions come from the copies that survive. Once every partition is in, the
+//! node says so (`sync` tracker), and reads move to the new version when every member has.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::membership::history::History;
+use crate::rpc::messages;
+use crate::storage::Tree;
+use crate::version::Siblings;
+
+use super::StorageNode;
+
+pub const SYNC_PAGE_METHOD: &str = "node.sync_page";
+
+/// Entries per page, and a page's byte budget.
+const PAGE_KEYS: usize = 512;
+const PAGE_BYTES: usize = 4 << 20;
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Between passes while something is left.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncPageRequest {
+    pub partition: u16,
+    /// The engine key after which to go on; `None` from the partition's start.
+    pub after: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncPageReply {
+    pub entries: Vec<(String, Siblings)>,
+    /// Where the next page starts; `None` when the partition is done.
+    pub next: Option<Vec<u8>>,
+}
+
+/// What this node has received for which version.
+#[derive(Debug, Default)]
+pub struct Progress {
+    version: u64,
+    done: BTreeSet<usize>,
+}
+
+impl StorageNode {
+    /// A page of this node's own copies of a partition's keys, for a node receiving it.
+    pub(super) fn sync_page(&self, request: &SyncPageRequest) -> Result<SyncPageReply> {
+        let (start, before) = super::keys::partition_range(usize::from(request.partition));
+        let after = request.after.clone().unwrap_or(start);
+        let page =
+            self.engine
+                .scan_range(Tree::Data, Some(&after), before.as_deref(), PAGE_KEYS)?;
+        let full = page.len() == PAGE_KEYS;
+        let mut entries = Vec::with_capacity(page.len());
+        let mut bytes = 0;
+        let mut next = None;
+        for (stored, value) in page {
+            let Some(key) = super::keys::user_key(&stored) else {
+                continue;
+            };
+            let (Ok(key), Some(siblings)) =
+                (String::from_utf8(key.to_vec()), Siblings::decode(&value))
+            else {
+                continue; // undecodable: reads of it fail the same way here
+            };
+            bytes += value.len() + key.len();
+            entries.push((key, siblings));
+            next = Some(stored);
+            if bytes >= PAGE_BYTES {
+                break;
+            }
+        }
+        let more = full || bytes >= PAGE_BYTES;
+        self.metrics.sync_pages_served.inc();
+        Ok(SyncPageReply {
+            entries,
+            next: if more { next } else { None },
+        })
+    }
+}
+
+/// Pulls `partition` from `source` into this node; the keys received.
+async fn pull(node: &Arc<StorageNode>, source: &str, partition: usize) -> Result<usize> {
+    let client = node.membership.client().clone();
+    let mut after = None;
+    let mut received = 0;
+    loop {
+        let request = SyncPageRequest {
+            partition: partition as u16,
+            after,
+        };
+        let param = messages::to_param(&request)?;
+        let value = client
+            .call(source, SYNC_PAGE_METHOD, vec![param], CALL_TIMEOUT)
+            .await
+            .map_err(|error| crate::error::Error::Internal(format!("{source}: {error}")))?;
+        let reply: SyncPageReply = messages::from_value(&value)?;
+        received += reply.entries.len();
+        if !reply.entries.is_empty() {
+            let node = node.clone();
+            let entries = reply.entries;
+            let deadline = crate::clock::now_us() + crate::clock::micros(CALL_TIMEOUT);
+            tokio::task::spawn_blocking(move || node.merge_own_many_until(entries, deadline))
+                .await
+                .map_err(|e| crate::error::Error::Internal(e.to_string()))??;
+        }
+        match reply.next {
+            Some(next) => after = Some(next),
+            None => return Ok(received),
+        }
+    }
+}
+
+/// One pass: pulls what is left for the newest version; true when everything is in.
+async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
+    let me = node.membership.me.clone();
+    let newest = history.current().number;
+    if history.sync.get(&me).copied().unwrap_or(0) >= newest || !history.in_transition() {
+        node.syncing.store(0, Ordering::Relaxed);
+        return true;
+    }
+    let wanted = history.partitions_to_receive(&me);
+    {
+        let mut progress = node
+            .sync_progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if progress.version != newest {
+            *progress = Progress {
+                version: newest,
+                done: BTreeSet::new(),
+            };
+        }
+        let left = wanted
+            .iter()
+            .filter(|(p, _)| !progress.done.contains(p))
+            .count();
+        node.syncing.store(left as i64, Ordering::Relaxed);
+    }
+    if history.ack_min(crate::clock::now_us()) < newest {
+        return false; // a router may still write under an older version only: wait
+    }
+    let mut complete = true;
+    for (partition, sources) in wanted {
+        let already = node
+            .sync_progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .done
+            .contains(&partition);
+        if already {
+            continue;
+        }
+        let mut ok = true;
+        for source in &sources {
+            match pull(node, source, partition).await {
+                Ok(keys) => {
+                    node.metrics.sync_keys_received.add(keys as u64);
+                }
+                Err(error) if history.current().has(source) => {
+                    tracing::warn!(
+                        partition,
+                        source,
+                        %error,
+                        "could not pull a partition for the new layout; retrying"
+                    );
+                    ok = false;
+                }
+                Err(error) => {
+                    tracing::info!(
+                        partition,
+                        source,
+                        %error,
+                        "a removed node did not answer; its partition comes from the other copies"
+                    );
+                }
+            }
+        }
+        if ok {
+            let mut progress = node
+                .sync_progress
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            progress.done.insert(partition);
+            node.syncing.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            complete = false;
+        }
+    }
+    if complete {
+        node.syncing.store(0, Ordering::Relaxed);
+        tracing::info!(
+            version = newest,
+            "received every partition of the new layout"
+        );
+        if let Err(error) = node.membership.mark_synced(newest) {
+            tracing::error!(%error, "could not keep the layout history");
+        }
+    }
+    complete
+}
+
+/// Runs passes whenever the history changes, and again while something is left.
+pub async fn sync_forever(node: Arc<StorageNode>) {
+    let mut changes = node.membership.watch();
+    loop {
+        let done = match node.membership.history() {
+            Some(history) => pass(&node, &history).await,
+            None => true,
+        };
+        if done {
+            let _ = changes.changed().await;
+        } else {
+            tokio::select! {
+                _ = changes.changed() => {}
+                () = tokio::time::sleep(RETRY_AFTER) => {}
+            }
+        }
+    }
+}
