@@ -113,9 +113,7 @@ impl NodeArgs {
         } else {
             Some(NodeRing::new(advertise.clone(), &peers, self.replicas)?)
         };
-        let replicas = ring
-            .as_ref()
-            .map_or(self.replicas.unwrap_or(3), |r| r.replicas);
+        let replicas = self.replicas.unwrap_or(3);
         if replicas == 0 {
             return Err(ConfigError("-N must be at least 1".into()));
         }

@@ -53,12 +53,12 @@ impl NodeRing {
         servers.push(me.clone());
         servers.sort();
         servers.dedup();
-        let replicas = replicas.unwrap_or(servers.len().min(3));
-        if replicas == 0 || replicas > servers.len() {
-            return Err(ConfigError(format!(
-                "-N {replicas} is impossible with {} storage node(s) (this one and its -s peers)",
-                servers.len()
-            )));
+        // -N is the cluster's N for a layout version 1 this node builds; with fewer servers
+        // known at start (a node joining with one seed), its layout holds fewer replicas
+        // until more nodes are members.
+        let replicas = replicas.unwrap_or(3).min(servers.len());
+        if replicas == 0 {
+            return Err(ConfigError("-N must be at least 1".into()));
         }
         Ok(NodeRing {
             me,
@@ -76,6 +76,9 @@ pub struct BalancerConfig {
     pub replicas: usize,
     pub read_quorum: usize,
     pub write_quorum: usize,
+    /// N for a layout version 1 this balancer builds (when no node has a layout yet): -N,
+    /// or 3 (the layout holds fewer replicas while there are fewer nodes).
+    pub layout_replicas: usize,
     /// -R and -W as given; without them, a majority of the layout's N.
     pub explicit_read: Option<usize>,
     pub explicit_write: Option<usize>,
@@ -149,6 +152,7 @@ impl BalancerConfig {
             replicas,
             read_quorum,
             write_quorum,
+            layout_replicas: flags.replicas.unwrap_or(3),
             explicit_read: flags.read_quorum,
             explicit_write: flags.write_quorum,
             replica_timeout: Duration::from_millis(flags.timeout_ms),

@@ -2,11 +2,12 @@
 //! directory from before partitions is rewritten at start (keys stored by partition).
 //!
 //! A node's data can hold keys it does not replicate when the layout changed under it: data
-//! written under the ring of virtual nodes, or a cluster restarted with another set of
-//! servers. The story here is the second: four durable nodes hold 300 keys at N = 3; the
-//! cluster is restarted with a fifth node, so about a fifth of the replicas change hands.
-//! Every node hands what it no longer replicates to the key's new replicas and drops it, the
-//! new node fills up, and every key reads back, held by exactly its three replicas.
+//! written under the ring of virtual nodes, or a layout version that moved partitions away
+//! from it. The story here is the second: four durable nodes hold 300 keys at N = 3; a fifth
+//! node joins (`cluster.stage_add` + `cluster.apply`), so about a fifth of the replicas change
+//! hands. The new node pulls its partitions; once the transition is over every node hands
+//! what it no longer replicates to the key's replicas and drops it, and every key reads back,
+//! held by exactly its three replicas.
 
 mod common;
 
@@ -71,15 +72,34 @@ fn a_fifth_node_takes_its_share_and_the_others_let_go() {
         "the fifth node changes the replicas of {will_move} keys"
     );
 
-    // The cluster restarts with a fifth node.
-    drop(lb);
-    for node in &mut nodes {
-        node.kill();
-    }
-    let nodes: Vec<Daemon> = (0..5)
-        .map(|i| node(dir.path(), i, ports[i], &all))
-        .collect();
-    let lb = balancer(dir.path(), &all);
+    // A fifth node joins: started with one member as its seed, staged, applied.
+    let data = dir.path().join("node-4");
+    let args: Vec<String> = [
+        "--data-dir",
+        &data.to_string_lossy(),
+        "-N",
+        "3",
+        "--aae-interval-ms",
+        "500",
+        "-s",
+        &all[0],
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    nodes.push(Daemon::storage_node(dir.path(), "node-4", ports[4], &args));
+    let admin = lb.rpc();
+    assert_eq!(
+        admin.call("cluster.stage_add", vec![s(&all[4])]),
+        Ok(s("200"))
+    );
+    let applied = admin
+        .call("cluster.apply", vec![Value::Integer(2)])
+        .expect("apply");
+    assert_eq!(int(member(&applied, "version")), 2);
+    wait_until(SETTLE_TIMEOUT, "the transition ends", || {
+        let status = admin.call("cluster.status", vec![]).expect("status");
+        member(&status, "transition") == &Value::Boolean(false)
+    });
 
     wait_until(
         SETTLE_TIMEOUT,

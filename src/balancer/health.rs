@@ -71,6 +71,26 @@ impl Health {
         }
     }
 
+    /// Leaves out (or takes back) a node by what the membership says of its layout.
+    pub fn set_mismatch(&self, server: usize, mismatch: Option<String>) {
+        match mismatch {
+            Some(message) => {
+                if self.state[server].swap(MISMATCH, Ordering::Relaxed) != MISMATCH {
+                    tracing::error!(server = self.addresses[server], "{message}");
+                }
+                self.set_last_error(server, message);
+            }
+            None => {
+                let _ = self.state[server].compare_exchange(
+                    MISMATCH,
+                    UP,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+
     pub fn is_up(&self, server: usize) -> bool {
         self.state[server].load(Ordering::Relaxed) == UP
     }

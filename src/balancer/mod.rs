@@ -156,7 +156,7 @@ impl Balancer {
                 me,
                 Role::Gateway,
                 config.servers.clone(),
-                u32::try_from(config.replicas).unwrap_or(3),
+                u32::try_from(config.layout_replicas).unwrap_or(3),
                 String::new(),
                 None,
             )
@@ -820,6 +820,10 @@ async fn probe_periodically(balancer: Arc<Balancer>) {
         ticks.tick().await;
         if let Ok(topology) = balancer.topology() {
             topology.health.probe(&balancer.shared.client).await;
+            for (server, address) in topology.servers.0.iter().enumerate() {
+                let mismatch = balancer.shared.membership.mismatched(address);
+                topology.health.set_mismatch(server, mismatch);
+            }
         }
     }
 }

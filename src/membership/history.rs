@@ -272,8 +272,27 @@ impl History {
             for theirs in &other.versions {
                 match self.versions.iter().position(|v| v.number == theirs.number) {
                     Some(i) if self.versions[i] != *theirs => {
-                        // Two versions with one number: the smaller hash wins everywhere,
-                        // and what was built on the loser goes with it.
+                        // Two versions with one number. Two versions 1 are daemons started
+                        // with different servers: each keeps its own (the operator must
+                        // fix the flags; a misconfigured node must not re-place a running
+                        // cluster). Later ones come from an apply whose lock ran out: the
+                        // smaller hash wins everywhere, and what was built on the loser
+                        // goes with it.
+                        if theirs.number == 1 {
+                            conflict = Some(format!(
+                                "a daemon has another layout version 1 (members {:?}): it was \
+                                 started with other -s servers; ignoring its layout",
+                                theirs
+                                    .members
+                                    .iter()
+                                    .map(|m| &m.address)
+                                    .collect::<Vec<_>>()
+                            ));
+                            return Merged {
+                                changed: false,
+                                conflict,
+                            };
+                        }
                         if theirs.hash() < self.versions[i].hash() {
                             conflict = Some(format!(
                                 "two different layouts numbered {} met; keeping the one with \

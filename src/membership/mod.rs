@@ -195,6 +195,8 @@ pub struct Membership {
     /// Wakes whoever waits for the history to change (sync, rehoming, the gossip loop).
     changed: tokio::sync::watch::Sender<u64>,
     pub(crate) lock: Mutex<Option<apply::Lock>>,
+    conflict_logged: Mutex<Option<Instant>>,
+    mismatched: Mutex<BTreeMap<String, String>>,
 }
 
 impl Membership {
@@ -233,6 +235,8 @@ impl Membership {
             heard: Mutex::new(BTreeMap::new()),
             changed: tokio::sync::watch::channel(0).0,
             lock: Mutex::new(None),
+            conflict_logged: Mutex::new(None),
+            mismatched: Mutex::new(BTreeMap::new()),
         };
         if let Some(history) = stored {
             membership.install(history, false)?;
@@ -353,6 +357,45 @@ impl Membership {
 
     /// Merges a history that came from elsewhere.
     pub fn merge(&self, theirs: &History) -> Result<bool> {
+        self.merge_from(None, theirs)
+    }
+
+    /// Peers whose layout version 1 differs from ours (started with other `-s` servers or
+    /// `-N`), with why: their histories are ignored, and balancers route around them.
+    pub fn mismatched(&self, peer: &str) -> Option<String> {
+        self.mismatched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(peer)
+            .cloned()
+    }
+
+    fn merge_from(&self, peer: Option<&str>, theirs: &History) -> Result<bool> {
+        if let (Some(peer), Some(mine)) = (peer, self.history()) {
+            let mut mismatched = self
+                .mismatched
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match (mine.version(1), theirs.version(1)) {
+                (Some(ours), Some(other)) if ours != other => {
+                    mismatched.insert(
+                        peer.to_owned(),
+                        format!(
+                            "ring mismatch: {peer} has another layout version 1 (members {:?}, \
+                             N={}) than this daemon (members {:?}, N={}); start every daemon \
+                             with the same servers and -N",
+                            other.members.iter().map(|m| &m.address).collect::<Vec<_>>(),
+                            other.replicas,
+                            ours.members.iter().map(|m| &m.address).collect::<Vec<_>>(),
+                            ours.replicas,
+                        ),
+                    );
+                }
+                _ => {
+                    mismatched.remove(peer);
+                }
+            }
+        }
         let mut mine = match self.history() {
             Some(mine) => mine,
             None => {
@@ -370,7 +413,15 @@ impl Membership {
         };
         let merged = mine.merge(theirs);
         if let Some(conflict) = merged.conflict {
-            tracing::error!("{conflict}");
+            // Said once a minute, not every gossip round.
+            let mut last = self
+                .conflict_logged
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                tracing::error!("{conflict}");
+                *last = Some(Instant::now());
+            }
         }
         self.install(mine, false)
     }
@@ -402,13 +453,7 @@ impl Membership {
                 weight: 1,
             })
             .collect();
-        let count = {
-            let mut a: Vec<&String> = members.iter().map(|m| &m.address).collect();
-            a.sort();
-            a.dedup();
-            a.len() as u32
-        };
-        let history = History::initial(members, self.replicas.min(count.max(1)));
+        let history = History::initial(members, self.replicas.max(1));
         tracing::info!(
             members = ?history.current().members.iter().map(|m| &m.address).collect::<Vec<_>>(),
             "no member of the cluster has a layout yet: built version 1 from -s"
@@ -433,7 +478,7 @@ impl Membership {
     pub fn answer_gossip(&self, request: GossipRequest, report: Report) -> Result<GossipReply> {
         self.hear(&request.from, request.report.clone());
         if let Some(theirs) = &request.history {
-            self.merge(theirs)?;
+            self.merge_from(Some(&request.from), theirs)?;
         }
         let mine = self.history();
         let digest = mine.as_ref().map(History::digest);
@@ -484,21 +529,14 @@ impl Membership {
         let reply = self.call_gossip(peer, &request).await?;
         self.hear(peer, reply.report.clone());
         if let Some(theirs) = &reply.history
-            && let Err(error) = self.merge(theirs)
+            && let Err(error) = self.merge_from(Some(peer), theirs)
         {
             tracing::error!(%error, "could not keep the layout history");
         }
         // Theirs is older or different: send ours (merged) back.
         let ours = self.history();
         let our_digest = ours.as_ref().map(History::digest);
-        if ours.is_some() && reply.digest.is_some() && our_digest != reply.digest {
-            let push = GossipRequest {
-                history: ours,
-                digest: our_digest.unwrap_or_default(),
-                ..request
-            };
-            let _ = self.call_gossip(peer, &push).await;
-        } else if ours.is_some() && reply.digest.is_none() {
+        if ours.is_some() && our_digest != reply.digest {
             let push = GossipRequest {
                 history: ours,
                 digest: our_digest.unwrap_or_default(),
@@ -544,8 +582,42 @@ impl Membership {
         }
         let started = Instant::now();
         loop {
-            let calls = self.seeds.iter().map(|seed| self.gossip_with(seed, report));
+            let request = GossipRequest {
+                from: self.me.clone(),
+                digest: String::new(),
+                history: None,
+                report: report.clone(),
+            };
+            let calls = self
+                .seeds
+                .iter()
+                .map(|seed| self.call_gossip(seed, &request));
             let replies = futures_util::future::join_all(calls).await;
+            // The history most seeds agree on (by version 1: seeds started with other flags
+            // are outvoted, not raced), the newest of those first.
+            let histories: Vec<(&String, &History)> = self
+                .seeds
+                .iter()
+                .zip(&replies)
+                .filter_map(|(seed, reply)| Some((seed, reply.as_ref()?.history.as_ref()?)))
+                .collect();
+            let agreeing = |h: &History| {
+                histories
+                    .iter()
+                    .filter(|(_, other)| other.version(1) == h.version(1))
+                    .count()
+            };
+            let chosen = histories.iter().max_by_key(|(seed, h)| {
+                (agreeing(h), h.current().number, std::cmp::Reverse(*seed))
+            });
+            if let Some((_, chosen)) = chosen {
+                if let Err(error) = self.merge(chosen) {
+                    tracing::error!(%error, "could not keep the layout history");
+                }
+                for (seed, history) in &histories {
+                    let _ = self.merge_from(Some(seed), history);
+                }
+            }
             if self.history().is_some() {
                 return; // a seed had one, or one reached us meanwhile
             }

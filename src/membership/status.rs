@@ -61,7 +61,7 @@ pub enum ClusterCall {
     StageRevert,
     Apply(u64),
     Status,
-    Gossip(super::GossipRequest),
+    Gossip(Box<super::GossipRequest>),
     Lock(super::apply::LockRequest),
 }
 
@@ -137,7 +137,7 @@ pub fn parse(index: usize, params: Vec<Param>) -> Result<ClusterCall> {
             server::expect_params(&params, 0)?;
             ClusterCall::Status
         }
-        super::GOSSIP_METHOD => ClusterCall::Gossip(messages::from_params(&params)?),
+        super::GOSSIP_METHOD => ClusterCall::Gossip(Box::new(messages::from_params(&params)?)),
         super::apply::LOCK_METHOD => ClusterCall::Lock(messages::from_params(&params)?),
         _ => return Err(Error::UnknownMethod(name.into())),
     })
@@ -355,7 +355,9 @@ impl Membership {
                     .into(),
                 ))
             }
-            ClusterCall::Gossip(request) => messages::reply_xml(&self.answer_gossip(request, own)?),
+            ClusterCall::Gossip(request) => {
+                messages::reply_xml(&self.answer_gossip(*request, own)?)
+            }
             ClusterCall::Lock(request) => messages::reply_xml(&self.answer_lock(&request)),
         }
     }

@@ -100,13 +100,16 @@ pub struct AntiEntropy {
     mismatch_reported: Vec<AtomicBool>,
     pub interval: Duration,
     max_keys: usize,
-    pub metrics: AaeMetrics,
+    pub metrics: std::sync::Arc<AaeMetrics>,
+    /// The walk that fills the trees from what is stored, while the node serves: built for
+    /// one layout, the trees are built anew (and filled again) when the layout changes.
+    pub(super) filled: super::census::Census,
 }
 
 impl AntiEntropy {
     pub fn new(config: &NodeRing, interval: Duration, max_keys: usize) -> Result<Self> {
         let layout = Layout::new(&config.servers, config.replicas);
-        Self::from_layout(layout, &config.me, interval, max_keys)
+        Self::from_layout(layout, &config.me, interval, max_keys, Default::default())
     }
 
     /// Anti-entropy for `me` over `layout`.
@@ -115,6 +118,7 @@ impl AntiEntropy {
         me_address: &str,
         interval: Duration,
         max_keys: usize,
+        metrics: std::sync::Arc<AaeMetrics>,
     ) -> Result<Self> {
         let replicas = layout.replicas();
         let me = layout
@@ -146,7 +150,7 @@ impl AntiEntropy {
             layout,
             me,
             me_address: me_address.to_owned(),
-            replicas: replicas,
+            replicas,
             trees: shares
                 .iter()
                 .map(|&shared| shared.then(|| Mutex::new(merkle::Tree::new())))
@@ -154,8 +158,26 @@ impl AntiEntropy {
             mismatch_reported: (0..servers).map(|_| AtomicBool::new(false)).collect(),
             interval,
             max_keys,
-            metrics: AaeMetrics::default(),
+            metrics,
+            filled: super::census::Census::pending(),
         })
+    }
+
+    /// Fills the trees from what `engine` stores, a page at a time, while commits go on
+    /// (they update the trees themselves for keys the walk passed).
+    pub fn fill(&self, engine: &dyn crate::storage::Engine) -> Result<()> {
+        while !self.fill_step(engine)? {}
+        Ok(())
+    }
+
+    /// One page of [`Self::fill`]; true when the trees are full.
+    pub fn fill_step(&self, engine: &dyn crate::storage::Engine) -> Result<bool> {
+        self.filled
+            .step_with(engine, |key, bytes| self.record(key, None, Some(bytes)))
+    }
+
+    pub fn is_filled(&self) -> bool {
+        self.filled.is_done()
     }
 
     /// What this node and any balancer or peer must agree on; shown in `stats()`.
@@ -229,10 +251,10 @@ impl AntiEntropy {
 
     /// Answers a peer's question about the tree kept for it.
     pub fn answer(&self, node: &StorageNode, request: AaeRequest) -> Result<AaeReply> {
-        if !node.census.is_done() {
+        if !self.is_filled() {
             return Err(Error::Internal(
-                "this node is still counting its keys after its start; its trees are not \
-                 complete yet"
+                "this node is still filling its anti-entropy trees (after its start or a \
+                 layout change); they are not complete yet"
                     .into(),
             ));
         }

@@ -87,6 +87,27 @@ impl Census {
 
     /// Counts one page after the cursor; answers whether the count is done.
     pub(super) fn step(&self, node: &StorageNode, corrupt: &mut u64) -> Result<bool> {
+        let (mut live, mut tombstoned) = (0, 0);
+        let done = self.step_with(&*node.engine, |_, bytes| match Siblings::decode(bytes) {
+            Some(siblings) => {
+                live += i64::from(siblings.is_live());
+                tombstoned += i64::from(siblings.is_tombstoned());
+            }
+            None => *corrupt += 1,
+        })?;
+        node.live_keys.fetch_add(live, Ordering::Relaxed);
+        node.tombstone_keys.fetch_add(tombstoned, Ordering::Relaxed);
+        Ok(done)
+    }
+
+    /// Visits one page after the cursor (each key and its stored bytes) and moves the cursor
+    /// past it, holding out commits meanwhile; answers whether the walk is done. The same walk
+    /// fills an anti-entropy tree built while the node serves (see `anti_entropy.rs`).
+    pub(super) fn step_with(
+        &self,
+        engine: &dyn crate::storage::Engine,
+        mut visit: impl FnMut(&[u8], &[u8]),
+    ) -> Result<bool> {
         let mut cursor = self
             .cursor
             .write()
@@ -94,25 +115,13 @@ impl Census {
         let Cursor::Counting { through } = &mut *cursor else {
             return Ok(true);
         };
-        let page = node.engine.scan(Tree::Data, through.as_deref(), PAGE)?;
-        let (mut live, mut tombstoned) = (0, 0);
+        let page = engine.scan(Tree::Data, through.as_deref(), PAGE)?;
         for (stored_key, bytes) in &page {
             let Some(key) = super::keys::user_key(stored_key) else {
                 continue; // converted at open: every key has the form
             };
-            if let Some(aae) = &node.aae {
-                aae.record(key, None, Some(bytes));
-            }
-            match Siblings::decode(bytes) {
-                Some(siblings) => {
-                    live += i64::from(siblings.is_live());
-                    tombstoned += i64::from(siblings.is_tombstoned());
-                }
-                None => *corrupt += 1,
-            }
+            visit(key, bytes);
         }
-        node.live_keys.fetch_add(live, Ordering::Relaxed);
-        node.tombstone_keys.fetch_add(tombstoned, Ordering::Relaxed);
         if page.len() < PAGE {
             *cursor = Cursor::Done;
             self.done.store(true, Ordering::Release);

@@ -90,29 +90,76 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
         after = page.last().map(|(slot, _)| slot.clone());
         // Hints are stored grouped by owner: each owner gets its page's hints in one batch,
         // on the same endpoint balancers use.
-        let mut by_owner: BTreeMap<String, Vec<HintRecord>> = BTreeMap::new();
+        // Where each hint goes: its owner, or, for an owner that is no member of any live
+        // layout version any more (removed while it was down), the key's replicas in the
+        // newest version, every one of them before the hint goes.
+        let routing = node.membership.routing();
+        let members = routing.as_ref().map(|r| r.all_servers());
+        let mut records: Vec<HintRecord> = Vec::new();
+        let mut by_target: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut needed: Vec<usize> = Vec::new();
         for (_, bytes) in page {
-            match postcard::from_bytes::<HintRecord>(&bytes) {
-                Ok(record) if !unreachable.contains(&record.owner) => {
-                    by_owner
-                        .entry(record.owner.clone())
-                        .or_default()
-                        .push(record);
+            let record = match postcard::from_bytes::<HintRecord>(&bytes) {
+                Ok(record) => record,
+                Err(_) => {
+                    corrupt += 1;
+                    continue;
                 }
-                Ok(_) => {}
-                Err(_) => corrupt += 1,
+            };
+            let owner_left = members
+                .as_ref()
+                .is_some_and(|members| !members.contains(&record.owner));
+            let targets = match (&routing, owner_left) {
+                (Some(routing), true) => {
+                    let replicas = routing.current_replicas(record.key.as_bytes());
+                    let me = &node.membership.me;
+                    if replicas.contains(me)
+                        && let Err(error) =
+                            node.merge_own_many(vec![(record.key.clone(), record.siblings.clone())])
+                    {
+                        tracing::warn!(%error, "cannot keep a hint whose owner left");
+                        continue;
+                    }
+                    replicas.into_iter().filter(|t| t != me).collect()
+                }
+                _ => vec![record.owner.clone()],
+            };
+            let targets: Vec<String> = targets
+                .into_iter()
+                .filter(|t| !unreachable.contains(t))
+                .collect();
+            if targets.is_empty() {
+                if owner_left {
+                    // This node was the key's only other replica: merged above.
+                    match node.drop_delivered_hint(&record) {
+                        Ok(true) => delivered += 1,
+                        Ok(false) => {}
+                        Err(error) => tracing::error!(%error, "cannot drop a delivered hint"),
+                    }
+                }
+                continue;
             }
+            let index = records.len();
+            needed.push(targets.len());
+            for target in targets {
+                by_target.entry(target).or_default().push(index);
+            }
+            records.push(record);
         }
+        let records = Arc::new(records);
+        let mut accepted = vec![0usize; records.len()];
         let mut deliveries = JoinSet::new();
-        for (owner, records) in by_owner {
+        for (target, indexes) in by_target {
             let client = client.clone();
+            let records = records.clone();
             deliveries.spawn(async move {
-                let outcome = deliver(&client, &owner, &records).await;
-                (owner, records, outcome)
+                let batch: Vec<HintRecord> = indexes.iter().map(|&i| records[i].clone()).collect();
+                let outcome = deliver(&client, &target, &batch).await;
+                (target, indexes, outcome)
             });
         }
         while let Some(joined) = deliveries.join_next().await {
-            let (owner, records, outcome) = match joined {
+            let (target, indexes, outcome) = match joined {
                 Ok(delivery) => delivery,
                 Err(error) => {
                     tracing::error!(%error, "a hint delivery task failed");
@@ -121,22 +168,28 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
             };
             match outcome {
                 Ok(replies) => {
-                    for (record, reply) in records.iter().zip(replies) {
-                        if !matches!(reply, OpReply::Merged) {
-                            tracing::warn!(owner, ?reply, "owner refused a hint");
-                            continue;
-                        }
-                        match node.drop_delivered_hint(record) {
-                            Ok(true) => delivered += 1,
-                            Ok(false) => {}
-                            Err(error) => tracing::error!(%error, "cannot drop a delivered hint"),
+                    for (&index, reply) in indexes.iter().zip(replies) {
+                        if matches!(reply, OpReply::Merged) {
+                            accepted[index] += 1;
+                        } else {
+                            tracing::warn!(target, ?reply, "a replica refused a hint");
                         }
                     }
                 }
                 Err(error) => {
-                    tracing::debug!(owner, %error, "hint owner unreachable");
-                    unreachable.push(owner);
+                    tracing::debug!(target, %error, "hint owner unreachable");
+                    unreachable.push(target);
                 }
+            }
+        }
+        for (index, record) in records.iter().enumerate() {
+            if accepted[index] < needed[index] {
+                continue;
+            }
+            match node.drop_delivered_hint(record) {
+                Ok(true) => delivered += 1,
+                Ok(false) => {}
+                Err(error) => tracing::error!(%error, "cannot drop a delivered hint"),
             }
         }
         if !full_page {

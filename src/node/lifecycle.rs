@@ -36,6 +36,9 @@ impl StorageNode {
     pub fn open(config: &NodeConfig) -> Result<Self> {
         let node = Self::open_uncounted(config)?;
         node.census.run(&node)?;
+        if let Some(aae) = node.aae() {
+            aae.fill(&*node.engine)?;
+        }
         Ok(node)
     }
 
@@ -57,19 +60,22 @@ impl StorageNode {
             .routing()
             .map(|routing| routing.current().clone())
             .filter(|layout| layout.servers().contains(&config.advertise));
-        let aae = match (stored_layout, &config.ring) {
-            (Some(layout), _) => Some(AntiEntropy::from_layout(
+        let aae_metrics = Arc::new(super::anti_entropy::AaeMetrics::default());
+        let layout = stored_layout.or_else(|| {
+            config
+                .ring
+                .as_ref()
+                .map(|ring| crate::layout::Layout::new(&ring.servers, ring.replicas))
+        });
+        let aae = match layout {
+            Some(layout) => Some(Arc::new(AntiEntropy::from_layout(
                 layout,
                 &config.advertise,
                 config.aae_interval,
                 config.aae_max_keys,
-            )?),
-            (None, Some(ring)) => Some(AntiEntropy::new(
-                ring,
-                config.aae_interval,
-                config.aae_max_keys,
-            )?),
-            (None, None) => None,
+                aae_metrics.clone(),
+            )?)),
+            None => None,
         };
         super::keys::convert(&*engine)?;
         let hints = count_entries(&*engine, Tree::Hints)?;
@@ -81,7 +87,10 @@ impl StorageNode {
             tombstone_keys: AtomicI64::new(0),
             hints: AtomicI64::new(hints),
             corrupt_hints: AtomicI64::new(0),
-            aae,
+            aae: std::sync::RwLock::new(aae),
+            aae_metrics,
+            aae_interval: config.aae_interval,
+            aae_max_keys: config.aae_max_keys,
             membership,
             syncing: AtomicI64::new(0),
             sync_progress: Default::default(),
@@ -116,6 +125,10 @@ pub async fn run(
             }
         })
     };
+    if let Some(aae) = node.aae() {
+        fill_in_background(&node, aae);
+    }
+    let follow = tokio::spawn(follow_layout(node.clone()));
     let syncer = tokio::spawn(sync_periodically(node.engine.clone()));
     let handoff = tokio::spawn(hints::handoff_periodically(node.clone(), RpcClient::new()));
     let anti_entropy = tokio::spawn(anti_entropy_periodically(node.clone(), RpcClient::new()));
@@ -139,28 +152,92 @@ pub async fn run(
     rehome.abort();
     gossip.abort();
     sync.abort();
+    follow.abort();
     node.engine.sync()?;
     Ok(())
 }
 
 /// Runs anti-entropy rounds until the task is dropped (returns at once without peers).
 async fn anti_entropy_periodically(node: Arc<StorageNode>, client: RpcClient) {
-    let Some(interval) = node.aae.as_ref().map(|aae| aae.interval) else {
-        return;
-    };
-    let mut ticks = tokio::time::interval(interval);
+    let mut ticks = tokio::time::interval(node.aae_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate; let the cluster come up first
     loop {
         ticks.tick().await;
-        match &node.aae {
-            // Its trees are complete once the start's count is; they are built for one
-            // layout, and pause while the cluster's is another (a transition moves data
-            // by its own means, see `sync.rs`).
-            Some(aae) if node.census.is_done() && node.aae_layout_current(aae) => {
+        match node.aae() {
+            // Its trees are complete once filled; they are built for one layout, and pause
+            // while the cluster's is another (a transition moves data by its own means, see
+            // `sync.rs`, and the trees are built anew once it is over).
+            Some(aae) if aae.is_filled() && node.aae_layout_current(&aae) => {
                 aae.round(&node, &client).await
             }
             _ => {}
+        }
+    }
+}
+
+/// Fills `aae`'s trees from the stored data, in the background.
+fn fill_in_background(node: &Arc<StorageNode>, aae: Arc<AntiEntropy>) {
+    let engine = node.engine.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        match aae.fill(&*engine) {
+            Ok(()) => tracing::info!(
+                ms = started.elapsed().as_millis() as u64,
+                "anti-entropy trees filled"
+            ),
+            Err(error) => tracing::error!(%error, "filling the anti-entropy trees failed"),
+        }
+    });
+}
+
+/// Builds anti-entropy anew for each layout that is the only live one (the one at start may
+/// be another: a node that joined, or a cluster that changed while this node was down), and
+/// drops it for a node that is no member.
+async fn follow_layout(node: Arc<StorageNode>) {
+    let mut changes = node.membership.watch();
+    loop {
+        if let Some(routing) = node.membership.routing()
+            && !routing.in_transition()
+        {
+            let layout = routing.current();
+            let member = layout.servers().contains(&node.membership.me);
+            let current = node.aae();
+            let stale = current
+                .as_ref()
+                .is_none_or(|aae| aae.fingerprint() != layout.fingerprint());
+            if !member && current.is_some() {
+                *node
+                    .aae
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                tracing::info!("not a member of the layout any more: anti-entropy stops");
+            } else if member && stale {
+                match AntiEntropy::from_layout(
+                    layout.clone(),
+                    &node.membership.me,
+                    node.aae_interval,
+                    node.aae_max_keys,
+                    node.aae_metrics.clone(),
+                ) {
+                    Ok(aae) => {
+                        let aae = Arc::new(aae);
+                        *node
+                            .aae
+                            .write()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(aae.clone());
+                        tracing::info!(
+                            version = routing.current_version(),
+                            "anti-entropy rebuilt for the layout"
+                        );
+                        fill_in_background(&node, aae);
+                    }
+                    Err(error) => tracing::error!(%error, "cannot build anti-entropy"),
+                }
+            }
+        }
+        if changes.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -75,7 +75,11 @@ pub struct StorageNode {
     corrupt_hints: AtomicI64,
     /// Background convergence with the peers sharing partitions; `None` for a node without
     /// a layout at start. Built for one layout: it pauses while the layout is another.
-    aae: Option<AntiEntropy>,
+    aae: std::sync::RwLock<Option<Arc<AntiEntropy>>>,
+    /// Anti-entropy's counters, kept across rebuilds of its trees.
+    aae_metrics: Arc<anti_entropy::AaeMetrics>,
+    aae_interval: std::time::Duration,
+    aae_max_keys: usize,
     /// The layout history, gossip and `cluster.*`.
     pub membership: Arc<crate::membership::Membership>,
     /// Partitions still to receive for the newest layout version.
@@ -102,6 +106,14 @@ impl StorageNode {
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
         &self.engine
+    }
+
+    /// Anti-entropy as it is now (built for the current layout, or none).
+    pub fn aae(&self) -> Option<Arc<AntiEntropy>> {
+        self.aae
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The key's own copy, for a reader that does not hold the key's lock.

@@ -178,10 +178,10 @@ impl StorageNode {
     /// Anti-entropy's figures, for a node with peers: `stats()` shows them under
     /// `anti_entropy`.
     fn anti_entropy_figures(&self) -> Vec<Figure> {
-        let Some(aae) = &self.aae else {
+        if self.aae().is_none() && self.aae_metrics.rounds.get() == 0 {
             return Vec::new();
-        };
-        let m = &aae.metrics;
+        }
+        let m = &self.aae_metrics;
         vec![
             Figure::counter(
                 "rounds",
@@ -247,7 +247,7 @@ impl StorageNode {
             "connections".into(),
             codec::int_value(i64::try_from(server::CONNECTIONS_ACCEPTED.get()).unwrap_or(i64::MAX)),
         );
-        if let Some(aae) = &self.aae {
+        if let Some(aae) = self.aae() {
             stats.insert("ring".into(), Value::String(aae.fingerprint().to_owned()));
             let figures = self.anti_entropy_figures().iter().map(int).collect();
             stats.insert("anti_entropy".into(), Value::Struct(figures));
@@ -260,8 +260,10 @@ impl StorageNode {
     fn call_sync(&self, request: Request) -> Result<String> {
         match request {
             Request::Aae(request) => {
-                let aae = self.aae.as_ref().ok_or_else(|| {
-                    Error::invalid("anti-entropy is off on this node (started without -s peers)")
+                let aae = self.aae().ok_or_else(|| {
+                    Error::invalid(
+                        "anti-entropy is off on this node (no layout yet, or not a member of it)",
+                    )
                 })?;
                 let reply = aae.answer(self, request)?;
                 messages::reply_xml(&reply)

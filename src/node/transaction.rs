@@ -167,6 +167,9 @@ impl<'n> Transaction<'n> {
         // A change to a key the start's count has not reached yet is the count's to see
         // (`census`); held across the write so that the count cannot pass the key meanwhile.
         let census = node.census.hold();
+        // Likewise for the anti-entropy trees, filled by a walk of their own.
+        let aae = node.aae();
+        let filled = aae.as_ref().map(|aae| aae.filled.hold());
         if let Err(error) = node.engine.write(writes) {
             // The engine may hold some of it or none: what it holds is known no more.
             for (place, _, _, _) in &own_changes {
@@ -175,15 +178,18 @@ impl<'n> Transaction<'n> {
             return Err(error.into());
         }
         for (place, old, new, change) in own_changes {
+            if let (Some(aae), Some(filled)) = (&aae, &filled)
+                && filled.covers(&place.storage_key)
+            {
+                aae.record(place.key.as_bytes(), old.as_deref(), new.as_deref());
+            }
             if census.covers(&place.storage_key) {
-                if let Some(aae) = &node.aae {
-                    aae.record(place.key.as_bytes(), old.as_deref(), new.as_deref());
-                }
                 counts.live += change.live;
                 counts.tombstones += change.tombstones;
             }
             node.cache.set(&place.storage_key, new);
         }
+        drop(filled);
         drop(census);
         node.live_keys.fetch_add(counts.live, Ordering::Relaxed);
         node.tombstone_keys

@@ -194,3 +194,13 @@ fn histories_round_trip_and_refuse_garbage() {
     assert_eq!(History::decode(b"\x01\x02garbage"), None);
     assert_ne!(history.digest(), three().digest());
 }
+
+#[test]
+fn a_daemon_with_another_version_one_is_ignored() {
+    let mut mine = three();
+    let theirs = History::initial(vec![member("a:1"), member("z:9")], 2);
+    let merged = mine.merge(&theirs);
+    assert!(!merged.changed);
+    assert!(merged.conflict.is_some());
+    assert_eq!(mine, three());
+}
