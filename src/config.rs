@@ -162,6 +162,28 @@ impl BalancerConfig {
     }
 }
 
+impl BalancerConfig {
+    /// The coordinator a storage node runs for `put`, `get`, `get_versions` and `delete`
+    /// (any node coordinates): a balancer's defaults, over the node's layout.
+    pub fn for_node(node: &NodeConfig) -> BalancerConfig {
+        let replicas = node.replicas.max(1);
+        let majority = crate::quorum::majority(replicas);
+        BalancerConfig {
+            listen: node.listen,
+            servers: node.peers.clone(),
+            replicas,
+            read_quorum: majority,
+            write_quorum: majority,
+            layout_replicas: replicas,
+            explicit_read: None,
+            explicit_write: None,
+            replica_timeout: Duration::from_millis(1000),
+            max_request_bytes: node.max_request_bytes,
+            tombstone_grace: Duration::from_millis(10_000),
+        }
+    }
+}
+
 /// Checks that a server address is `host:port` with a port, and normalises nothing else:
 /// the layout hashes the address text, so every daemon must be given the same spelling.
 pub fn validate_address(address: &str) -> Result<String, ConfigError> {

@@ -39,7 +39,7 @@ fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
     let node_c = cluster.node_client(2);
     let stats = node_c.stats();
     assert_eq!(int_member(&stats, "keys"), 0, "C starts empty: {stats:?}");
-    assert_eq!(node_c.get(&key(0)), Ok(Value::Nil), "C starts empty");
+    assert_eq!(node_c.local_get(&key(0)), Ok(Value::Nil), "C starts empty");
     cluster.nodes[0].cont();
     cluster.nodes[1].cont();
 
@@ -49,7 +49,12 @@ fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
         || int_member(&node_c.stats(), "keys") == KEYS as i64,
     );
     for i in (0..KEYS).step_by(7) {
-        assert_eq!(node_c.get(&key(i)), Ok(value(i)), "C's copy of {}", key(i));
+        assert_eq!(
+            node_c.local_get(&key(i)),
+            Ok(value(i)),
+            "C's copy of {}",
+            key(i)
+        );
     }
     assert_no_client_reads(&lb);
     assert_eq!(balancer_counter(&lb.stats(), "read_repairs"), 0);

@@ -126,7 +126,7 @@ fn writes_for_a_dead_node_are_hinted_and_handed_off_when_it_returns() {
     for (i, &owned) in owned_by_x.iter().enumerate() {
         let expected = if owned { value(i) } else { Value::Nil };
         assert_eq!(
-            node_x.get(&key(i)),
+            node_x.local_get(&key(i)),
             Ok(expected),
             "X's own copy of {} (a replica: {owned})",
             key(i)
@@ -161,7 +161,12 @@ fn with_no_spare_node_a_returning_node_is_healed_by_anti_entropy_without_reads()
         int_member(&node_c.stats(), "keys") == 100
     });
     for i in 0..100 {
-        assert_eq!(node_c.get(&key(i)), Ok(value(i)), "C's copy of {}", key(i));
+        assert_eq!(
+            node_c.local_get(&key(i)),
+            Ok(value(i)),
+            "C's copy of {}",
+            key(i)
+        );
     }
     assert_no_client_reads(&lb);
     for node in nodes_of(&cluster) {

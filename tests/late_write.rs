@@ -611,7 +611,7 @@ impl ProxiedCluster {
         wait_until_ok(
             CONVERGENCE_TIMEOUT,
             &format!("n1's own copy of {key} is {value:?} ({why})"),
-            || match n1.get(key) {
+            || match n1.local_get(key) {
                 Ok(Value::String(held)) if held == value => Ok(()),
                 other => Err(format!("n1 holds {}", show(&other))),
             },
@@ -657,7 +657,7 @@ impl ProxiedCluster {
             copies: self
                 .node_clients()
                 .iter()
-                .map(|node| node.get(key))
+                .map(|node| node.local_get(key))
                 .collect(),
         }
     }

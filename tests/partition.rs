@@ -196,7 +196,7 @@ for key in keys:
     if balancer is not None:
         fields.append(call(lambda: show(balancer.get(key))))
         fields.append(call(lambda: versions(balancer, key)))
-    fields += [call(lambda: show(node.get(key))) for node in nodes]
+    fields += [call(lambda: show(getattr(node, "local.get")(key))) for node in nodes]
     print("\t".join(fields))
 "#;
 

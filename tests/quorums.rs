@@ -256,7 +256,7 @@ fn a_node_that_lost_its_data_is_repaired_by_reads() {
     let node = cluster.node_client(0);
     for i in 0..50 {
         assert_eq!(
-            node.get(&key(i)),
+            node.local_get(&key(i)),
             Ok(Value::Nil),
             "{} survived an in-memory restart",
             key(i)
@@ -280,7 +280,7 @@ fn a_node_that_lost_its_data_is_repaired_by_reads() {
     wait_until(
         FAILURE_DETECTION_TIMEOUT,
         "read repair gives the restarted node back every key that was read",
-        || (0..50).all(|i| node.get(&key(i)) == Ok(value(i))),
+        || (0..50).all(|i| node.local_get(&key(i)) == Ok(value(i))),
     );
 }
 
@@ -346,7 +346,7 @@ fn anti_entropy_reads_only_the_leaves_that_differ() {
     );
     for i in STORED..STORED + MISSED {
         assert_eq!(
-            node2.get(&key(i)),
+            node2.local_get(&key(i)),
             Ok(value(i)),
             "node 2's own copy of {}",
             key(i)

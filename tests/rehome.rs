@@ -44,7 +44,11 @@ fn holders(nodes: &[Daemon], servers: &[String], key: &str) -> Vec<String> {
     nodes
         .iter()
         .zip(servers)
-        .filter(|(node, _)| node.rpc().get(key).is_ok_and(|value| value != Value::Nil))
+        .filter(|(node, _)| {
+            node.rpc()
+                .local_get(key)
+                .is_ok_and(|value| value != Value::Nil)
+        })
         .map(|(_, address)| address.clone())
         .collect()
 }
@@ -167,7 +171,7 @@ fn a_data_directory_from_before_partitions_is_converted_at_start() {
         "every key counted: {stats:?}"
     );
     for i in [0, 250, 499] {
-        assert_eq!(node.rpc().get(&key(i)), Ok(value(i)), "{}", key(i));
+        assert_eq!(node.rpc().local_get(&key(i)), Ok(value(i)), "{}", key(i));
     }
     let lb = Daemon::load_balancer(
         dir.path(),

@@ -126,7 +126,7 @@ fn durable_node_with_keys(dir: &Path, keys: usize) -> (Daemon, PathBuf) {
     );
     let rpc = node.rpc();
     for i in 0..keys {
-        assert_eq!(rpc.put(&key(i), value(i)), ok200(), "put {i}");
+        assert_eq!(rpc.local_put(&key(i), value(i)), ok200(), "put {i}");
     }
     (node, data_dir)
 }
@@ -181,7 +181,7 @@ fn a_damaged_sealed_segment_is_refused_then_salvaged() {
         } else {
             Ok(value(i))
         };
-        assert_eq!(rpc.get(&key(i)), expected, "key {i}");
+        assert_eq!(rpc.local_get(&key(i)), expected, "key {i}");
     }
     assert!(!record.keys.is_empty());
     assert!(
@@ -209,10 +209,10 @@ fn a_torn_tail_is_cut_and_every_whole_record_kept() {
     let rpc = node.rpc();
     assert_eq!(int_member(&rpc.stats(), "salvaged_records"), 0);
     for i in 0..KEYS - 1 {
-        assert_eq!(rpc.get(&key(i)), Ok(value(i)), "key {i}");
+        assert_eq!(rpc.local_get(&key(i)), Ok(value(i)), "key {i}");
     }
-    assert_eq!(rpc.get(&key(KEYS - 1)), Ok(Value::Nil));
-    assert_eq!(rpc.put(&key(KEYS), value(KEYS)), ok200());
+    assert_eq!(rpc.local_get(&key(KEYS - 1)), Ok(Value::Nil));
+    assert_eq!(rpc.local_put(&key(KEYS), value(KEYS)), ok200());
     node.kill();
 
     // Garbage after the last record of the (new) last segment.
@@ -223,8 +223,8 @@ fn a_torn_tail_is_cut_and_every_whole_record_kept() {
     fs::write(&last, bytes).expect("append");
     node.restart();
     let rpc = node.rpc();
-    assert_eq!(rpc.get(&key(KEYS)), Ok(value(KEYS)));
-    assert_eq!(rpc.get(&key(0)), Ok(value(0)));
+    assert_eq!(rpc.local_get(&key(KEYS)), Ok(value(KEYS)));
+    assert_eq!(rpc.local_get(&key(0)), Ok(value(0)));
     assert_eq!(fs::metadata(&last).expect("metadata").len(), whole as u64);
 }
 

@@ -191,7 +191,12 @@ fn a_get_repairs_a_replica_that_missed_the_writes() {
     cluster.nodes[2].start();
     let node_c = cluster.node_client(2);
     for i in 0..50 {
-        assert_eq!(node_c.get(&key(i)), Ok(Value::Nil), "C holds {}", key(i));
+        assert_eq!(
+            node_c.local_get(&key(i)),
+            Ok(Value::Nil),
+            "C holds {}",
+            key(i)
+        );
     }
     wait_for_state(&lb, &c, "up");
     let repairs_before = balancer_counter(&lb.stats(), "read_repairs");
@@ -203,7 +208,7 @@ fn a_get_repairs_a_replica_that_missed_the_writes() {
     wait_until(
         CONVERGENCE_TIMEOUT,
         "read repair gave C every key that was read",
-        || (0..50).all(|i| node_c.get(&key(i)) == Ok(value(i))),
+        || (0..50).all(|i| node_c.local_get(&key(i)) == Ok(value(i))),
     );
     let repairs = balancer_counter(&lb.stats(), "read_repairs") - repairs_before;
     assert!(

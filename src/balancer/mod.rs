@@ -28,6 +28,7 @@
 //! balancer stops waiting for it, and a node refuses one that arrives later.
 
 pub mod coordinator;
+pub mod explain;
 mod health;
 pub mod node_queue;
 pub mod request;
@@ -144,6 +145,21 @@ impl Topology {
 }
 
 impl Balancer {
+    /// A coordinator inside a storage node, routing with the node's own membership.
+    pub fn for_node(config: BalancerConfig, membership: Arc<Membership>) -> Self {
+        Balancer {
+            shared: Arc::new(Shared {
+                config,
+                membership,
+                topology: std::sync::RwLock::new(None),
+                queues: Default::default(),
+                client: RpcClient::new(),
+                metrics: BalancerMetrics::default(),
+                last_entry_us: AtomicU64::new(0),
+            }),
+        }
+    }
+
     pub fn new(config: BalancerConfig) -> Self {
         let client = RpcClient::new();
         let me = format!(
@@ -538,7 +554,9 @@ impl Balancer {
         });
     }
 
-    async fn handle(&self, request: Request) -> Result<String> {
+    /// Answers a client's call (a storage node passes its `put`, `get`, `get_versions` and
+    /// `delete` here).
+    pub async fn handle(&self, request: Request) -> Result<String> {
         let metrics = &self.shared.metrics;
         match request {
             Request::Put {
@@ -571,13 +589,14 @@ impl Balancer {
                 Ok(versions_xml(&siblings))
             }
             Request::Stats => codec::value_to_xml(&self.stats()),
+            Request::Explain { key } => codec::value_to_xml(&self.explain(&key).await?),
             Request::Cluster(call) => self.shared.membership.answer(call, self.report()).await,
         }
     }
 
     /// Everything the balancer counts, each figure declared once (see [`Figure`]):
     /// `stats()` shows them under `counters`.
-    fn figures(&self) -> Vec<Figure> {
+    pub(crate) fn figures(&self) -> Vec<Figure> {
         let m = &self.shared.metrics;
         let request = |stats, method, counter| {
             Figure::counter(
@@ -813,7 +832,7 @@ pub async fn run(
 }
 
 /// Probes down nodes until the task is dropped.
-async fn probe_periodically(balancer: Arc<Balancer>) {
+pub async fn probe_periodically(balancer: Arc<Balancer>) {
     let mut ticks = tokio::time::interval(health::PROBE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -16,6 +16,7 @@ pub enum Method {
     GetVersions,
     Delete,
     Stats,
+    Explain,
     /// The `cluster.*` methods, by index in [`crate::membership::status::METHODS`].
     Cluster(usize),
 }
@@ -40,6 +41,9 @@ pub enum Request {
         context: Option<VClock>,
     },
     Stats,
+    Explain {
+        key: String,
+    },
     Cluster(crate::membership::status::ClusterCall),
 }
 
@@ -52,6 +56,7 @@ impl server::Request for Request {
         Method::GetVersions,
         Method::Delete,
         Method::Stats,
+        Method::Explain,
         Method::Cluster(0),
         Method::Cluster(1),
         Method::Cluster(2),
@@ -69,6 +74,7 @@ impl server::Request for Request {
             Method::GetVersions => "get_versions",
             Method::Delete => "delete",
             Method::Stats => "stats",
+            Method::Explain => "explain",
             Method::Cluster(i) => crate::membership::status::METHODS
                 .get(i)
                 .map_or("cluster.?", |(name, _)| name),
@@ -86,6 +92,9 @@ impl server::Request for Request {
                 "delete(key[, context]) -> \"200\" once W replicas stored the tombstone"
             }
             Method::Stats => "stats() -> {servers: [{address, state}], N, R, W, counters}",
+            Method::Explain => {
+                "explain(key) -> {key, partition, layouts: [{version, reads, replicas: [{address, role, for, state}]}], stored: [{address, versions, hints}]}"
+            }
             Method::Cluster(i) => crate::membership::status::METHODS
                 .get(i)
                 .map_or("cluster.?() -> ?", |(_, help)| help),
@@ -116,6 +125,9 @@ impl server::Request for Request {
                 expect_params(&params, 0)?;
                 Request::Stats
             }
+            Method::Explain => Request::Explain {
+                key: key_param(params)?,
+            },
             Method::Cluster(i) => Request::Cluster(crate::membership::status::parse(i, params)?),
         })
     }
@@ -143,14 +155,14 @@ mod tests {
         }
         let names: Vec<&str> = Request::METHODS.iter().map(|&m| Request::name(m)).collect();
         assert_eq!(
-            names[..5],
-            ["put", "get", "get_versions", "delete", "stats"]
+            names[..6],
+            ["put", "get", "get_versions", "delete", "stats", "explain"]
         );
         let cluster: Vec<&str> = crate::membership::status::METHODS
             .iter()
             .map(|(name, _)| *name)
             .collect();
-        assert_eq!(names[5..], cluster[..]);
+        assert_eq!(names[6..], cluster[..]);
     }
 
     #[test]

@@ -60,6 +60,21 @@ pub fn slot(owner: &str, key: &str) -> Vec<u8> {
 }
 
 /// Hands hints to their owners until the task is dropped.
+impl StorageNode {
+    /// The hints this node holds for `key`, by owner (a scan of every hint: for `explain`).
+    pub fn hints_for(&self, key: &str) -> crate::error::Result<Vec<(String, Siblings)>> {
+        let mut found = Vec::new();
+        storage::for_each(&*self.engine, Tree::Hints, |_, bytes| {
+            if let Ok(record) = postcard::from_bytes::<HintRecord>(bytes)
+                && record.key == key
+            {
+                found.push((record.owner, record.siblings));
+            }
+        })?;
+        Ok(found)
+    }
+}
+
 pub async fn handoff_periodically(node: Arc<StorageNode>, client: RpcClient) {
     let mut ticks = tokio::time::interval(HANDOFF_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -87,6 +87,10 @@ impl StorageNode {
             tombstone_keys: AtomicI64::new(0),
             hints: AtomicI64::new(hints),
             corrupt_hints: AtomicI64::new(0),
+            coordinator: crate::balancer::Balancer::for_node(
+                crate::config::BalancerConfig::for_node(config),
+                membership.clone(),
+            ),
             aae: std::sync::RwLock::new(aae),
             aae_metrics,
             aae_interval: config.aae_interval,
@@ -141,6 +145,9 @@ pub async fn run(
         tokio::spawn(node.membership.clone().run(move || reporter.report()))
     };
     let sync = tokio::spawn(super::sync::sync_forever(node.clone()));
+    let prober = tokio::spawn(crate::balancer::probe_periodically(Arc::new(
+        node.coordinator.clone(),
+    )));
     let limits = ServerLimits {
         max_request_bytes: config.max_request_bytes,
     };
@@ -153,6 +160,7 @@ pub async fn run(
     gossip.abort();
     sync.abort();
     follow.abort();
+    prober.abort();
     node.engine.sync()?;
     Ok(())
 }

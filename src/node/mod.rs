@@ -80,6 +80,9 @@ pub struct StorageNode {
     aae_metrics: Arc<anti_entropy::AaeMetrics>,
     aae_interval: std::time::Duration,
     aae_max_keys: usize,
+    /// Coordinates `put`, `get`, `get_versions` and `delete` for the whole cluster, with a
+    /// balancer's code and semantics.
+    pub coordinator: crate::balancer::Balancer,
     /// The layout history, gossip and `cluster.*`.
     pub membership: Arc<crate::membership::Membership>,
     /// Partitions still to receive for the newest layout version.

@@ -61,9 +61,22 @@ pub async fn rehome_until_done(node: Arc<StorageNode>, client: RpcClient) {
             );
         }
         if pass.left == 0 {
-            // Until the layouts change again.
-            let _ = changes.changed().await;
-            changes.mark_unchanged();
+            // Until the layouts change again (not merely the trackers).
+            let seen = node.membership.routing();
+            loop {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+                let now = node.membership.routing();
+                let same = match (&seen, &now) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !same {
+                    break;
+                }
+            }
             wait = FIRST_RETRY_AFTER;
         } else {
             wait = (wait * 2).min(MAX_RETRY_AFTER);
@@ -81,7 +94,18 @@ pub async fn rehome_pass(node: &Arc<StorageNode>, client: &RpcClient) -> Pass {
     let mut pass = Pass::default();
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let page = match node.engine.scan(Tree::Data, after.as_deref(), PAGE_KEYS) {
+        let engine = node.engine.clone();
+        let from = after.clone();
+        let scanned = tokio::task::spawn_blocking(move || {
+            engine.scan(Tree::Data, from.as_deref(), PAGE_KEYS)
+        })
+        .await
+        .unwrap_or_else(|error| {
+            Err(crate::storage::StorageError::Io(std::io::Error::other(
+                error.to_string(),
+            )))
+        });
+        let page = match scanned {
             Ok(page) => page,
             Err(error) => {
                 tracing::error!(%error, "rehoming cannot read this node's data");

@@ -13,8 +13,14 @@ use crate::version::VClock;
 /// A storage node's methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
-    Get,
+    LocalGet,
+    LocalPut,
     Put,
+    Get,
+    GetVersions,
+    Delete,
+    Explain,
+    LocalExplain,
     Stats,
     Aae,
     MergeMany,
@@ -28,14 +34,21 @@ pub enum Method {
 #[derive(Debug, Clone)]
 pub enum Request {
     /// This node's own copy, for inspection.
-    Get {
+    LocalGet {
         key: String,
     },
     /// A write of this node's own copy only, stamped with its clock; `value` is its XML text.
-    Put {
+    LocalPut {
         key: String,
         value: String,
         context: Option<VClock>,
+    },
+    /// A client's `put`, `get`, `get_versions` or `delete`, coordinated by this node for the
+    /// whole cluster as a balancer would.
+    Coordinate(crate::balancer::request::Request),
+    /// What this node holds of a key, for `explain`.
+    LocalExplain {
+        key: String,
     },
     Stats,
     /// Anti-entropy: a question from a peer about the keys the two share.
@@ -53,8 +66,14 @@ impl server::Request for Request {
     type Method = Method;
 
     const METHODS: &'static [Method] = &[
-        Method::Get,
         Method::Put,
+        Method::Get,
+        Method::GetVersions,
+        Method::Delete,
+        Method::Explain,
+        Method::LocalGet,
+        Method::LocalPut,
+        Method::LocalExplain,
         Method::Stats,
         Method::Aae,
         Method::MergeMany,
@@ -72,8 +91,14 @@ impl server::Request for Request {
 
     fn name(method: Method) -> &'static str {
         match method {
-            Method::Get => "get",
+            Method::LocalGet => "local.get",
+            Method::LocalPut => "local.put",
             Method::Put => "put",
+            Method::Get => "get",
+            Method::GetVersions => "get_versions",
+            Method::Delete => "delete",
+            Method::Explain => "explain",
+            Method::LocalExplain => crate::balancer::explain::LOCAL_EXPLAIN,
             Method::Stats => "stats",
             Method::Aae => messages::AAE,
             Method::MergeMany => messages::MERGE_MANY,
@@ -87,9 +112,17 @@ impl server::Request for Request {
 
     fn help(method: Method) -> &'static str {
         match method {
-            Method::Get => "get(key) -> this node's own copy of the key's value, or nil",
-            Method::Put => {
-                "put(key, value[, context]) -> \"200\": writes this node's copy only, no replication"
+            Method::LocalGet => "local.get(key) -> this node's own copy of the key's value, or nil",
+            Method::LocalPut => {
+                "local.put(key, value[, context]) -> \"200\": writes this node's copy only, no replication"
+            }
+            Method::LocalExplain => {
+                "local.explain(key) -> {versions: [{dot, context, timestamp_us, size, tombstone}], hints: [{owner, versions}]}: what this node holds of the key"
+            }
+            Method::Put | Method::Get | Method::GetVersions | Method::Delete | Method::Explain => {
+                <crate::balancer::request::Request as server::Request>::help(balancer_method(
+                    method,
+                ))
             }
             Method::Stats => "stats() -> {keys, hints, ...}: what this node holds",
             Method::Aae => {
@@ -112,16 +145,27 @@ impl server::Request for Request {
 
     fn parse(method: Method, params: Vec<Param>) -> Result<Request> {
         Ok(match method {
-            Method::Get => Request::Get {
+            Method::LocalGet => Request::LocalGet {
                 key: key_param(params)?,
             },
-            Method::Put => {
+            Method::LocalPut => {
                 let (key, value, context) = put_params(params)?;
-                Request::Put {
+                Request::LocalPut {
                     key,
                     value,
                     context,
                 }
+            }
+            Method::LocalExplain => Request::LocalExplain {
+                key: key_param(params)?,
+            },
+            Method::Put | Method::Get | Method::GetVersions | Method::Delete | Method::Explain => {
+                Request::Coordinate(
+                    <crate::balancer::request::Request as server::Request>::parse(
+                        balancer_method(method),
+                        params,
+                    )?,
+                )
             }
             Method::Stats => {
                 expect_params(&params, 0)?;
@@ -133,6 +177,18 @@ impl server::Request for Request {
             Method::SyncPage => Request::SyncPage(messages::from_params(&params)?),
             Method::Cluster(i) => Request::Cluster(crate::membership::status::parse(i, params)?),
         })
+    }
+}
+
+/// The balancer's method a node's client method is.
+fn balancer_method(method: Method) -> crate::balancer::request::Method {
+    use crate::balancer::request::Method as B;
+    match method {
+        Method::Put => B::Put,
+        Method::GetVersions => B::GetVersions,
+        Method::Delete => B::Delete,
+        Method::Explain => B::Explain,
+        _ => B::Get,
     }
 }
 

@@ -284,7 +284,7 @@ impl StorageNode {
                     .collect::<Result<Vec<_>>>()?;
                 messages::reply_xml(&sets)
             }
-            Request::Put {
+            Request::LocalPut {
                 key,
                 value,
                 context,
@@ -299,7 +299,7 @@ impl StorageNode {
                 })?;
                 Ok(codec::string_xml("200"))
             }
-            Request::Get { key } => {
+            Request::LocalGet { key } => {
                 self.metrics.local_gets.inc();
                 let siblings = self.read(&ReadRequest {
                     key,
@@ -310,8 +310,15 @@ impl StorageNode {
                     .map_or_else(|| codec::NIL_XML.to_owned(), str::to_owned))
             }
             Request::Stats => self.stats_xml(),
+            Request::LocalExplain { key } => {
+                let own = self.load(&key)?;
+                let hints = self.hints_for(&key)?;
+                codec::value_to_xml(&crate::balancer::explain::local_value(&own, &hints))
+            }
             Request::SyncPage(request) => messages::reply_xml(&self.sync_page(&request)?),
-            Request::Cluster(_) => Err(Error::Internal("cluster calls are async".into())),
+            Request::Cluster(_) | Request::Coordinate(_) => {
+                Err(Error::Internal("coordinated calls are async".into()))
+            }
         }
     }
 }
@@ -322,6 +329,7 @@ impl Handler for StorageNode {
     async fn call(&self, request: Request) -> Result<String> {
         match request {
             Request::Cluster(call) => self.membership.answer(call, self.report()).await,
+            Request::Coordinate(request) => self.coordinator.handle(request).await,
             request => self.call_sync(request),
         }
     }

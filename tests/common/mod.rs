@@ -191,7 +191,7 @@ pub fn local_copies(nodes: &[Rpc], key: &str) -> Vec<Value> {
     nodes
         .iter()
         .map(|node| {
-            node.get(key)
+            node.local_get(key)
                 .unwrap_or_else(|fault| panic!("local get({key:?}) on a node: {fault:?}"))
         })
         .collect()
@@ -1333,6 +1333,16 @@ impl Rpc {
     /// `get(key)`.
     pub fn get(&self, key: &str) -> RpcResult {
         self.call("get", vec![s(key)])
+    }
+
+    /// `local.get(key)` on a storage node: its own copy, nil where it has none.
+    pub fn local_get(&self, key: &str) -> RpcResult {
+        self.call("local.get", vec![s(key)])
+    }
+
+    /// `local.put(key, value)` on a storage node: writes its own copy only.
+    pub fn local_put(&self, key: &str, value: Value) -> RpcResult {
+        self.call("local.put", vec![s(key), value])
     }
 
     /// `get_versions(key)`: `(values, context)`, or the fault.

@@ -63,7 +63,7 @@ def main(argv):
         check(versions["values"] == [value], f"{depth} levels: get_versions differs")
         holders = 0
         for node in nodes:
-            local = node.get(key)
+            local = getattr(node, "local.get")(key)
             check(local in (value, None), f"{depth} levels: a node holds something else")
             holders += local == value
         check(not nodes or holders >= 2, f"{depth} levels: only {holders} nodes hold it")

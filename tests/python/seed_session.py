@@ -47,11 +47,11 @@ def main(argv):
     check(got == "novatnack", f"get('john') returned {got!r}")
     print("seed session: put/get john OK")
 
-    # Each storage node answers get() with its own local copy, and stats() with counts.
+    # Each storage node answers local.get() with its own copy, and stats() with counts.
     holders = 0
     for port in node_ports:
         node = ServerProxy(f"http://127.0.0.1:{port}/", allow_none=True)
-        local = node.get("john")
+        local = getattr(node, "local.get")("john")
         check(local in ("novatnack", None), f"node {port} holds {local!r} for john")
         holders += local == "novatnack"
         stats = node.stats()
