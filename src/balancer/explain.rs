@@ -154,7 +154,7 @@ impl Balancer {
             let mut entry = vec![field("address", Value::String(address.clone()))];
             match answer {
                 Ok(Value::Struct(fields)) => {
-                    entry.extend(fields.into_iter());
+                    entry.extend(fields);
                 }
                 Ok(other) => entry.push(field("error", Value::String(format!("{other:?}")))),
                 Err(error) => entry.push(field("error", Value::String(error.to_string()))),
