@@ -767,7 +767,7 @@ fn a_second_node_on_the_same_data_dir_refuses_to_start() {
 
     // The first node is unharmed.
     assert_eq!(health(first.port()), Some(200));
-    assert_eq!(first.rpc().get("anything"), Ok(Value::Nil));
+    assert_eq!(first.rpc().local_get("anything"), Ok(Value::Nil));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -145,6 +145,13 @@ fn remove_a_node_that_was_killed() {
     );
     assert_settled(&story, &ledger, story.balancer_port(lb));
 
+    let hints: Vec<i64> = story
+        .running_nodes()
+        .iter()
+        .map(|(_, port)| int_member(&Rpc::new(*port).stats(), "hints"))
+        .collect();
+    eprintln!("hints held by the survivors once the transition is over: {hints:?}");
+
     // The dead node comes back on its old data after it was removed: it learns that it is
     // no member any more, and its stale copies change nothing and go.
     story.restart_node(2);
@@ -1256,7 +1263,10 @@ fn assert_settled(story: &Story, ledger: &Ledger, via: u16) {
                 let stats = Rpc::new(*port).stats();
                 let keys = int_member(&stats, "keys");
                 let left = int_member(&stats, "rehome_left");
-                counts.push(format!("{address}: keys {keys}, rehome_left {left}"));
+                let hints = int_member(&stats, "hints");
+                counts.push(format!(
+                    "{address}: keys {keys}, rehome_left {left}, hints {hints}"
+                ));
                 if members.contains(address) {
                     held += keys;
                 } else if keys != 0 {

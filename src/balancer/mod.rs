@@ -211,8 +211,8 @@ impl Balancer {
                         answered: 0,
                         replicas: 0,
                         detail: Some(
-                            "this balancer has not learned the cluster's layout yet (no seed \
-                             answered)"
+                            "no layout known here yet: a balancer learns it from its -s seeds, \
+                             a node from its -s seeds or from a balancer over it"
                                 .into(),
                         ),
                     });

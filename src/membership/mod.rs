@@ -441,14 +441,12 @@ impl Membership {
         if self.role == Role::Node {
             addresses.push(self.me.clone());
         }
+        // Every daemon of a new cluster builds this version on its own, and they must build
+        // the same: so no zones (a node knows only its own); `dynamite layout add` sets them.
         let members: Vec<Member> = addresses
             .into_iter()
             .map(|address| Member {
-                zone: if address == self.me {
-                    self.zone.clone()
-                } else {
-                    String::new()
-                },
+                zone: String::new(),
                 address,
                 weight: 1,
             })
