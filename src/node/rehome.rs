@@ -142,6 +142,32 @@ pub async fn rehome_pass(node: &Arc<StorageNode>, client: &RpcClient) -> Pass {
     }
 }
 
+/// The replica's entry hash of each stray it is asked about, by index; `None` when it did
+/// not answer (then everything is sent).
+async fn replica_hashes(
+    client: &RpcClient,
+    address: &str,
+    strays: &[(String, Siblings)],
+    indexes: &[usize],
+) -> Option<std::collections::HashMap<usize, Option<crate::merkle::EntryHash>>> {
+    let request = super::sync::HashesRequest {
+        keys: indexes.iter().map(|&i| strays[i].0.clone()).collect(),
+    };
+    let param = crate::rpc::messages::to_param(&request).ok()?;
+    let value = client
+        .call(
+            address,
+            super::sync::HASHES_METHOD,
+            vec![param],
+            SEND_TIMEOUT,
+        )
+        .await
+        .ok()?;
+    let hashes: Vec<Option<crate::merkle::EntryHash>> =
+        crate::rpc::messages::from_value(&value).ok()?;
+    (hashes.len() == indexes.len()).then(|| indexes.iter().copied().zip(hashes).collect())
+}
+
 /// Sends `strays` to each of their replicas, then drops the ones every replica took.
 async fn hand_over(
     node: &Arc<StorageNode>,
@@ -164,7 +190,34 @@ async fn hand_over(
         }
     }
     let deadline_us = crate::clock::now_us().saturating_add(crate::clock::micros(SEND_TIMEOUT));
+    let ours: Vec<crate::merkle::EntryHash> = strays
+        .iter()
+        .map(|(key, siblings)| crate::merkle::entry_hash(key.as_bytes(), &siblings.encode()))
+        .collect();
     for (address, indexes) in by_replica {
+        // What the replica holds as this node does needs no sending: after a transition,
+        // that is nearly everything (the replica pulled it).
+        let theirs = replica_hashes(client, &address, &strays, &indexes).await;
+        let indexes: Vec<usize> = indexes
+            .into_iter()
+            .filter(|&index| {
+                let same = theirs
+                    .as_ref()
+                    .is_some_and(|theirs| theirs.get(&index) == Some(&Some(ours[index])));
+                if same {
+                    taken[index] += 1;
+                }
+                !same
+            })
+            .collect();
+        if indexes.is_empty() {
+            continue;
+        }
+        let bytes: u64 = indexes
+            .iter()
+            .map(|&index| (strays[index].0.len() + strays[index].1.value_bytes()) as u64)
+            .sum();
+        node.metrics.rehome_bytes_sent.add(bytes);
         let ops: Vec<Op> = indexes
             .iter()
             .map(|&index| {

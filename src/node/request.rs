@@ -26,6 +26,7 @@ pub enum Method {
     MergeMany,
     ReadMany,
     SyncPage,
+    Hashes,
     /// The `cluster.*` methods, by index in [`crate::membership::status::METHODS`].
     Cluster(usize),
 }
@@ -59,6 +60,8 @@ pub enum Request {
     ReadMany(ReadManyRequest),
     /// A page of a partition, for a node receiving it.
     SyncPage(crate::node::sync::SyncPageRequest),
+    /// Entry hashes of keys, before a node drops what a replica holds already.
+    Hashes(crate::node::sync::HashesRequest),
     Cluster(crate::membership::status::ClusterCall),
 }
 
@@ -79,6 +82,7 @@ impl server::Request for Request {
         Method::MergeMany,
         Method::ReadMany,
         Method::SyncPage,
+        Method::Hashes,
         Method::Cluster(0),
         Method::Cluster(1),
         Method::Cluster(2),
@@ -104,6 +108,7 @@ impl server::Request for Request {
             Method::MergeMany => messages::MERGE_MANY,
             Method::ReadMany => messages::READ_MANY,
             Method::SyncPage => crate::node::sync::SYNC_PAGE_METHOD,
+            Method::Hashes => crate::node::sync::HASHES_METHOD,
             Method::Cluster(i) => crate::membership::status::METHODS
                 .get(i)
                 .map_or("cluster.?", |(name, _)| name),
@@ -136,6 +141,9 @@ impl server::Request for Request {
             }
             Method::SyncPage => {
                 "node.sync_page(message) -> internal: a page of a partition's keys, for a node receiving it"
+            }
+            Method::Hashes => {
+                "node.hashes(message) -> internal: entry hashes of keys, for a node about to drop them"
             }
             Method::Cluster(i) => crate::membership::status::METHODS
                 .get(i)
@@ -175,6 +183,7 @@ impl server::Request for Request {
             Method::MergeMany => Request::MergeMany(messages::from_params(&params)?),
             Method::ReadMany => Request::ReadMany(messages::from_params(&params)?),
             Method::SyncPage => Request::SyncPage(messages::from_params(&params)?),
+            Method::Hashes => Request::Hashes(messages::from_params(&params)?),
             Method::Cluster(i) => Request::Cluster(crate::membership::status::parse(i, params)?),
         })
     }

@@ -38,6 +38,13 @@ pub(super) struct NodeMetrics {
     pub(super) sync_pages_served: Counter,
     /// Keys received from other nodes for partitions a new layout gave this node.
     pub(super) sync_keys_received: Counter,
+    /// Payload bytes of those transfers: values (one holder's copy, and keys another holder
+    /// had otherwise) ...
+    pub(super) sync_bytes_received: Counter,
+    /// ... and the entry-hash listings from the other holders.
+    pub(super) sync_listing_bytes: Counter,
+    /// Payload bytes of the keys handed to their replicas before this node dropped them.
+    pub(super) rehome_bytes_sent: Counter,
 }
 
 impl StorageNode {
@@ -159,6 +166,24 @@ impl StorageNode {
                 "dynamite_node_sync_keys_received_total",
                 "Keys received for partitions a new layout version gave this node.",
                 &m.sync_keys_received,
+            ),
+            Figure::counter(
+                "sync_bytes_received",
+                "dynamite_node_sync_bytes_received_total",
+                "Payload bytes received for partitions a new layout version gave this node.",
+                &m.sync_bytes_received,
+            ),
+            Figure::counter(
+                "sync_listing_bytes",
+                "dynamite_node_sync_listing_bytes_total",
+                "Payload bytes of entry-hash listings received from the other holders of partitions being received.",
+                &m.sync_listing_bytes,
+            ),
+            Figure::counter(
+                "rehome_bytes_sent",
+                "dynamite_node_rehome_bytes_sent_total",
+                "Payload bytes of keys handed to their replicas before this node dropped them.",
+                &m.rehome_bytes_sent,
             ),
             Figure::counter(
                 "sync_pages_served",
@@ -316,6 +341,7 @@ impl StorageNode {
                 codec::value_to_xml(&crate::balancer::explain::local_value(&own, &hints))
             }
             Request::SyncPage(request) => messages::reply_xml(&self.sync_page(&request)?),
+            Request::Hashes(request) => messages::reply_xml(&self.hashes(&request)?),
             Request::Cluster(_) | Request::Coordinate(_) => {
                 Err(Error::Internal("coordinated calls are async".into()))
             }

@@ -5,7 +5,10 @@
 //! It starts only once every router acknowledged the newest version (`ack_min`): from then
 //! on every write reaches this node directly, so what the pull misses can only be newer than
 //! it and is here already. It pulls from every old holder, not one, because a write
-//! acknowledged by W of them may be missing on the others. A holder that cannot be reached
+//! acknowledged by W of them may be missing on the others; but only the first sends its
+//! values: the others send each key's entry hash (16 bytes), and only the keys whose hash
+//! differs from what this node now holds are fetched, so the bytes moved stay near one copy
+//! of the partition. A holder that cannot be reached
 //! is retried (logged, counted in `cluster.status()` as partitions still syncing), unless it
 //! has been removed from the newest version: a dead node is taken out with a new version,
 //! and then its partitions come from the copies that survive. Once every partition is in, the
@@ -20,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::membership::history::History;
+use crate::merkle::{self, EntryHash};
 use crate::rpc::messages;
 use crate::storage::Tree;
 use crate::version::Siblings;
@@ -40,14 +44,26 @@ pub struct SyncPageRequest {
     pub partition: u16,
     /// The engine key after which to go on; `None` from the partition's start.
     pub after: Option<Vec<u8>>,
+    /// Each key's entry hash instead of its sibling set.
+    pub hashes_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SyncPageReply {
     pub entries: Vec<(String, Siblings)>,
+    pub hashes: Vec<(String, EntryHash)>,
     /// Where the next page starts; `None` when the partition is done.
     pub next: Option<Vec<u8>>,
 }
+
+/// Keys whose entry hashes a node is asked for (`node.hashes`): before a node drops keys it
+/// no longer replicates, it sends only those a replica does not hold as it does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HashesRequest {
+    pub keys: Vec<String>,
+}
+
+pub const HASHES_METHOD: &str = "node.hashes";
 
 /// What this node has received for which version.
 #[derive(Debug, Default)]
@@ -65,20 +81,27 @@ impl StorageNode {
             self.engine
                 .scan_range(Tree::Data, Some(&after), before.as_deref(), PAGE_KEYS)?;
         let full = page.len() == PAGE_KEYS;
-        let mut entries = Vec::with_capacity(page.len());
+        let mut entries = Vec::new();
+        let mut hashes = Vec::new();
         let mut bytes = 0;
         let mut next = None;
         for (stored, value) in page {
             let Some(key) = super::keys::user_key(&stored) else {
                 continue;
             };
-            let (Ok(key), Some(siblings)) =
-                (String::from_utf8(key.to_vec()), Siblings::decode(&value))
-            else {
+            let Ok(key_text) = String::from_utf8(key.to_vec()) else {
+                continue;
+            };
+            if request.hashes_only {
+                hashes.push((key_text, merkle::entry_hash(key, &value)));
+                next = Some(stored);
+                continue;
+            }
+            let Some(siblings) = Siblings::decode(&value) else {
                 continue; // undecodable: reads of it fail the same way here
             };
-            bytes += value.len() + key.len();
-            entries.push((key, siblings));
+            bytes += value.len() + key_text.len();
+            entries.push((key_text, siblings));
             next = Some(stored);
             if bytes >= PAGE_BYTES {
                 break;
@@ -88,31 +111,91 @@ impl StorageNode {
         self.metrics.sync_pages_served.inc();
         Ok(SyncPageReply {
             entries,
+            hashes,
             next: if more { next } else { None },
         })
     }
+
+    /// This node's entry hash of each key (`None` where it holds none).
+    pub(super) fn hashes(&self, request: &HashesRequest) -> Result<Vec<Option<EntryHash>>> {
+        request.keys.iter().map(|key| self.own_hash(key)).collect()
+    }
+
+    pub(super) fn own_hash(&self, key: &str) -> Result<Option<EntryHash>> {
+        let stored = self
+            .engine
+            .get(Tree::Data, &super::keys::data_key(key.as_bytes()))?;
+        Ok(stored.map(|bytes| merkle::entry_hash(key.as_bytes(), &bytes)))
+    }
 }
 
-/// Pulls `partition` from `source` into this node; the keys received.
-async fn pull(node: &Arc<StorageNode>, source: &str, partition: usize) -> Result<usize> {
+/// Pulls `partition` from `source` into this node: every value when `full`, else the keys
+/// whose entry hash differs from this node's. The keys received.
+async fn pull(
+    node: &Arc<StorageNode>,
+    source: &str,
+    partition: usize,
+    full: bool,
+) -> Result<usize> {
     let client = node.membership.client().clone();
+    let internal = |error: crate::rpc::client::CallError| {
+        crate::error::Error::Internal(format!("{source}: {error}"))
+    };
     let mut after = None;
     let mut received = 0;
     loop {
         let request = SyncPageRequest {
             partition: partition as u16,
             after,
+            hashes_only: !full,
         };
         let param = messages::to_param(&request)?;
         let value = client
             .call(source, SYNC_PAGE_METHOD, vec![param], CALL_TIMEOUT)
             .await
-            .map_err(|error| crate::error::Error::Internal(format!("{source}: {error}")))?;
+            .map_err(internal)?;
+        if full {
+            node.metrics.sync_bytes_received.add(payload_len(&value));
+        } else {
+            node.metrics.sync_listing_bytes.add(payload_len(&value));
+        }
         let reply: SyncPageReply = messages::from_value(&value)?;
-        received += reply.entries.len();
-        if !reply.entries.is_empty() {
+        let mut entries = reply.entries;
+        if !reply.hashes.is_empty() {
+            let differing: Vec<String> = {
+                let node = node.clone();
+                let hashes = reply.hashes;
+                tokio::task::spawn_blocking(move || {
+                    hashes
+                        .into_iter()
+                        .filter(|(key, hash)| node.own_hash(key).ok().flatten() != Some(*hash))
+                        .map(|(key, _)| key)
+                        .collect()
+                })
+                .await
+                .map_err(|e| crate::error::Error::Internal(e.to_string()))?
+            };
+            if !differing.is_empty() {
+                let param = messages::to_param(&crate::rpc::messages::ReadManyRequest {
+                    keys: differing.clone(),
+                })?;
+                let value = client
+                    .call(
+                        source,
+                        crate::rpc::messages::READ_MANY,
+                        vec![param],
+                        CALL_TIMEOUT,
+                    )
+                    .await
+                    .map_err(internal)?;
+                node.metrics.sync_bytes_received.add(payload_len(&value));
+                let sets: Vec<Siblings> = messages::from_value(&value)?;
+                entries.extend(differing.into_iter().zip(sets));
+            }
+        }
+        received += entries.len();
+        if !entries.is_empty() {
             let node = node.clone();
-            let entries = reply.entries;
             let deadline = crate::clock::now_us() + crate::clock::micros(CALL_TIMEOUT);
             tokio::task::spawn_blocking(move || node.merge_own_many_until(entries, deadline))
                 .await
@@ -122,6 +205,14 @@ async fn pull(node: &Arc<StorageNode>, source: &str, partition: usize) -> Result
             Some(next) => after = Some(next),
             None => return Ok(received),
         }
+    }
+}
+
+/// Bytes of an internal message (a base64 value).
+pub(super) fn payload_len(value: &dxr::Value) -> u64 {
+    match value {
+        dxr::Value::Base64(bytes) => bytes.len() as u64,
+        _ => 0,
     }
 }
 
@@ -166,9 +257,12 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
             continue;
         }
         let mut ok = true;
+        // One holder sends the values; the others only what differs from them.
+        let mut have_copy = false;
         for source in &sources {
-            match pull(node, source, partition).await {
+            match pull(node, source, partition, !have_copy).await {
                 Ok(keys) => {
+                    have_copy = true;
                     node.metrics.sync_keys_received.add(keys as u64);
                 }
                 Err(error) if history.current().has(source) => {
