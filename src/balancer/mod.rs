@@ -147,13 +147,14 @@ impl Topology {
 impl Balancer {
     /// A coordinator inside a storage node, routing with the node's own membership.
     pub fn for_node(config: BalancerConfig, membership: Arc<Membership>) -> Self {
+        let beacon = Arc::new(crate::membership::Beacon(Arc::downgrade(&membership)));
         Balancer {
             shared: Arc::new(Shared {
                 config,
                 membership,
                 topology: std::sync::RwLock::new(None),
                 queues: Default::default(),
-                client: RpcClient::new(),
+                client: RpcClient::new().with_beacon(beacon),
                 metrics: BalancerMetrics::default(),
                 last_entry_us: AtomicU64::new(0),
             }),
@@ -161,7 +162,6 @@ impl Balancer {
     }
 
     pub fn new(config: BalancerConfig) -> Self {
-        let client = RpcClient::new();
         let me = format!(
             "balancer-{:08x}@{}",
             crate::random::random_u64() as u32,
@@ -178,6 +178,8 @@ impl Balancer {
             )
             .unwrap_or_else(|_| unreachable!("a membership without storage cannot fail")),
         );
+        let beacon = Arc::new(crate::membership::Beacon(Arc::downgrade(&membership)));
+        let client = RpcClient::new().with_beacon(beacon);
         Balancer {
             shared: Arc::new(Shared {
                 config,
@@ -778,6 +780,14 @@ impl Handler for Balancer {
         let mut out = Exposition::default();
         out.figures(&self.figures());
         out.finish()
+    }
+
+    fn layout_version(&self) -> u64 {
+        self.shared.membership.version()
+    }
+
+    fn heard_layout_version(&self, version: u64) {
+        self.shared.membership.heard_version(version);
     }
 }
 

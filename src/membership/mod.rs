@@ -197,6 +197,24 @@ pub struct Membership {
     pub(crate) lock: Mutex<Option<apply::Lock>>,
     conflict_logged: Mutex<Option<Instant>>,
     mismatched: Mutex<BTreeMap<String, String>>,
+    /// Wakes the gossip loop at once: a peer knows a newer layout version.
+    nudge: tokio::sync::Notify,
+}
+
+/// The membership's side of [`crate::rpc::client::LAYOUT_HEADER`], for the daemon's clients
+/// (weak: the clients live inside what the membership serves).
+pub struct Beacon(pub std::sync::Weak<Membership>);
+
+impl crate::rpc::client::LayoutBeacon for Beacon {
+    fn own_version(&self) -> u64 {
+        self.0.upgrade().map_or(0, |m| m.version())
+    }
+
+    fn heard_version(&self, version: u64) {
+        if let Some(membership) = self.0.upgrade() {
+            membership.heard_version(version);
+        }
+    }
 }
 
 impl Membership {
@@ -237,11 +255,24 @@ impl Membership {
             lock: Mutex::new(None),
             conflict_logged: Mutex::new(None),
             mismatched: Mutex::new(BTreeMap::new()),
+            nudge: tokio::sync::Notify::new(),
         };
         if let Some(history) = stored {
             membership.install(history, false)?;
         }
         Ok(membership)
+    }
+
+    /// The newest layout version this daemon knows (0: none yet).
+    pub fn version(&self) -> u64 {
+        self.routing().map_or(0, |r| r.current_version())
+    }
+
+    /// A peer said it knows `version`: gossip at once if that is newer than ours.
+    pub fn heard_version(&self, version: u64) {
+        if version > self.version() {
+            self.nudge.notify_one();
+        }
     }
 
     /// The snapshot requests route with; `None` until the daemon has a history.
@@ -636,7 +667,10 @@ impl Membership {
         let mut ticks = tokio::time::interval(GOSSIP_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticks.tick().await;
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = self.nudge.notified() => {}
+            }
             self.gossip_round(&report()).await;
         }
     }

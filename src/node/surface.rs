@@ -364,6 +364,14 @@ impl Handler for StorageNode {
         self.metrics.errors.inc();
     }
 
+    fn layout_version(&self) -> u64 {
+        self.membership.version()
+    }
+
+    fn heard_layout_version(&self, version: u64) {
+        self.membership.heard_version(version);
+    }
+
     const SERVES_BATCHES: bool = true;
 
     async fn batch(&self, body: bytes::Bytes) -> Result<Vec<u8>> {

@@ -56,6 +56,22 @@ pub struct RpcClient {
     max_response_bytes: usize,
     /// The peers' clocks, from every answer this client (and its clones) received.
     clocks: Arc<PeerClocks>,
+    /// The daemon's layout version, sent with every call, and told of the versions answers
+    /// carry (see [`LAYOUT_HEADER`]).
+    beacon: Option<Arc<dyn LayoutBeacon>>,
+}
+
+/// Every internal call and its answer carry the sender's newest layout version in this
+/// header, so that a daemon that is behind hears of a change at its next exchange with one
+/// that is not, instead of at the next gossip round.
+pub const LAYOUT_HEADER: &str = "dynamite-layout";
+
+/// A daemon's side of [`LAYOUT_HEADER`].
+pub trait LayoutBeacon: Send + Sync {
+    /// The newest layout version this daemon knows (0: none).
+    fn own_version(&self) -> u64;
+    /// A peer said it knows `version`.
+    fn heard_version(&self, version: u64);
 }
 
 impl Default for RpcClient {
@@ -77,7 +93,14 @@ impl RpcClient {
             http,
             max_response_bytes: MAX_RESPONSE_BYTES,
             clocks: Arc::default(),
+            beacon: None,
         }
+    }
+
+    /// This client, carrying the daemon's layout version (see [`LAYOUT_HEADER`]).
+    pub fn with_beacon(mut self, beacon: Arc<dyn LayoutBeacon>) -> Self {
+        self.beacon = Some(beacon);
+        self
     }
 
     /// What the exchanges so far tell of the peers' clocks.
@@ -162,6 +185,11 @@ impl RpcClient {
             let sent_us = clock::now_us();
             let response = self.http.request(request).await.ok()?;
             self.record_clock(address, sent_us, response.headers());
+            if let (Some(beacon), Some(version)) =
+                (&self.beacon, layout_version_in(response.headers()))
+            {
+                beacon.heard_version(version);
+            }
             let healthy = response.status().is_success();
             // Read the small body so the connection goes back to the pool.
             response.into_body().collect().await.ok()?;
@@ -181,8 +209,12 @@ impl RpcClient {
         content_type: &'static str,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), CallError> {
-        let request = Request::post(format!("http://{address}{path}"))
-            .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
+        let mut request = Request::post(format!("http://{address}{path}"))
+            .header(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        if let Some(beacon) = &self.beacon {
+            request = request.header(LAYOUT_HEADER, beacon.own_version());
+        }
+        let request = request
             .body(Full::new(body))
             .map_err(|error| CallError::Transport(error.to_string()))?;
         let sent_us = clock::now_us();
@@ -211,6 +243,11 @@ impl RpcClient {
             .to_bytes();
         Ok((status, bytes))
     }
+}
+
+/// The layout version a [`LAYOUT_HEADER`] carries.
+pub fn layout_version_in(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers.get(LAYOUT_HEADER)?.to_str().ok()?.parse().ok()
 }
 
 impl RpcClient {

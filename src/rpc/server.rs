@@ -59,6 +59,17 @@ pub trait Handler: Send + Sync + 'static {
     /// without batches never buffers one (they may be far larger than `--max-request-bytes`).
     const SERVES_BATCHES: bool = false;
 
+    /// The daemon's newest layout version, for [`crate::rpc::client::LAYOUT_HEADER`] (0: none,
+    /// not sent).
+    fn layout_version(&self) -> u64 {
+        0
+    }
+
+    /// A caller said it knows layout `version`.
+    fn heard_layout_version(&self, version: u64) {
+        let _ = version;
+    }
+
     /// Answers a binary batch posted to [`messages::BATCH_PATH`]; only storage nodes serve it.
     fn batch(&self, body: Bytes) -> impl Future<Output = Result<Vec<u8>>> + Send {
         let _ = body;
@@ -132,11 +143,21 @@ async fn respond<H: Handler>(
     request: HttpRequest<Incoming>,
 ) -> Response<Full<Bytes>> {
     let received_us = crate::clock::now_us();
+    if let Some(version) = crate::rpc::client::layout_version_in(request.headers()) {
+        handler.heard_layout_version(version);
+    }
     let mut response = route(handler, limits, request).await;
     if let Ok(value) = HeaderValue::from_str(&crate::clock::header_value(received_us)) {
         response
             .headers_mut()
             .insert(crate::clock::CLOCK_HEADER, value);
+    }
+    let version = handler.layout_version();
+    if version > 0 {
+        response.headers_mut().insert(
+            crate::rpc::client::LAYOUT_HEADER,
+            HeaderValue::from(version),
+        );
     }
     response
 }
