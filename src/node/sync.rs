@@ -121,6 +121,14 @@ impl StorageNode {
         request.keys.iter().map(|key| self.own_hash(key)).collect()
     }
 
+    /// Whether this node stores any key of `partition`.
+    fn holds_any_of(&self, partition: usize) -> bool {
+        let (after, before) = super::keys::partition_range(partition);
+        self.engine
+            .scan_range(Tree::Data, Some(&after), before.as_deref(), 1)
+            .is_ok_and(|page| !page.is_empty())
+    }
+
     pub(super) fn own_hash(&self, key: &str) -> Result<Option<EntryHash>> {
         let stored = self
             .engine
@@ -257,8 +265,9 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
             continue;
         }
         let mut ok = true;
-        // One holder sends the values; the others only what differs from them.
-        let mut have_copy = false;
+        // One holder sends the values; the others only what differs from them. A node that
+        // holds some of the partition already (restarted mid-transfer) takes listings only.
+        let mut have_copy = node.holds_any_of(partition);
         for source in &sources {
             match pull(node, source, partition, !have_copy).await {
                 Ok(keys) => {
