@@ -18,7 +18,8 @@
 //! - A durable node restarts on its data directory; an in-memory one comes back empty.
 //! - [`InProcessCluster`] mirrors the process [`Cluster`](super::Cluster): the same builder
 //!   settings ([`InProcessBuilder`]), turned into the same flags, parsed by the daemons' own
-//!   `NodeArgs`/`BalancerArgs`, so every default is the binaries'. Dropping it stops every
+//!   `NodeArgs`/`BalancerArgs`, so every default is the binaries'. A node can join it later,
+//!   seeded from some members ([`InProcessCluster::add_node`]). Dropping it stops every
 //!   daemon, balancers first, each within bounded waits, then removes its directory.
 //!
 //! What a process has and this does not: signals (SIGSTOP, SIGKILL without a last sync), exit
@@ -446,6 +447,25 @@ impl InProcessCluster {
         let balancer =
             InProcessDaemon::load_balancer(&format!("balancer-{i}"), Port::any(), servers, &args);
         self.balancers.push(balancer);
+        i
+    }
+
+    /// Starts one more storage node, with the cluster's node settings (in memory or in
+    /// `DIR/node-i`, `-N` and the extra node flags), told about the nodes `seeds` only (`-s`,
+    /// in this order), as a node joining a running cluster is; waits until it is healthy.
+    /// It is no member of the layout until a `cluster.apply` makes it one. Returns its index.
+    pub fn add_node(&mut self, seeds: &[usize]) -> usize {
+        let i = self.nodes.len();
+        let distinct: std::collections::BTreeSet<&usize> = seeds.iter().collect();
+        assert!(
+            !seeds.is_empty() && distinct.len() == seeds.len() && seeds.iter().all(|&s| s < i),
+            "node-{i} is seeded from distinct nodes of the cluster, not {seeds:?}"
+        );
+        let servers: Vec<String> = seeds.iter().map(|&s| self.nodes[s].addr()).collect();
+        // `servers` has fewer than `i + 1` entries, so none is left out as "node i itself".
+        let args = self.config.node_flags(self.dir.path(), &servers, i);
+        let node = InProcessDaemon::storage_node(&format!("node-{i}"), Port::any(), &args);
+        self.nodes.push(node);
         i
     }
 }
