@@ -147,9 +147,9 @@ impl Membership {
                 proposal,
                 release: false,
             };
+            let locked_at = Instant::now();
             let asked = members.iter().map(|m| self.ask_lock(m, &request));
             let replies = futures_util::future::join_all(asked).await;
-            let locked_at = Instant::now();
             let granted = replies
                 .iter()
                 .filter(|r| matches!(r, Some(LockReply::Granted)))

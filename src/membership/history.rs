@@ -216,20 +216,18 @@ impl History {
             .min(self.current().number)
     }
 
-    /// The version reads use: the newest live one whose members all synced it. The oldest
-    /// live version needs no sync (it was read from before), so there always is one.
+    /// The version reads use: the newest, once its members all synced it, else the oldest
+    /// live one (read from before, so it needs no sync). Never one in between: a node pulls
+    /// what the *newest* version gives it, so a middle version's members may never have
+    /// received what that version alone gave them.
     pub fn read_version(&self) -> u64 {
         let floor = self.oldest();
-        self.versions
+        let newest = self.current();
+        let synced = newest
+            .members
             .iter()
-            .rev()
-            .find(|v| {
-                v.number == floor
-                    || v.members
-                        .iter()
-                        .all(|m| Self::tracker(&self.sync, &m.address, floor) >= v.number)
-            })
-            .map_or(floor, |v| v.number)
+            .all(|m| Self::tracker(&self.sync, &m.address, floor) >= newest.number);
+        if synced { newest.number } else { floor }
     }
 
     /// Drops the versions no daemon reads from any more: older than the smallest `sync_ack`
@@ -447,7 +445,17 @@ impl History {
             return Vec::new();
         }
         let layouts: Vec<Layout> = self.versions.iter().map(Version::layout).collect();
-        let (newest, older) = layouts.split_last().expect("never empty");
+        partitions_to_receive(&layouts, address)
+    }
+}
+
+/// [`History::partitions_to_receive`] over the live versions' layouts, oldest first (built
+/// once per snapshot: a layout costs hashes per partition and member).
+pub fn partitions_to_receive(layouts: &[Layout], address: &str) -> Vec<(usize, Vec<String>)> {
+    {
+        let Some((newest, older)) = layouts.split_last() else {
+            return Vec::new();
+        };
         let Some(me) = newest.servers().iter().position(|s| s == address) else {
             return Vec::new();
         };

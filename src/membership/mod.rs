@@ -199,6 +199,9 @@ pub struct Membership {
     mismatched: Mutex<BTreeMap<String, String>>,
     /// Wakes the gossip loop at once: a peer knows a newer layout version.
     nudge: tokio::sync::Notify,
+    /// Whether this process, since it started, learned from a peer a live layout version
+    /// that has it as a member (see [`Membership::was_member_while_running`]).
+    member_seen: std::sync::atomic::AtomicBool,
 }
 
 /// The membership's side of [`crate::rpc::client::LAYOUT_HEADER`], for the daemon's clients
@@ -256,11 +259,20 @@ impl Membership {
             conflict_logged: Mutex::new(None),
             mismatched: Mutex::new(BTreeMap::new()),
             nudge: tokio::sync::Notify::new(),
+            member_seen: std::sync::atomic::AtomicBool::new(false),
         };
         if let Some(history) = stored {
             membership.install(history, false)?;
         }
         Ok(membership)
+    }
+
+    /// Whether this process was a member of a live layout version while it ran (as a peer
+    /// told it, not as its stored history says). A node that was removed while it was down
+    /// was not: what it holds is older than anything the cluster acknowledged since, and
+    /// handing it over could bring back deletes reaped meanwhile; it is dropped instead.
+    pub fn was_member_while_running(&self) -> bool {
+        self.member_seen.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The newest layout version this daemon knows (0: none yet).
@@ -304,9 +316,38 @@ impl Membership {
 
     /// Makes `history` this daemon's (after its own trackers are brought up to date), stores
     /// it on a node, and hands out a new snapshot when the layouts changed.
-    fn install(&self, mut history: History, persist_always: bool) -> Result<bool> {
+    fn install(&self, history: History, persist_always: bool) -> Result<bool> {
         let mut state = self.state();
+        self.install_locked(&mut state, history, persist_always)
+    }
+
+    /// Reads, changes and installs the history under one hold of the state lock, so that two
+    /// changes made at once (gossip handlers, the gossip loop, the sync pass, an apply) never
+    /// undo each other.
+    fn update(
+        &self,
+        persist_always: bool,
+        change: impl FnOnce(Option<History>) -> Option<History>,
+    ) -> Result<bool> {
+        let mut state = self.state();
+        match change(state.history.clone()) {
+            Some(history) => self.install_locked(&mut state, history, persist_always),
+            None => Ok(false),
+        }
+    }
+
+    fn install_locked(
+        &self,
+        state: &mut State,
+        mut history: History,
+        persist_always: bool,
+    ) -> Result<bool> {
+        // The snapshot requests route with moves to `old` *before* this daemon's own trackers
+        // are computed: requests still holding it keep the acks back.
+        self.replace_routing(state, &history);
         self.update_own_trackers(&mut history, &mut state.old);
+        // Pruning (in the trackers' update) may have ended a version.
+        self.replace_routing(state, &history);
         let changed = state.history.as_ref() != Some(&history);
         if !changed && !persist_always {
             return Ok(false);
@@ -318,29 +359,36 @@ impl Membership {
                 history.encode(),
             )])?;
         }
-        let versions_changed = state.history.as_ref().is_none_or(|old| {
-            old.versions != history.versions || old.read_version() != history.read_version()
-        });
-        if versions_changed {
-            if let Some(previous) = self.routing() {
-                state.old.push(Arc::downgrade(&previous));
-            }
-            *self
-                .routing
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                Some(Arc::new(Routing::new(history.clone())));
-            tracing::info!(
-                version = history.current().number,
-                live = history.versions.len(),
-                read = history.read_version(),
-                "layout history changed"
-            );
-        }
         state.history = Some(history);
-        drop(state);
         self.changed.send_modify(|n| *n += 1);
         Ok(true)
+    }
+
+    /// Hands out a new snapshot when `history`'s versions or read version differ from the
+    /// current snapshot's.
+    fn replace_routing(&self, state: &mut State, history: &History) {
+        let current = self.routing();
+        let same = current.as_ref().is_some_and(|routing| {
+            routing.history.versions == history.versions
+                && routing.read_version() == history.read_version()
+        });
+        if same {
+            return;
+        }
+        if let Some(previous) = current {
+            state.old.push(Arc::downgrade(&previous));
+        }
+        *self
+            .routing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Arc::new(Routing::new(history.clone())));
+        tracing::info!(
+            version = history.current().number,
+            live = history.versions.len(),
+            read = history.read_version(),
+            "layout history changed"
+        );
     }
 
     /// This daemon's own trackers: ack what no request still routes without, say it reads
@@ -377,12 +425,10 @@ impl Membership {
 
     /// Marks this node as having received everything for `version`.
     pub fn mark_synced(&self, version: u64) -> Result<()> {
-        let Some(mut history) = self.history() else {
-            return Ok(());
-        };
-        if History::raise(&mut history.sync, &self.me, version) {
-            self.install(history, false)?;
-        }
+        self.update(false, |history| {
+            let mut history = history?;
+            History::raise(&mut history.sync, &self.me, version).then_some(history)
+        })?;
         Ok(())
     }
 
@@ -427,23 +473,26 @@ impl Membership {
                 }
             }
         }
-        let mut mine = match self.history() {
-            Some(mine) => mine,
-            None => {
-                if self.role == Role::Node
-                    && theirs.all_members().iter().all(|m| *m != self.me)
-                    && self.seeds.is_empty()
-                {
-                    tracing::info!(
-                        version = theirs.current().number,
-                        "learned the cluster's layout; this node is not a member yet"
-                    );
-                }
-                return self.install(theirs.clone(), true);
-            }
-        };
-        let merged = mine.merge(theirs);
-        if let Some(conflict) = merged.conflict {
+        if theirs.versions.is_empty() {
+            return Ok(false); // not a history: never installed, never merged
+        }
+        let mut conflict = None;
+        let result = self.update(true, |mine| {
+            let Some(mut mine) = mine else {
+                return Some(theirs.clone());
+            };
+            let merged = mine.merge(theirs);
+            conflict = merged.conflict;
+            merged.changed.then_some(mine)
+        });
+        if self
+            .routing()
+            .is_some_and(|r| r.all_servers().contains(&self.me))
+        {
+            self.member_seen
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(conflict) = conflict {
             // Said once a minute, not every gossip round.
             let mut last = self
                 .conflict_logged
@@ -454,15 +503,13 @@ impl Membership {
                 *last = Some(Instant::now());
             }
         }
-        self.install(mine, false)
+        result
     }
 
     /// Re-runs the own-tracker rules (called each gossip round: requests holding old
     /// snapshots finish between rounds).
     pub fn refresh(&self) -> Result<()> {
-        if let Some(history) = self.history() {
-            self.install(history, false)?;
-        }
+        self.update(false, |history| history)?;
         Ok(())
     }
 
@@ -483,6 +530,10 @@ impl Membership {
             })
             .collect();
         let history = History::initial(members, self.replicas.max(1));
+        if self.role == Role::Node {
+            self.member_seen
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         tracing::info!(
             members = ?history.current().members.iter().map(|m| &m.address).collect::<Vec<_>>(),
             "no member of the cluster has a layout yet: built version 1 from -s"
@@ -508,6 +559,20 @@ impl Membership {
         self.hear(&request.from, request.report.clone());
         if let Some(theirs) = &request.history {
             self.merge_from(Some(&request.from), theirs)?;
+        }
+        // A balancer's lease, renewed on this node's clock too: one whose own clock is
+        // behind would otherwise drop out of the trackers while it still routes.
+        if self.role == Role::Node && request.from.starts_with("balancer-") {
+            let now = crate::clock::now_us();
+            self.update(false, |history| {
+                let mut history = history?;
+                let seen = history.gateways.get(&request.from).copied().unwrap_or(0);
+                if seen.saturating_add(history::GATEWAY_RENEW_US) > now {
+                    return None;
+                }
+                history.gateways.insert(request.from.clone(), now);
+                Some(history)
+            })?;
         }
         let mine = self.history();
         let digest = mine.as_ref().map(History::digest);

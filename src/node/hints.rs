@@ -139,13 +139,14 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
                 }
                 _ => vec![record.owner.clone()],
             };
-            let targets: Vec<String> = targets
-                .into_iter()
-                .filter(|t| !unreachable.contains(t))
-                .collect();
+            // A hint goes only once every one of its targets took it: one unreachable this
+            // round keeps it for the next.
+            if targets.iter().any(|t| unreachable.contains(t)) {
+                continue;
+            }
             if targets.is_empty() {
                 if owner_left {
-                    // This node was the key's only other replica: merged above.
+                    // This node is the key's only replica now: merged above.
                     match node.drop_delivered_hint(&record) {
                         Ok(true) => delivered += 1,
                         Ok(false) => {}

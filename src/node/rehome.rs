@@ -52,6 +52,8 @@ pub async fn rehome_until_done(node: Arc<StorageNode>, client: RpcClient) {
     let mut wait = FIRST_RETRY_AFTER;
     loop {
         tokio::time::sleep(wait).await;
+        // Taken before the pass: a layout that changes during it gets a pass of its own.
+        let seen = node.membership.routing();
         let pass = rehome_pass(&node, &client).await;
         if pass.moved > 0 || pass.left > 0 {
             tracing::info!(
@@ -62,7 +64,6 @@ pub async fn rehome_until_done(node: Arc<StorageNode>, client: RpcClient) {
         }
         if pass.left == 0 {
             // Until the layouts change again (not merely the trackers).
-            let seen = node.membership.routing();
             loop {
                 if changes.changed().await.is_err() {
                     return;
@@ -86,11 +87,13 @@ pub async fn rehome_until_done(node: Arc<StorageNode>, client: RpcClient) {
 
 /// One walk over the node's data.
 pub async fn rehome_pass(node: &Arc<StorageNode>, client: &RpcClient) -> Pass {
-    let Some(routing) = node.membership.routing() else {
+    // The layouts, copied: a pass may take long, and holding the snapshot itself would keep
+    // this node from acknowledging a newer layout meanwhile.
+    let Some(routing) = node.membership.routing().map(|r| View::of(&r)) else {
         return Pass::default();
     };
     let me = node.membership.me.clone();
-
+    let routing = routing.with_me(&me);
     let mut pass = Pass::default();
     let mut after: Option<Vec<u8>> = None;
     loop {
@@ -142,6 +145,53 @@ pub async fn rehome_pass(node: &Arc<StorageNode>, client: &RpcClient) -> Pass {
     }
 }
 
+/// What a pass needs of the layouts, copied out of the snapshot.
+struct View {
+    /// Every live version's layout.
+    layouts: Vec<crate::layout::Layout>,
+    /// Whether this node is a member of some live version.
+    member: bool,
+}
+
+impl View {
+    fn of(routing: &crate::membership::Routing) -> View {
+        View {
+            layouts: routing.layouts.iter().map(|(_, l)| l.clone()).collect(),
+            member: false,
+        }
+    }
+
+    fn with_me(mut self, me: &str) -> View {
+        self.member = self
+            .layouts
+            .iter()
+            .any(|l| l.servers().iter().any(|s| s == me));
+        self
+    }
+
+    /// Whether `address` replicates `key` in some live version.
+    fn replicates(&self, address: &str, key: &[u8]) -> bool {
+        self.layouts.iter().any(|layout| {
+            layout
+                .preference_list(key, layout.replicas())
+                .into_iter()
+                .any(|s| layout.servers()[s] == address)
+        })
+    }
+
+    /// `key`'s replicas in the newest version.
+    fn current_replicas(&self, key: &[u8]) -> Vec<String> {
+        let Some(layout) = self.layouts.last() else {
+            return Vec::new();
+        };
+        layout
+            .preference_list(key, layout.replicas())
+            .into_iter()
+            .map(|s| layout.servers()[s].clone())
+            .collect()
+    }
+}
+
 /// The replica's entry hash of each stray it is asked about, by index; `None` when it did
 /// not answer (then everything is sent).
 async fn replica_hashes(
@@ -172,9 +222,23 @@ async fn replica_hashes(
 async fn hand_over(
     node: &Arc<StorageNode>,
     client: &RpcClient,
-    routing: &crate::membership::Routing,
+    routing: &View,
     strays: Vec<(String, Siblings)>,
 ) -> Pass {
+    if !routing.member && !node.membership.was_member_while_running() {
+        // Removed while it was down: see `Membership::was_member_while_running`.
+        let mut pass = Pass::default();
+        for (key, siblings) in strays {
+            let dots: Vec<Dot> = siblings.dots().collect();
+            if node.drop_if_unchanged(&key, &dots).unwrap_or(false) {
+                pass.moved += 1;
+            } else {
+                pass.left += 1;
+            }
+        }
+        node.metrics.rehomed.add(pass.moved as u64);
+        return pass;
+    }
     // Per replica address, the indexes of the strays it must take.
     let mut by_replica: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
     for (index, (key, _)) in strays.iter().enumerate() {

@@ -372,6 +372,16 @@ impl Handler for StorageNode {
         self.membership.heard_version(version);
     }
 
+    fn refuses_layout(&self, version: u64) -> Option<String> {
+        let oldest = self.membership.routing()?.layouts.first()?.0;
+        (version < oldest).then(|| {
+            format!(
+                "routed with layout version {version}, but every version before {oldest} is \
+                 over: learn the current layout and route again"
+            )
+        })
+    }
+
     const SERVES_BATCHES: bool = true;
 
     async fn batch(&self, body: bytes::Bytes) -> Result<Vec<u8>> {

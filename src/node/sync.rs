@@ -36,6 +36,8 @@ pub const SYNC_PAGE_METHOD: &str = "node.sync_page";
 const PAGE_KEYS: usize = 512;
 const PAGE_BYTES: usize = 4 << 20;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keys fetched per call when a listing showed they differ.
+const FETCH_KEYS: usize = 16;
 /// Between passes while something is left.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -81,6 +83,8 @@ impl StorageNode {
             self.engine
                 .scan_range(Tree::Data, Some(&after), before.as_deref(), PAGE_KEYS)?;
         let full = page.len() == PAGE_KEYS;
+        // Where the next page starts when this one is sent whole (past undecodable keys too).
+        let last = page.last().map(|(key, _)| key.clone());
         let mut entries = Vec::new();
         let mut hashes = Vec::new();
         let mut bytes = 0;
@@ -107,7 +111,11 @@ impl StorageNode {
                 break;
             }
         }
-        let more = full || bytes >= PAGE_BYTES;
+        let stopped_early = bytes >= PAGE_BYTES;
+        if !stopped_early {
+            next = last;
+        }
+        let more = full || stopped_early;
         self.metrics.sync_pages_served.inc();
         Ok(SyncPageReply {
             entries,
@@ -183,9 +191,10 @@ async fn pull(
                 .await
                 .map_err(|e| crate::error::Error::Internal(e.to_string()))?
             };
-            if !differing.is_empty() {
+            // Fetched a few at a time: a sibling set may be up to 64 MiB.
+            for chunk in differing.chunks(FETCH_KEYS) {
                 let param = messages::to_param(&crate::rpc::messages::ReadManyRequest {
-                    keys: differing.clone(),
+                    keys: chunk.to_vec(),
                 })?;
                 let value = client
                     .call(
@@ -198,7 +207,14 @@ async fn pull(
                     .map_err(internal)?;
                 node.metrics.sync_bytes_received.add(payload_len(&value));
                 let sets: Vec<Siblings> = messages::from_value(&value)?;
-                entries.extend(differing.into_iter().zip(sets));
+                if sets.len() != chunk.len() {
+                    return Err(crate::error::Error::Internal(format!(
+                        "{source} answered {} sibling sets for {} keys",
+                        sets.len(),
+                        chunk.len()
+                    )));
+                }
+                entries.extend(chunk.iter().cloned().zip(sets));
             }
         }
         received += entries.len();
@@ -232,7 +248,16 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
         node.syncing.store(0, Ordering::Relaxed);
         return true;
     }
-    let wanted = history.partitions_to_receive(&me);
+    let Some(routing) = node.membership.routing() else {
+        return false;
+    };
+    if routing.history.versions != history.versions {
+        return false; // a snapshot of these versions is on its way
+    }
+    let layouts: Vec<crate::layout::Layout> =
+        routing.layouts.iter().map(|(_, l)| l.clone()).collect();
+    drop(routing); // held for the pass, it would hold this node's acks back
+    let wanted = crate::membership::history::partitions_to_receive(&layouts, &me);
     {
         let mut progress = node
             .sync_progress
@@ -274,7 +299,10 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
                     have_copy = true;
                     node.metrics.sync_keys_received.add(keys as u64);
                 }
-                Err(error) if history.current().has(source) => {
+                Err(error)
+                    if history.current().has(source)
+                        || node.membership.heard_from(source).is_some_and(|(up, _)| up) =>
+                {
                     tracing::warn!(
                         partition,
                         source,
@@ -288,7 +316,7 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
                         partition,
                         source,
                         %error,
-                        "a removed node did not answer; its partition comes from the other copies"
+                        "a removed node is down; its partition comes from the other copies"
                     );
                 }
             }

@@ -70,6 +70,13 @@ pub trait Handler: Send + Sync + 'static {
         let _ = version;
     }
 
+    /// Why replica operations routed with layout `version` are refused (a sender so far
+    /// behind that every version it routes with is over), or `None`.
+    fn refuses_layout(&self, version: u64) -> Option<String> {
+        let _ = version;
+        None
+    }
+
     /// Answers a binary batch posted to [`messages::BATCH_PATH`]; only storage nodes serve it.
     fn batch(&self, body: Bytes) -> impl Future<Output = Result<Vec<u8>>> + Send {
         let _ = body;
@@ -143,10 +150,19 @@ async fn respond<H: Handler>(
     request: HttpRequest<Incoming>,
 ) -> Response<Full<Bytes>> {
     let received_us = crate::clock::now_us();
+    let mut refused = None;
     if let Some(version) = crate::rpc::client::layout_version_in(request.headers()) {
         handler.heard_layout_version(version);
+        if request.uri().path() == messages::BATCH_PATH {
+            refused = handler.refuses_layout(version);
+        }
     }
-    let mut response = route(handler, limits, request).await;
+    let mut response = match refused {
+        // Refused before it is read: the sender hears of the newer layout in this answer's
+        // header, and routes again.
+        Some(reason) => plain(StatusCode::CONFLICT, reason),
+        None => route(handler, limits, request).await,
+    };
     if let Ok(value) = HeaderValue::from_str(&crate::clock::header_value(received_us)) {
         response
             .headers_mut()

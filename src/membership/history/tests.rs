@@ -204,3 +204,23 @@ fn a_daemon_with_another_version_one_is_ignored() {
     assert!(merged.conflict.is_some());
     assert_eq!(mine, three());
 }
+
+/// With three versions live, reads stay on the oldest until the newest's members all synced
+/// it: a middle version's members pulled only what the newest gives them.
+#[test]
+fn reads_never_use_a_middle_version() {
+    let mut history = growing();
+    history.stage_add(member("e:5"), 30, "a:1").expect("stages");
+    let (v3, _) = history.next_version(3).expect("applies");
+    let mut history = history.with_applied(v3, 40, "a:1");
+    for who in ["a:1", "b:2", "c:3", "d:4"] {
+        History::raise(&mut history.sync, who, 3);
+    }
+    assert_eq!(
+        history.read_version(),
+        1,
+        "e:5 has not synced; v2 is not readable"
+    );
+    History::raise(&mut history.sync, "e:5", 3);
+    assert_eq!(history.read_version(), 3);
+}
