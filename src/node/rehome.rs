@@ -195,6 +195,7 @@ impl View {
 /// The replica's entry hash of each stray it is asked about, by index; `None` when it did
 /// not answer (then everything is sent).
 async fn replica_hashes(
+    node: &StorageNode,
     client: &RpcClient,
     address: &str,
     strays: &[(String, Siblings)],
@@ -204,6 +205,9 @@ async fn replica_hashes(
         keys: indexes.iter().map(|&i| strays[i].0.clone()).collect(),
     };
     let param = crate::rpc::messages::to_param(&request).ok()?;
+    node.metrics
+        .rehome_bytes_sent
+        .add(super::sync::payload_len(&param));
     let value = client
         .call(
             address,
@@ -261,7 +265,7 @@ async fn hand_over(
     for (address, indexes) in by_replica {
         // What the replica holds as this node does needs no sending: after a transition,
         // that is nearly everything (the replica pulled it).
-        let theirs = replica_hashes(client, &address, &strays, &indexes).await;
+        let theirs = replica_hashes(node, client, &address, &strays, &indexes).await;
         let indexes: Vec<usize> = indexes
             .into_iter()
             .filter(|&index| {

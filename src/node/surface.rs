@@ -182,7 +182,7 @@ impl StorageNode {
             Figure::counter(
                 "rehome_bytes_sent",
                 "dynamite_node_rehome_bytes_sent_total",
-                "Payload bytes of keys handed to their replicas before this node dropped them.",
+                "Payload bytes this node sent to drop keys it no longer replicates: the entry-hash questions to their replicas, and the keys a replica did not hold as it does.",
                 &m.rehome_bytes_sent,
             ),
             Figure::counter(
