@@ -29,15 +29,14 @@
 #      SETTLE_TIMEOUT, or when nothing moved for STALL_SECS with no rehoming left to retry);
 #   5. bytes moved: over the four nodes, sync_bytes_received (values D took from one holder
 #      and the keys another holder had otherwise) + sync_listing_bytes (entry-hash listings
-#      from the other holders) + rehome_bytes_sent (keys the old holders sent replicas before
-#      dropping them; their key and value bytes only). The ideal is one copy of what D
+#      from the other holders) + rehome_bytes_sent (what the old holders sent to drop what
+#      they no longer replicate: the entry-hash questions to the replicas and their answers,
+#      then the keys a replica did not hold as they do, key and value bytes). The ideal is one copy of what D
 #      holds: D's keys × the bytes of one entry as a transfer page carries it (postcard: the
 #      key, then its sibling set: dot, vector clock, timestamp, value), computed exactly
 #      from A's local.explain of EXPLAIN_SAMPLE random keys just before the apply. D's
 #      sync_bytes_received / sync_keys_received is printed beside it (that also counts keys
-#      fetched twice). Not in any counter, so not in "moved": the node.hashes queries the
-#      old holders make before dropping (the key out, an entry hash back, for each dropped
-#      key and each of its 3 replicas: about 31 bytes; the estimate is printed);
+#      fetched twice);
 #   6. nothing lost: SAMPLE random keys read through the balancer each equal what loadgen
 #      wrote (loadgen's value for a key is fixed: letters from one that depends on the key),
 #      and each is held (local.get) by exactly 3 of the 4 nodes.
@@ -418,10 +417,7 @@ def one_run(run):
     d = final[NEW]
 
     ideal = d["keys"] * per_entry
-    # Not counted by any node: the old holders' node.hashes queries, one per dropped key and
-    # current replica (the key; an Option<u128> entry hash back).
-    key_len = len("key-%06d" % (KEYS - 1))
-    hash_queries = rehomed * 3 * (1 + key_len + 1 + 19)
+    hash_queries = 0  # counted in rehome_bytes_sent now
 
     # 6. Nothing lost.
     t = time.time()
@@ -466,10 +462,9 @@ def one_run(run):
         "ideal %d keys x %.1f B = %.2f MB; ratio %.2f"
         % (sync_bytes / 1e6, listing / 1e6, rehome / 1e6, moved / 1e6, d["keys"], per_entry,
            ideal / 1e6, moved / ideal))
-    say("  D: %d keys received, %.1f B each on average (%d B); not counted: node.hashes "
-        "queries before the drops, about %.2f MB"
+    say("  D: %d keys received, %.1f B each on average (%d B)"
         % (d["sync_keys_received"], d["sync_bytes_received"] / max(d["sync_keys_received"], 1),
-           d["sync_bytes_received"], result["hash_queries_est"] / 1e6))
+           d["sync_bytes_received"]))
     say("  check (%.0f s): %d keys sampled, %d read back wrong (%d nil, %d still faulting after "
         "5 tries), %d not on exactly 3 nodes%s"
         % (time.time() - t, check["sampled"], check["wrong"], check["nil"], check["faults"],

@@ -217,6 +217,9 @@ async fn replica_hashes(
         )
         .await
         .ok()?;
+    node.metrics
+        .rehome_bytes_sent
+        .add(super::sync::payload_len(&value));
     let hashes: Vec<Option<crate::merkle::EntryHash>> =
         crate::rpc::messages::from_value(&value).ok()?;
     (hashes.len() == indexes.len()).then(|| indexes.iter().copied().zip(hashes).collect())
