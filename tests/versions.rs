@@ -235,7 +235,7 @@ fn a_replica_that_missed_a_delete_does_not_bring_the_value_back_on_read() {
 
     assert_eq!(lb.put("ghost", s("boo")), ok200());
     wait_until(CONVERGENCE_TIMEOUT, "C holds ghost", || {
-        node_c.get("ghost") == Ok(s("boo"))
+        node_c.local_get("ghost") == Ok(s("boo"))
     });
 
     cluster.nodes[2].stop();
@@ -243,7 +243,7 @@ fn a_replica_that_missed_a_delete_does_not_bring_the_value_back_on_read() {
     cluster.nodes[2].start();
     // C still has the value it had before the delete.
     assert_eq!(
-        node_c.get("ghost"),
+        node_c.local_get("ghost"),
         Ok(s("boo")),
         "C's copy after its restart"
     );
@@ -255,7 +255,7 @@ fn a_replica_that_missed_a_delete_does_not_bring_the_value_back_on_read() {
     wait_until(
         CONVERGENCE_TIMEOUT,
         "read repair gave C the tombstone",
-        || node_c.get("ghost") == Ok(Value::Nil),
+        || node_c.local_get("ghost") == Ok(Value::Nil),
     );
     let stats = node_c.stats();
     assert_eq!(int_member(&stats, "keys"), 0, "C's stats {stats:?}");
@@ -279,7 +279,7 @@ fn a_replica_that_missed_a_delete_gets_the_tombstone_by_anti_entropy_without_rea
 
     assert_eq!(lb.put("ghost", s("boo")), ok200());
     wait_until(CONVERGENCE_TIMEOUT, "C holds ghost", || {
-        node_c.get("ghost") == Ok(s("boo"))
+        node_c.local_get("ghost") == Ok(s("boo"))
     });
 
     cluster.nodes[2].stop();
@@ -291,7 +291,7 @@ fn a_replica_that_missed_a_delete_gets_the_tombstone_by_anti_entropy_without_rea
     cluster.nodes[1].stop();
     cluster.nodes[2].start();
     assert_eq!(
-        node_c.get("ghost"),
+        node_c.local_get("ghost"),
         Ok(s("boo")),
         "C's copy after its restart"
     );
@@ -302,7 +302,7 @@ fn a_replica_that_missed_a_delete_gets_the_tombstone_by_anti_entropy_without_rea
     wait_until(
         CONVERGENCE_TIMEOUT,
         "anti-entropy gave C the tombstone",
-        || node_c.get("ghost") == Ok(Value::Nil),
+        || node_c.local_get("ghost") == Ok(Value::Nil),
     );
     let stats = lb.stats();
     assert_eq!(balancer_counter(&stats, "gets"), 0);
@@ -324,7 +324,7 @@ fn a_replica_that_missed_a_delete_gets_the_tombstone_by_anti_entropy_without_rea
     assert_eq!(lb.get_versions("ghost"), Ok((vec![], String::new())));
     cluster.nodes[2].restart();
     assert_eq!(
-        node_c.get("ghost"),
+        node_c.local_get("ghost"),
         Ok(Value::Nil),
         "C after a second restart"
     );
