@@ -215,7 +215,7 @@ try:
     letters = "".join(chr(ord("a") + i % 26) for i in range(VALUE_BYTES + 26))
     c0, t0, w0 = counters(), cpu_ticks(), time.time()
     for i in range(DIFFER):
-        if a.put("differ-%06d" % i, letters[i % 26:i % 26 + VALUE_BYTES]) != "200":
+        if getattr(a, "local.put")("differ-%06d" % i, letters[i % 26:i % 26 + VALUE_BYTES]) != "200":
             sys.exit("aae_cost: a put to A failed")
     written = time.time()
     deadline = time.time() + 300

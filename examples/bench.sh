@@ -194,7 +194,7 @@ measure() {
         if ! "$loadgen" --target "127.0.0.1:$port" --get-ratio "$ratio" \
             --connections "$CONNECTIONS" --keys "$KEYS" --value-bytes "$VALUE_BYTES" \
             --duration-secs "$duration" --warmup-secs "$warmup" --threads "$LOADGEN_THREADS" \
-            --seed "$run" --label "$label" --json >"$out.out" 2>"$out.err"; then
+            --seed "$run" --label "$label" --json ${LOADGEN_LOCAL:+--local} >"$out.out" 2>"$out.err"; then
             echo "bench: !!! $label run $run had errors:" >&2
             grep -E 'ERROR|!!!|^ +[0-9]+ ' "$out.err" | head -20 >&2 || true
         fi
@@ -225,7 +225,7 @@ preload() {
     local port=$1
     if ! "$loadgen" --target "127.0.0.1:$port" --connections "$CONNECTIONS" \
         --keys "$KEYS" --value-bytes "$VALUE_BYTES" --threads "$LOADGEN_THREADS" \
-        --preload --requests 0 >"$work/preload.out" 2>"$work/preload.err"; then
+        --preload --requests 0 ${LOADGEN_LOCAL:+--local} >"$work/preload.out" 2>"$work/preload.err"; then
         echo "bench: !!! preload had errors:" >&2
         grep -E 'ERROR|!!!' "$work/preload.err" | head -20 >&2 || true
     fi
@@ -262,10 +262,12 @@ if part node; then
     pids+=("$node_pid")
     front_pids=("$node_pid") behind_pids=()
     wait_up "$node_port" "$node_pid"
-    echo "one storage node (durable):"
+    echo "one storage node (durable; its own copy: local.put, local.get):"
+    LOADGEN_LOCAL=1
     measure node-put "$node_port" 0
     preload "$node_port"
     measure node-get "$node_port" 1
+    LOADGEN_LOCAL=
     node_rss=$(rss "$node_pid")
     stop_daemons
 fi

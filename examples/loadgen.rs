@@ -93,6 +93,10 @@ struct Args {
     /// Seed of the workers' random choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Call a storage node's `local.put` and `local.get` (its own copy) instead of `put` and
+    /// `get` (which a node coordinates for the whole cluster): to measure one node alone.
+    #[arg(long)]
+    local: bool,
     /// Print the body of this operation for key number 123 (raw, to stdout) and exit.
     #[arg(long, value_enum)]
     print_body: Option<Op>,
@@ -114,7 +118,7 @@ fn main() -> ExitCode {
         eprintln!("loadgen: --connections and --keys must be at least 1");
         return ExitCode::from(2);
     }
-    let bodies = Bodies::new(args.value_bytes);
+    let bodies = Bodies::new(args.value_bytes, args.local);
     if let Some(op) = args.print_body {
         use std::io::Write as _;
         let body = bodies.build(op, 123);
@@ -262,16 +266,19 @@ struct Bodies {
     /// `a..z` repeated, 26 characters longer than a value, so a value is a slice of it.
     letters: String,
     value_bytes: usize,
+    /// Call `local.put` and `local.get`.
+    local: bool,
 }
 
 impl Bodies {
-    fn new(value_bytes: usize) -> Self {
+    fn new(value_bytes: usize, local: bool) -> Self {
         let letters = (0..value_bytes + 26)
             .map(|i| char::from(b'a' + (i % 26) as u8))
             .collect();
         Bodies {
             letters,
             value_bytes,
+            local,
         }
     }
 
@@ -287,9 +294,14 @@ impl Bodies {
 
     fn build(&self, op: Op, index: u64) -> Bytes {
         let key = Self::key(index);
+        let (get, put) = if self.local {
+            ("local.get", "local.put")
+        } else {
+            ("get", "put")
+        };
         match op {
-            Op::Get => python_call("get", &[&key]),
-            Op::Put => python_call("put", &[&key, self.value(index)]),
+            Op::Get => python_call(get, &[&key]),
+            Op::Put => python_call(put, &[&key, self.value(index)]),
         }
     }
 }

@@ -83,7 +83,7 @@ start_node() {
 }
 
 put_keys() {
-    "$bin/examples/loadgen" --target "127.0.0.1:$PORT" --preload --requests 0 \
+    "$bin/examples/loadgen" --target "127.0.0.1:$PORT" --local --preload --requests 0 \
         --keys "$1" --value-bytes "$VALUE_BYTES" --connections "$CONNECTIONS" 2>&1 | grep -E '^preload:' || true
 }
 

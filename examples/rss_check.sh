@@ -56,13 +56,13 @@ done
 echo "empty node:            $(memory)"
 
 status=0
-"$bin/examples/loadgen" --target "127.0.0.1:$PORT" --preload --requests 0 \
+"$bin/examples/loadgen" --target "127.0.0.1:$PORT" --local --preload --requests 0 \
     --keys "$KEYS" --value-bytes "$VALUE_BYTES" --connections "$CONNECTIONS" || status=$?
 echo "right after $KEYS puts: $(memory)"
 sleep "$SETTLE_SECS"
 echo "${SETTLE_SECS} s later:             $(memory)"
 if ((READ_SECS > 0)); then
-    "$bin/examples/loadgen" --target "127.0.0.1:$PORT" --get-ratio 1 --keys "$KEYS" \
+    "$bin/examples/loadgen" --target "127.0.0.1:$PORT" --local --get-ratio 1 --keys "$KEYS" \
         --connections "$CONNECTIONS" --duration-secs "$READ_SECS" 2>/dev/null | grep -E '^(throughput|get|requests)' || status=$?
     echo "after ${READ_SECS} s of gets:      $(memory)"
 fi

@@ -199,6 +199,10 @@ pub struct Membership {
     mismatched: Mutex<BTreeMap<String, String>>,
     /// Wakes the gossip loop at once: a peer knows a newer layout version.
     nudge: tokio::sync::Notify,
+    /// The current snapshot's newest and oldest live versions, read without a lock on every
+    /// request (the layout header, the stale-sender check).
+    newest_version: std::sync::atomic::AtomicU64,
+    oldest_version: std::sync::atomic::AtomicU64,
     /// Whether this process, since it started, learned from a peer a live layout version
     /// that has it as a member (see [`Membership::was_member_while_running`]).
     member_seen: std::sync::atomic::AtomicBool,
@@ -260,6 +264,8 @@ impl Membership {
             mismatched: Mutex::new(BTreeMap::new()),
             nudge: tokio::sync::Notify::new(),
             member_seen: std::sync::atomic::AtomicBool::new(false),
+            newest_version: std::sync::atomic::AtomicU64::new(0),
+            oldest_version: std::sync::atomic::AtomicU64::new(0),
         };
         if let Some(history) = stored {
             membership.install(history, false)?;
@@ -277,7 +283,14 @@ impl Membership {
 
     /// The newest layout version this daemon knows (0: none yet).
     pub fn version(&self) -> u64 {
-        self.routing().map_or(0, |r| r.current_version())
+        self.newest_version
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The oldest live layout version this daemon knows (0: none yet).
+    pub fn oldest_version(&self) -> u64 {
+        self.oldest_version
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A peer said it knows `version`: gossip at once if that is newer than ours.
@@ -383,6 +396,10 @@ impl Membership {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some(Arc::new(Routing::new(history.clone())));
+        self.newest_version
+            .store(history.current().number, std::sync::atomic::Ordering::Relaxed);
+        self.oldest_version
+            .store(history.oldest(), std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             version = history.current().number,
             live = history.versions.len(),

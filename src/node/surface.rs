@@ -373,7 +373,7 @@ impl Handler for StorageNode {
     }
 
     fn refuses_layout(&self, version: u64) -> Option<String> {
-        let oldest = self.membership.routing()?.layouts.first()?.0;
+        let oldest = self.membership.oldest_version();
         (version < oldest).then(|| {
             format!(
                 "routed with layout version {version}, but every version before {oldest} is \
