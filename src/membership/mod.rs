@@ -396,8 +396,10 @@ impl Membership {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some(Arc::new(Routing::new(history.clone())));
-        self.newest_version
-            .store(history.current().number, std::sync::atomic::Ordering::Relaxed);
+        self.newest_version.store(
+            history.current().number,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.oldest_version
             .store(history.oldest(), std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
