@@ -43,8 +43,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::membership::*;
 use common::*;
-use dynamite::layout::{Layout, Member};
 
 /// The seed of a run without `DYNAMITE_SEED`.
 const DEFAULT_SEED: u64 = 20_240_611;
@@ -571,31 +571,8 @@ impl Story {
 // Keys, values and the ledger of acknowledged writes
 // ---------------------------------------------------------------------------------------------
 
-/// Every key acknowledged, with the sequence number of its last acknowledged value.
-type Ledger = BTreeMap<String, u64>;
-
 /// Sequence numbers of writes, growing in the order the attempts are made.
 static SEQ: AtomicU64 = AtomicU64::new(1);
-
-/// `count` keys named `prefix-i`.
-fn keys(prefix: &str, count: usize) -> Vec<String> {
-    (0..count).map(|i| format!("{prefix}-{i:06}")).collect()
-}
-
-/// The value of write `seq` of `key`: the key, the sequence number, and some padding so
-/// that a transfer has bytes to move.
-fn tagged(key: &str, seq: u64) -> Value {
-    s(&format!("{key}@{seq}:{}", "p".repeat(48)))
-}
-
-/// The sequence number of a value [`tagged`] for `key`; `None` for anything else.
-fn seq_of(key: &str, value: &Value) -> Option<u64> {
-    let Value::String(text) = value else {
-        return None;
-    };
-    let rest = text.strip_prefix(key)?.strip_prefix('@')?;
-    rest.split(':').next()?.parse().ok()
-}
 
 /// Puts `key` with a new value until a put is acknowledged, within [`PUT_PATIENCE`];
 /// answers the acknowledged value's sequence number and how many attempts failed.
@@ -828,31 +805,6 @@ impl Drop for Load {
 // cluster.* calls
 // ---------------------------------------------------------------------------------------------
 
-fn call_ok(rpc: &Rpc, method: &str, params: Vec<Value>) -> Value {
-    rpc.call(method, params.clone())
-        .unwrap_or_else(|fault| panic!("{method}({params:?}): {fault:?}"))
-}
-
-fn layout_of(rpc: &Rpc) -> Value {
-    call_ok(rpc, "cluster.layout", vec![])
-}
-
-fn stage_add(rpc: &Rpc, address: &str) {
-    assert_eq!(
-        rpc.call("cluster.stage_add", vec![s(address)]),
-        ok200(),
-        "stage_add({address})"
-    );
-}
-
-fn stage_remove(rpc: &Rpc, address: &str) {
-    assert_eq!(
-        rpc.call("cluster.stage_remove", vec![s(address)]),
-        ok200(),
-        "stage_remove({address})"
-    );
-}
-
 /// Waits until `daemon` sees `count` staged changes (staged through another daemon, they
 /// reach it by gossip).
 fn wait_staged(daemon: &Named, count: usize) {
@@ -862,68 +814,6 @@ fn wait_staged(daemon: &Named, count: usize) {
         &format!("{} sees {count} staged change(s)", daemon.0),
         || array(member(&layout_of(&rpc), "staged")).len() == count,
     );
-}
-
-/// `cluster.apply(version)`, which must succeed; answers `moved`.
-fn apply(rpc: &Rpc, version: i64) -> i64 {
-    let answer = call_ok(rpc, "cluster.apply", vec![Value::Integer(version as i32)]);
-    assert_eq!(int_member(&answer, "version"), version, "{answer:?}");
-    int_member(&answer, "moved")
-}
-
-/// The members' addresses of a `cluster.layout()` answer, sorted.
-fn addresses_of(layout: &Value) -> Vec<String> {
-    sorted(
-        array(member(layout, "nodes"))
-            .iter()
-            .map(|node| string(member(node, "address")).to_owned())
-            .collect(),
-    )
-}
-
-fn layout_addresses(rpc: &Rpc) -> Vec<String> {
-    addresses_of(&layout_of(rpc))
-}
-
-/// The members of a `cluster.layout()` answer, as placement sees them.
-fn members_of(layout: &Value) -> Vec<Member> {
-    array(member(layout, "nodes"))
-        .iter()
-        .map(|node| Member {
-            address: string(member(node, "address")).to_owned(),
-            zone: string(member(node, "zone")).to_owned(),
-            weight: u32::try_from(int_member(node, "weight")).expect("weight"),
-        })
-        .collect()
-}
-
-/// The placement of a `cluster.layout()` answer's version.
-fn placement(layout: &Value) -> Layout {
-    let replicas = usize::try_from(int_member(layout, "replicas")).expect("replicas");
-    Layout::from_members(&members_of(layout), replicas)
-}
-
-/// `key`'s replicas under `layout`.
-fn replicas(layout: &Layout, key: &str) -> Vec<String> {
-    layout
-        .preference_list(key.as_bytes(), layout.replicas())
-        .into_iter()
-        .map(|i| layout.servers()[i].clone())
-        .collect()
-}
-
-fn sorted(mut items: Vec<String>) -> Vec<String> {
-    items.sort();
-    items
-}
-
-/// How many keys of `ledger` the newest layout (as `rpc` has it) gives `address`.
-fn share_of(rpc: &Rpc, ledger: &Ledger, address: &str) -> usize {
-    let layout = placement(&layout_of(rpc));
-    ledger
-        .keys()
-        .filter(|key| replicas(&layout, key).iter().any(|r| r == address))
-        .count()
 }
 
 /// Polls the joining node `i` until it holds at least `target` of its `share` keys but not

@@ -48,7 +48,7 @@ use crate::clock::micros;
 use crate::config::BalancerConfig;
 use crate::error::{Error, QuorumKind, Result};
 use crate::layout::Layout;
-use crate::membership::{Membership, Report, Role, Routing};
+use crate::membership::{Membership, Report, Routing};
 use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::codec;
 use crate::rpc::messages::{Op, OpReply};
@@ -145,7 +145,8 @@ impl Topology {
 }
 
 impl Balancer {
-    /// A coordinator inside a storage node, routing with the node's own membership.
+    /// A coordinator routing with `membership`: a storage node's own, or (from [`Self::new`])
+    /// a balancer's.
     pub fn for_node(config: BalancerConfig, membership: Arc<Membership>) -> Self {
         let beacon = Arc::new(crate::membership::Beacon(Arc::downgrade(&membership)));
         Balancer {
@@ -167,30 +168,9 @@ impl Balancer {
             crate::random::random_u64() as u32,
             config.listen
         );
-        let membership = Arc::new(
-            Membership::new(
-                me,
-                Role::Gateway,
-                config.servers.clone(),
-                u32::try_from(config.layout_replicas).unwrap_or(3),
-                String::new(),
-                None,
-            )
-            .unwrap_or_else(|_| unreachable!("a membership without storage cannot fail")),
-        );
-        let beacon = Arc::new(crate::membership::Beacon(Arc::downgrade(&membership)));
-        let client = RpcClient::new().with_beacon(beacon);
-        Balancer {
-            shared: Arc::new(Shared {
-                config,
-                membership,
-                topology: std::sync::RwLock::new(None),
-                queues: Default::default(),
-                client,
-                metrics: BalancerMetrics::default(),
-                last_entry_us: AtomicU64::new(0),
-            }),
-        }
+        let replicas = u32::try_from(config.layout_replicas).unwrap_or(3);
+        let membership = Membership::gateway(me, config.servers.clone(), replicas);
+        Self::for_node(config, Arc::new(membership))
     }
 
     /// The topology requests route with now; a 503 before the balancer learned a layout.

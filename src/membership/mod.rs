@@ -244,7 +244,27 @@ impl Membership {
             },
             None => None,
         };
-        let membership = Membership {
+        let membership = Self::empty(me, role, seeds, replicas, zone, store);
+        if let Some(history) = stored {
+            membership.install(history, false)?;
+        }
+        Ok(membership)
+    }
+
+    /// A balancer's membership: nothing stored, the history learned from `seeds`.
+    pub fn gateway(me: String, seeds: Vec<String>, replicas: u32) -> Membership {
+        Self::empty(me, Role::Gateway, seeds, replicas, String::new(), None)
+    }
+
+    fn empty(
+        me: String,
+        role: Role,
+        seeds: Vec<String>,
+        replicas: u32,
+        zone: String,
+        store: Option<Arc<dyn Engine>>,
+    ) -> Membership {
+        Membership {
             me,
             role,
             seeds,
@@ -266,11 +286,7 @@ impl Membership {
             member_seen: std::sync::atomic::AtomicBool::new(false),
             newest_version: std::sync::atomic::AtomicU64::new(0),
             oldest_version: std::sync::atomic::AtomicU64::new(0),
-        };
-        if let Some(history) = stored {
-            membership.install(history, false)?;
         }
-        Ok(membership)
     }
 
     /// Whether this process was a member of a live layout version while it ran (as a peer

@@ -18,6 +18,7 @@
 #![allow(dead_code)]
 
 pub mod inproc;
+pub mod membership;
 
 #[allow(unused_imports)] // as dead_code above: each test binary uses a part
 pub use inproc::{InProcessCluster, InProcessDaemon, Port};
