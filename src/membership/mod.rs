@@ -729,6 +729,8 @@ impl Membership {
                 .iter()
                 .zip(&replies)
                 .filter_map(|(seed, reply)| Some((seed, reply.as_ref()?.history.as_ref()?)))
+                // Not a history (no version): never looked at, let alone taken.
+                .filter(|(_, history)| !history.versions.is_empty())
                 .collect();
             let agreeing = |h: &History| {
                 histories
@@ -773,5 +775,32 @@ impl Membership {
             }
             self.gossip_round(&report()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A history with no version (only a peer can send one) is neither taken nor merged: every
+    /// rule reads the current version, and would panic on it.
+    #[test]
+    fn a_history_without_versions_is_refused() {
+        let membership = Membership::gateway("lb".into(), vec!["a:1".into()], 3);
+        let mut empty = History::initial(Vec::new(), 3);
+        empty.versions.clear();
+        assert_eq!(membership.merge(&empty).ok(), Some(false));
+        assert!(membership.history().is_none());
+        let real = History::initial(
+            vec![Member {
+                address: "a:1".into(),
+                zone: String::new(),
+                weight: 1,
+            }],
+            3,
+        );
+        assert_eq!(membership.merge(&real).ok(), Some(true));
+        assert_eq!(membership.merge(&empty).ok(), Some(false));
+        assert_eq!(membership.version(), 1);
     }
 }
