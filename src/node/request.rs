@@ -216,6 +216,17 @@ mod tests {
                 "{name}"
             );
         }
+        // Every `cluster.*` method once: the list above names them by index.
+        let cluster: Vec<&str> = Request::METHODS
+            .iter()
+            .map(|&m| Request::name(m))
+            .filter(|name| name.starts_with("cluster."))
+            .collect();
+        let expected: Vec<&str> = crate::membership::status::METHODS
+            .iter()
+            .map(|(name, _)| *name)
+            .collect();
+        assert_eq!(cluster, expected);
     }
 
     #[test]
