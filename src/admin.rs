@@ -78,6 +78,24 @@ pub struct AdminArgs {
         global = true
     )]
     pub timeout_ms: u64,
+    /// The cluster's secret file, as the daemons have it: `cluster.*` needs it when the
+    /// cluster has one.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub cluster_secret_file: Option<std::path::PathBuf>,
+    /// The CA certificates (PEM) to trust: the server is then called over HTTPS.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// A client user, for a cluster with passwords and no cluster secret.
+    #[arg(
+        long,
+        value_name = "USER",
+        requires = "auth_password_file",
+        global = true
+    )]
+    pub auth_user: Option<String>,
+    /// The file holding the password of --auth-user.
+    #[arg(long, value_name = "FILE", requires = "auth_user", global = true)]
+    pub auth_password_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -197,6 +215,9 @@ pub enum AdminError {
     /// Something answered, but not a Dynamite daemon's XML-RPC answer.
     #[error("{address} answered {what}")]
     BadAnswer { address: String, what: String },
+    /// The security flags cannot be used.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl AdminError {
@@ -209,6 +230,16 @@ impl AdminError {
             CallError::Timeout => AdminError::Unreachable {
                 address,
                 reason: format!("no answer within {} ms", timeout.as_millis()),
+            },
+            CallError::Status(401) => AdminError::BadAnswer {
+                address,
+                what: "HTTP 401: it needs credentials (--cluster-secret-file, or \
+                       --auth-user and --auth-password-file)"
+                    .into(),
+            },
+            CallError::Status(403) => AdminError::BadAnswer {
+                address,
+                what: "HTTP 403: it refused the cluster secret of --cluster-secret-file".into(),
             },
             CallError::Status(status) => AdminError::BadAnswer {
                 address,
@@ -231,10 +262,19 @@ pub struct Output {
 
 /// Runs the command against `args.server` over XML-RPC.
 pub async fn run(args: &AdminArgs) -> Result<Output, AdminError> {
-    let client = RpcClient::new();
+    let files = crate::security::SecurityFiles {
+        auth_user: args.auth_user.clone(),
+        auth_password_file: args.auth_password_file.clone(),
+        cluster_secret_file: args.cluster_secret_file.clone(),
+        tls_ca: args.tls_ca.clone(),
+        ..Default::default()
+    };
+    let (security, file_warnings) = crate::security::Security::from_files(&files)
+        .map_err(|error| AdminError::Usage(error.0))?;
+    let client = RpcClient::with_outgoing(&security.outgoing);
     let timeout = Duration::from_millis(args.timeout_ms);
     let server = args.server.as_str();
-    execute(args, async |method, params| {
+    let mut output = execute(args, async |method, params| {
         match client.call(server, method, params, timeout).await {
             Err(CallError::Transport(reason)) => {
                 Err(CallError::Transport(why_unreachable(server, reason).await))
@@ -242,7 +282,9 @@ pub async fn run(args: &AdminArgs) -> Result<Output, AdminError> {
             answer => answer,
         }
     })
-    .await
+    .await?;
+    output.warnings.splice(0..0, file_warnings);
+    Ok(output)
 }
 
 /// A readable reason for a failed connection: hyper's error only says "client error

@@ -9,7 +9,69 @@ use crate::config::{
     BalancerConfig, BalancerFlags, ConfigError, DEFAULT_MAX_REQUEST_BYTES, NodeConfig, NodeRing,
     validate_address,
 };
+use crate::security::{Security, SecurityFiles};
 use crate::storage::{Recovery, StorageConfig};
+
+/// The security flags both daemons take (docs/protocol.md, Security). Secrets are read from
+/// files, never given on the command line, where `ps` and shell history would show them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecurityArgs {
+    /// Client calls need HTTP Basic credentials: this user, and a password of
+    /// --auth-password-file; anything else is refused with HTTP 401 (/health stays open)
+    /// [default: no password needed].
+    #[arg(long, value_name = "USER", requires = "auth_password_file")]
+    pub auth_user: Option<String>,
+    /// File holding the client password, one per line: any line is accepted, so a password
+    /// can be replaced without refusing clients that still send the old one.
+    #[arg(long, value_name = "FILE", requires = "auth_user")]
+    pub auth_password_file: Option<PathBuf>,
+    /// File holding the cluster secret (at least 16 characters, e.g. `openssl rand -hex 32`):
+    /// calls between daemons carry the first line, and internal methods (replica batches,
+    /// anti-entropy, local.*, cluster.*) are refused without one of its lines. Every daemon
+    /// of a cluster, and the `dynamite` command, needs it [default: internal methods need
+    /// what client methods need].
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate (then any intermediates) [default: plain HTTP].
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM certificates of the CAs this daemon trusts when it calls other daemons, which
+    /// it then calls over HTTPS, checking their certificates [default: plain HTTP to them].
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl SecurityArgs {
+    /// Reads the files; prints, once, each warning at start (secrets others can read, a
+    /// daemon anyone who reaches can write to).
+    pub fn into_security(
+        self,
+        daemon: &str,
+        listen: std::net::SocketAddr,
+    ) -> Result<Security, ConfigError> {
+        let files = SecurityFiles {
+            auth_user: self.auth_user,
+            auth_password_file: self.auth_password_file,
+            cluster_secret_file: self.cluster_secret_file,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            tls_ca: self.tls_ca,
+        };
+        let (security, mut warnings) = Security::from_files(&files)?;
+        warnings.extend(crate::security::exposure_warning(
+            daemon,
+            listen,
+            &security.credentials,
+        ));
+        for warning in warnings {
+            eprintln!("warning: {warning}");
+        }
+        Ok(security)
+    }
+}
 
 /// A Dynamite storage node: stores versioned values for the load balancers.
 #[derive(Debug, Parser)]
@@ -72,6 +134,8 @@ pub struct NodeArgs {
     /// with --in-memory).
     #[arg(long, default_value_t = 32)]
     pub cache_mb: u64,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 /// Says once, on stderr, that `--vnodes` no longer does anything.
@@ -150,8 +214,11 @@ impl NodeArgs {
                 },
             }
         };
+        let listen = std::net::SocketAddr::new(self.bind, self.port);
+        let security = self.security.into_security("storage_node", listen)?;
         Ok(NodeConfig {
-            listen: std::net::SocketAddr::new(self.bind, self.port),
+            listen,
+            security,
             peers,
             storage,
             log_requests: !self.quiet,
@@ -218,12 +285,17 @@ pub struct BalancerArgs {
     /// How long a deleted key's tombstones are kept once every replica has them.
     #[arg(long, default_value_t = 10_000)]
     pub tombstone_grace_ms: u64,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 impl BalancerArgs {
     pub fn into_config(self) -> Result<BalancerConfig, ConfigError> {
         warn_vnodes(self.vnodes);
+        let listen = std::net::SocketAddr::new(self.bind, self.port);
+        let security = self.security.into_security("load_balancer", listen)?;
         BalancerConfig::from_flags(BalancerFlags {
+            security,
             bind: self.bind,
             port: self.port,
             servers: self.servers,

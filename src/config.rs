@@ -6,6 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::security::Security;
 use crate::storage::StorageConfig;
 
 /// Largest HTTP body either daemon accepts by default (32 MiB, as docs/protocol.md says).
@@ -34,6 +35,8 @@ pub struct NodeConfig {
     pub zone: String,
     /// N for a layout version 1 this node builds from its `-s` servers.
     pub replicas: usize,
+    /// Who may call it, how it serves, what its calls carry.
+    pub security: Security,
 }
 
 /// The layout as a storage node sees it: itself and its `-s` peers, placed exactly as the
@@ -87,6 +90,8 @@ pub struct BalancerConfig {
     pub max_request_bytes: usize,
     /// How long a deleted key's tombstones stay after every replica has them.
     pub tombstone_grace: Duration,
+    /// Who may call it, how it serves, what its calls carry.
+    pub security: Security,
 }
 
 /// A setting that cannot work, as a one-line reason.
@@ -106,6 +111,7 @@ pub struct BalancerFlags {
     pub timeout_ms: u64,
     pub max_request_bytes: usize,
     pub tombstone_grace_ms: u64,
+    pub security: Security,
 }
 
 impl BalancerConfig {
@@ -158,6 +164,7 @@ impl BalancerConfig {
             replica_timeout: Duration::from_millis(flags.timeout_ms),
             max_request_bytes: flags.max_request_bytes,
             tombstone_grace: Duration::from_millis(flags.tombstone_grace_ms),
+            security: flags.security,
         })
     }
 }
@@ -180,6 +187,7 @@ impl BalancerConfig {
             replica_timeout: Duration::from_millis(1000),
             max_request_bytes: node.max_request_bytes,
             tombstone_grace: Duration::from_millis(10_000),
+            security: node.security.clone(),
         }
     }
 }
@@ -215,6 +223,7 @@ mod tests {
             timeout_ms: 1000,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             tombstone_grace_ms: 10_000,
+            security: Security::default(),
         }
     }
 

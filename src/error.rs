@@ -16,6 +16,9 @@ pub const FAULT_INVALID_PARAMS: i32 = -32602;
 pub const FAULT_INTERNAL: i32 = -32603;
 /// Fault code when too few replicas answered; chosen to read like the HTTP status it means.
 pub const FAULT_UNAVAILABLE: i32 = 503;
+/// Fault code for a method the caller may not call (an internal one without the cluster
+/// secret); like the HTTP status it means.
+pub const FAULT_FORBIDDEN: i32 = 403;
 
 /// Which quorum a request failed to reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +54,9 @@ pub enum Error {
     /// Another daemon answered with an error or could not be reached.
     #[error("remote {addr}: {message}")]
     Remote { addr: String, message: String },
+    /// The caller's credentials do not open this method.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
     #[error("internal error: {0}")]
@@ -72,6 +78,7 @@ impl Error {
             Error::UnknownMethod(_) => FAULT_UNKNOWN_METHOD,
             Error::InvalidParams(_) => FAULT_INVALID_PARAMS,
             Error::Quorum { .. } => FAULT_UNAVAILABLE,
+            Error::Forbidden(_) => FAULT_FORBIDDEN,
             Error::Remote { .. } | Error::Storage(_) | Error::Internal(_) => FAULT_INTERNAL,
             Error::Fault { code, .. } => *code,
         }
@@ -112,6 +119,7 @@ mod tests {
                 503,
             ),
             (Error::Internal("x".into()), -32603),
+            (Error::Forbidden("x".into()), 403),
             (
                 Error::Remote {
                     addr: "a".into(),

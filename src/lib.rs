@@ -36,6 +36,7 @@ pub mod quorum;
 pub mod random;
 pub mod rpc;
 pub mod runtime;
+pub mod security;
 pub mod shutdown;
 pub mod storage;
 pub mod telemetry;

@@ -149,13 +149,14 @@ impl Balancer {
     /// a balancer's.
     pub fn for_node(config: BalancerConfig, membership: Arc<Membership>) -> Self {
         let beacon = Arc::new(crate::membership::Beacon(Arc::downgrade(&membership)));
+        let client = RpcClient::with_outgoing(&config.security.outgoing).with_beacon(beacon);
         Balancer {
             shared: Arc::new(Shared {
                 config,
                 membership,
                 topology: std::sync::RwLock::new(None),
                 queues: Default::default(),
-                client: RpcClient::new().with_beacon(beacon),
+                client,
                 metrics: BalancerMetrics::default(),
                 last_entry_us: AtomicU64::new(0),
             }),
@@ -169,7 +170,8 @@ impl Balancer {
             config.listen
         );
         let replicas = u32::try_from(config.layout_replicas).unwrap_or(3);
-        let membership = Membership::gateway(me, config.servers.clone(), replicas);
+        let membership = Membership::gateway(me, config.servers.clone(), replicas)
+            .with_client(RpcClient::with_outgoing(&config.security.outgoing));
         Self::for_node(config, Arc::new(membership))
     }
 
@@ -802,8 +804,10 @@ pub async fn run(
         n = config.replicas,
         r = config.read_quorum,
         w = config.write_quorum,
+        tls = config.security.acceptor.is_some(),
         "load balancer serving"
     );
+    let security = config.security.clone();
     let balancer = Arc::new(Balancer::new(config));
     // Learn the layout from the seeds (or build version 1 from them) before serving.
     let membership = balancer.shared.membership.clone();
@@ -815,7 +819,7 @@ pub async fn run(
         let reporter = balancer.clone();
         tokio::spawn(membership.run(move || reporter.report()))
     };
-    server::serve(listener, balancer, limits, shutdown).await;
+    server::serve(listener, balancer, limits, security, shutdown).await;
     prober.abort();
     gossip.abort();
     Ok(())

@@ -101,6 +101,14 @@ impl server::Request for Request {
         }
     }
 
+    /// `cluster.*` changes (and shows) the layout: the cluster's daemons and its operator only.
+    fn access(method: Method) -> crate::security::Access {
+        match method {
+            Method::Cluster(_) => crate::security::Access::Internal,
+            _ => crate::security::Access::Client,
+        }
+    }
+
     fn parse(method: Method, params: Vec<Param>) -> Result<Request> {
         Ok(match method {
             Method::Put => {

@@ -251,6 +251,13 @@ impl Membership {
         Ok(membership)
     }
 
+    /// This membership, calling its peers with `client` (one carrying the daemon's
+    /// credentials).
+    pub fn with_client(mut self, client: RpcClient) -> Self {
+        self.client = client;
+        self
+    }
+
     /// A balancer's membership: nothing stored, the history learned from `seeds`.
     pub fn gateway(me: String, seeds: Vec<String>, replicas: u32) -> Membership {
         Self::empty(me, Role::Gateway, seeds, replicas, String::new(), None)

@@ -47,14 +47,17 @@ impl StorageNode {
     pub(super) fn open_uncounted(config: &NodeConfig) -> Result<Self> {
         let engine = storage::open(&config.storage)?;
         let actor = load_or_create_actor(&*engine)?;
-        let membership = Arc::new(crate::membership::Membership::new(
-            config.advertise.clone(),
-            crate::membership::Role::Node,
-            config.peers.clone(),
-            u32::try_from(config.replicas).unwrap_or(3),
-            config.zone.clone(),
-            Some(engine.clone()),
-        )?);
+        let membership = Arc::new(
+            crate::membership::Membership::new(
+                config.advertise.clone(),
+                crate::membership::Role::Node,
+                config.peers.clone(),
+                u32::try_from(config.replicas).unwrap_or(3),
+                config.zone.clone(),
+                Some(engine.clone()),
+            )?
+            .with_client(RpcClient::with_outgoing(&config.security.outgoing)),
+        );
         // Anti-entropy over the stored layout's newest version, or the one -s gives.
         let stored_layout = membership
             .routing()
@@ -119,6 +122,7 @@ pub async fn run(
     tracing::info!(
         address = %config.listen,
         engine = node.engine.name(),
+        tls = config.security.acceptor.is_some(),
         "storage node serving (counting its keys)"
     );
     let census = {
@@ -134,12 +138,10 @@ pub async fn run(
     }
     let follow = tokio::spawn(follow_layout(node.clone()));
     let syncer = tokio::spawn(sync_periodically(node.engine.clone()));
-    let handoff = tokio::spawn(hints::handoff_periodically(node.clone(), RpcClient::new()));
-    let anti_entropy = tokio::spawn(anti_entropy_periodically(node.clone(), RpcClient::new()));
-    let rehome = tokio::spawn(super::rehome::rehome_until_done(
-        node.clone(),
-        RpcClient::new(),
-    ));
+    let client = || RpcClient::with_outgoing(&config.security.outgoing);
+    let handoff = tokio::spawn(hints::handoff_periodically(node.clone(), client()));
+    let anti_entropy = tokio::spawn(anti_entropy_periodically(node.clone(), client()));
+    let rehome = tokio::spawn(super::rehome::rehome_until_done(node.clone(), client()));
     let gossip = {
         let reporter = node.clone();
         tokio::spawn(node.membership.clone().run(move || reporter.report()))
@@ -151,7 +153,14 @@ pub async fn run(
     let limits = ServerLimits {
         max_request_bytes: config.max_request_bytes,
     };
-    server::serve(listener, node.clone(), limits, shutdown).await;
+    server::serve(
+        listener,
+        node.clone(),
+        limits,
+        config.security.clone(),
+        shutdown,
+    )
+    .await;
     drop(census); // a blocking task cannot be aborted; the process ends with it
     syncer.abort();
     handoff.abort();

@@ -8,6 +8,7 @@ use crate::rpc::codec::Param;
 use crate::rpc::messages::{self, AaeRequest, MergeManyRequest, ReadManyRequest};
 use crate::rpc::params::{key_param, put_params};
 use crate::rpc::server::{self, expect_params};
+use crate::security::Access;
 use crate::version::VClock;
 
 /// A storage node's methods.
@@ -148,6 +149,28 @@ impl server::Request for Request {
             Method::Cluster(i) => crate::membership::status::METHODS
                 .get(i)
                 .map_or("cluster.?() -> ?", |(_, help)| help),
+        }
+    }
+
+    /// Everything but a client's own methods is the cluster's: a client writing one copy
+    /// with `local.put`, or posting anti-entropy merges, would bypass the quorums.
+    fn access(method: Method) -> Access {
+        match method {
+            Method::Put
+            | Method::Get
+            | Method::GetVersions
+            | Method::Delete
+            | Method::Explain
+            | Method::Stats => Access::Client,
+            Method::LocalGet
+            | Method::LocalPut
+            | Method::LocalExplain
+            | Method::Aae
+            | Method::MergeMany
+            | Method::ReadMany
+            | Method::SyncPage
+            | Method::Hashes
+            | Method::Cluster(_) => Access::Internal,
         }
     }
 

@@ -28,6 +28,7 @@ fn node() -> StorageNode {
         advertise: "127.0.0.1:1".into(),
         zone: String::new(),
         replicas: 3,
+        security: crate::security::Security::default(),
     };
     StorageNode::open(&config).expect("in-memory node opens")
 }
@@ -546,6 +547,7 @@ fn a_count_made_while_commits_go_on_counts_each_key_once() {
         advertise: "127.0.0.1:1".into(),
         zone: String::new(),
         replicas: 2,
+        security: crate::security::Security::default(),
     };
     let dir = std::env::temp_dir().join(format!(
         "dynamite-census-{}-{}",

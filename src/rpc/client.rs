@@ -17,12 +17,14 @@ use dxr::Value;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::clock::{self, Exchange, PeerClocks};
 use crate::rpc::codec;
+use crate::security::Outgoing;
 
 /// Idle connections kept per peer; enough for the concurrency one balancer drives.
 const MAX_IDLE_CONNECTIONS_PER_PEER: usize = 256;
@@ -52,7 +54,13 @@ pub enum CallError {
 
 #[derive(Clone)]
 pub struct RpcClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    /// Speaks HTTPS to `https://` URLs (the scheme [`Outgoing::scheme`] picks) and plain HTTP
+    /// to the others.
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `http` or `https`, for every call.
+    scheme: &'static str,
+    /// The header proving who this daemon is (see [`crate::security::access`]).
+    credential: Option<(hyper::header::HeaderName, HeaderValue)>,
     max_response_bytes: usize,
     /// The peers' clocks, from every answer this client (and its clones) received.
     clocks: Arc<PeerClocks>,
@@ -81,16 +89,35 @@ impl Default for RpcClient {
 }
 
 impl RpcClient {
+    /// A client over plain HTTP that sends no credential.
     pub fn new() -> Self {
+        Self::with_outgoing(&Outgoing::default())
+    }
+
+    /// A client whose calls carry `outgoing`'s credential, over HTTPS when it names CAs.
+    pub fn with_outgoing(outgoing: &Outgoing) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        // The TLS layer below takes `https://` URLs.
+        connector.enforce_http(false);
+        let tls = match &outgoing.tls {
+            Some(config) => (**config).clone(),
+            None => crate::security::tls::untrusting_client(),
+        };
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS_PER_PEER)
             .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
             .build(connector);
         RpcClient {
             http,
+            scheme: outgoing.scheme(),
+            credential: outgoing.credential.clone(),
             max_response_bytes: MAX_RESPONSE_BYTES,
             clocks: Arc::default(),
             beacon: None,
@@ -176,8 +203,8 @@ impl RpcClient {
 
     /// Is the daemon at `address` serving? `GET /health` within `timeout`.
     pub async fn probe(&self, address: &str, timeout: Duration) -> bool {
-        let Ok(request) =
-            Request::get(format!("http://{address}/health")).body(Full::new(Bytes::new()))
+        let Ok(request) = Request::get(format!("{}://{address}/health", self.scheme))
+            .body(Full::new(Bytes::new()))
         else {
             return false;
         };
@@ -209,8 +236,11 @@ impl RpcClient {
         content_type: &'static str,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), CallError> {
-        let mut request = Request::post(format!("http://{address}{path}"))
+        let mut request = Request::post(format!("{}://{address}{path}", self.scheme))
             .header(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        if let Some((name, value)) = &self.credential {
+            request = request.header(name, value.clone());
+        }
         if let Some(beacon) = &self.beacon {
             request = request.header(LAYOUT_HEADER, beacon.own_version());
         }

@@ -1,7 +1,9 @@
 //! The HTTP side of both daemons: XML-RPC on `POST /` and `/RPC2`, `GET /health`, `GET /metrics`.
 //!
 //! A daemon provides a [`Handler`]; this module owns everything around it: keep-alive HTTP/1.1
-//! connections (a task each), the body size limit (HTTP 413 before parsing), parsing, the
+//! connections (a task each, over TLS when the daemon has a certificate), who may call what
+//! ([`crate::security`]: HTTP 401 before anything is read, fault 403 for a method the caller's
+//! credentials do not open), the body size limit (HTTP 413 before parsing), parsing, the
 //! `system.*` methods every XML-RPC server is expected to have, and turning errors into faults
 //! in one place.
 
@@ -21,6 +23,7 @@ use tokio::net::TcpListener;
 use crate::error::{Error, Result};
 use crate::rpc::codec::{self, Call, Param};
 use crate::rpc::messages;
+use crate::security::{Access, Credentials, Principal, Refusal, Security, access};
 
 /// A daemon's requests, one typed value per call (mini-redis's `Command`): the one place its
 /// method names, their parameters and their help texts are declared. `system.listMethods`
@@ -35,6 +38,11 @@ pub trait Request: Sized + Send + 'static {
     fn help(method: Self::Method) -> &'static str;
     /// Reads `method`'s parameters; -32602 when they are not what it takes.
     fn parse(method: Self::Method, params: Vec<Param>) -> Result<Self>;
+    /// Who may call `method`: clients, or cluster members only.
+    fn access(method: Self::Method) -> Access {
+        let _ = method;
+        Access::Client
+    }
 }
 
 /// The method called `name`, if the daemon has one.
@@ -92,6 +100,80 @@ const MAX_BATCH_BYTES: usize = 512 * 1024 * 1024;
 /// it stays near the number of concurrent clients, whatever the request count.
 pub static CONNECTIONS_ACCEPTED: crate::telemetry::Counter = crate::telemetry::Counter::new();
 
+/// Requests refused for their credentials, by [`Refusal`] kind; and internal methods called
+/// with a client's credentials only.
+static NO_PASSWORD: crate::telemetry::Counter = crate::telemetry::Counter::new();
+static WRONG_PASSWORD: crate::telemetry::Counter = crate::telemetry::Counter::new();
+static WRONG_SECRET: crate::telemetry::Counter = crate::telemetry::Counter::new();
+static FORBIDDEN: crate::telemetry::Counter = crate::telemetry::Counter::new();
+/// TLS handshakes that failed or did not finish in time.
+static TLS_HANDSHAKE_FAILURES: crate::telemetry::Counter = crate::telemetry::Counter::new();
+/// When a refused request was last logged (µs), so a flood of them logs once per interval.
+static LAST_REFUSAL_LOGGED_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+const REFUSAL_LOG_INTERVAL_US: u64 = 10_000_000;
+/// How long a client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn count_refusal(refusal: Option<Refusal>) {
+    let counter = match refusal {
+        Some(Refusal::NoPassword) => &NO_PASSWORD,
+        Some(Refusal::WrongPassword) => &WRONG_PASSWORD,
+        Some(Refusal::WrongSecret) => &WRONG_SECRET,
+        None => &FORBIDDEN,
+    };
+    counter.inc();
+    let now = crate::clock::now_us();
+    let last = LAST_REFUSAL_LOGGED_US.load(std::sync::atomic::Ordering::Relaxed);
+    if now.saturating_sub(last) >= REFUSAL_LOG_INTERVAL_US
+        && LAST_REFUSAL_LOGGED_US
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::warn!(
+            kind = refusal.map_or("forbidden_method", Refusal::kind),
+            "refused a call for its credentials (counted in dynamite_auth_failures_total; \
+             logged at most once per 10 s)"
+        );
+    }
+}
+
+/// The caller of one request, checked against every method it calls (each call of a
+/// multicall too).
+#[derive(Clone, Copy)]
+pub struct Caller<'a> {
+    pub principal: Principal,
+    pub credentials: &'a Credentials,
+}
+
+impl Caller<'_> {
+    /// A caller as a daemon without credentials sees everyone.
+    pub const OPEN: Caller<'static> = Caller {
+        principal: Principal::Anonymous,
+        credentials: &OPEN_CREDENTIALS,
+    };
+
+    fn check(&self, access: Access, what: &str) -> Result<()> {
+        if self.credentials.permits(self.principal, access) {
+            Ok(())
+        } else {
+            count_refusal(None);
+            Err(Error::Forbidden(format!(
+                "{what} is for the cluster's daemons: calls to it need the cluster secret"
+            )))
+        }
+    }
+}
+
+static OPEN_CREDENTIALS: Credentials = Credentials {
+    client: None,
+    secrets: Vec::new(),
+};
+
 /// Server settings shared by both daemons.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
@@ -104,6 +186,7 @@ pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     limits: ServerLimits,
+    security: Security,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
@@ -125,16 +208,46 @@ pub async fn serve<H: Handler>(
         CONNECTIONS_ACCEPTED.inc();
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let credentials = security.credentials.clone();
         let service = hyper::service::service_fn(move |request| {
             let handler = handler.clone();
-            async move { Ok::<_, Infallible>(respond(&*handler, limits, request).await) }
+            let credentials = credentials.clone();
+            async move { Ok::<_, Infallible>(respond(&*handler, limits, &credentials, request).await) }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = connections.watch(connection);
+        let mut http = hyper::server::conn::http1::Builder::new();
+        let watcher = connections.watcher();
+        let Some(acceptor) = security.acceptor.clone() else {
+            let connection = http
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            let connection = watcher.watch(connection);
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        // The handshake runs in the connection's task, so a slow client holds up no one else.
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let stream =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        TLS_HANDSHAKE_FAILURES.inc();
+                        tracing::debug!(%error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        TLS_HANDSHAKE_FAILURES.inc();
+                        tracing::debug!("TLS handshake timed out");
+                        return;
+                    }
+                };
+            let connection = http
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(%error, "connection ended with an error");
             }
         });
@@ -147,21 +260,18 @@ pub async fn serve<H: Handler>(
 async fn respond<H: Handler>(
     handler: &H,
     limits: ServerLimits,
+    credentials: &Credentials,
     request: HttpRequest<Incoming>,
 ) -> Response<Full<Bytes>> {
     let received_us = crate::clock::now_us();
-    let mut refused = None;
-    if let Some(version) = crate::rpc::client::layout_version_in(request.headers()) {
-        handler.heard_layout_version(version);
-        if request.uri().path() == messages::BATCH_PATH {
-            refused = handler.refuses_layout(version);
+    let mut response = if request.uri().path() == "/health" {
+        route(handler, limits, Caller::OPEN, request).await
+    } else {
+        match guarded(handler, limits, credentials, request).await {
+            Ok(response) => response,
+            // Refused for its credentials: nothing more is said (no clock, no layout).
+            Err(refused) => return refused,
         }
-    }
-    let mut response = match refused {
-        // Refused before it is read: the sender hears of the newer layout in this answer's
-        // header, and routes again.
-        Some(reason) => plain(StatusCode::CONFLICT, reason),
-        None => route(handler, limits, request).await,
     };
     if let Ok(value) = HeaderValue::from_str(&crate::clock::header_value(received_us)) {
         response
@@ -178,9 +288,70 @@ async fn respond<H: Handler>(
     response
 }
 
+/// Answers a request other than `/health`, once its credentials are checked: `Err` with the
+/// refusal when they are not good enough.
+async fn guarded<H: Handler>(
+    handler: &H,
+    limits: ServerLimits,
+    credentials: &Credentials,
+    request: HttpRequest<Incoming>,
+) -> Result<Response<Full<Bytes>>, Response<Full<Bytes>>> {
+    let headers = request.headers();
+    let identified = credentials.identify(
+        headers
+            .get(hyper::header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+        headers
+            .get(access::SECRET_HEADER)
+            .map(HeaderValue::as_bytes),
+    );
+    let principal = match identified {
+        Ok(Principal::Anonymous) if credentials.needs_password() => {
+            return Err(refuse(Refusal::NoPassword));
+        }
+        Ok(principal) => principal,
+        Err(refusal) => return Err(refuse(refusal)),
+    };
+    let caller = Caller {
+        principal,
+        credentials,
+    };
+    let mut refused = None;
+    // Only daemons speak of layouts: a client's header is not listened to.
+    if let Some(version) = crate::rpc::client::layout_version_in(request.headers())
+        && credentials.permits(principal, Access::Internal)
+    {
+        handler.heard_layout_version(version);
+        if request.uri().path() == messages::BATCH_PATH {
+            refused = handler.refuses_layout(version);
+        }
+    }
+    Ok(match refused {
+        // Refused before it is read: the sender hears of the newer layout in this answer's
+        // header, and routes again.
+        Some(reason) => plain(StatusCode::CONFLICT, reason),
+        None => route(handler, limits, caller, request).await,
+    })
+}
+
+/// The answer to a request refused for its credentials.
+fn refuse(refusal: Refusal) -> Response<Full<Bytes>> {
+    count_refusal(Some(refusal));
+    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
+    let mut response = plain(status, refusal.reason().to_owned());
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(access::REALM_CHALLENGE),
+        );
+    }
+    response
+}
+
 async fn route<H: Handler>(
     handler: &H,
     limits: ServerLimits,
+    caller: Caller<'_>,
     request: HttpRequest<Incoming>,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path();
@@ -193,6 +364,7 @@ async fn route<H: Handler>(
                 "TCP connections accepted.",
                 CONNECTIONS_ACCEPTED.get(),
             );
+            process.figures(&auth_figures());
             let exposition = handler.metrics() + &process.finish();
             let mut response = plain(StatusCode::OK, exposition);
             response.headers_mut().insert(
@@ -202,6 +374,9 @@ async fn route<H: Handler>(
             response
         }
         (&HttpMethod::POST, messages::BATCH_PATH) if H::SERVES_BATCHES => {
+            if let Err(error) = caller.check(Access::Internal, "internal batches") {
+                return plain(StatusCode::FORBIDDEN, format!("{}\n", error.fault_string()));
+            }
             let body = match read_body(request, MAX_BATCH_BYTES).await {
                 Ok(body) => body,
                 Err(status) => return plain(status, format!("{status}\n")),
@@ -226,7 +401,7 @@ async fn route<H: Handler>(
                 Ok(body) => body,
                 Err(status) => return plain(status, format!("{status}\n")),
             };
-            xml(handle_body(handler, &body).await)
+            xml(handle_body(handler, caller, &body).await)
         }
         (_, "/" | "/RPC2" | "/health" | "/metrics") => plain(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -259,9 +434,9 @@ async fn read_body(request: HttpRequest<Incoming>, max_bytes: usize) -> Result<B
 }
 
 /// Parses and runs one XML-RPC request body; always yields an XML-RPC response body.
-pub async fn handle_body<H: Handler>(handler: &H, body: &[u8]) -> String {
+pub async fn handle_body<H: Handler>(handler: &H, caller: Caller<'_>, body: &[u8]) -> String {
     let result = match codec::parse_call(body) {
-        Ok(call) => dispatch(handler, call).await,
+        Ok(call) => dispatch(handler, caller, call).await,
         Err(error) => Err(error),
     };
     match result {
@@ -274,7 +449,7 @@ pub async fn handle_body<H: Handler>(handler: &H, body: &[u8]) -> String {
     }
 }
 
-async fn dispatch<H: Handler>(handler: &H, call: Call) -> Result<String> {
+async fn dispatch<H: Handler>(handler: &H, caller: Caller<'_>, call: Call) -> Result<String> {
     match call.method.as_str() {
         "system.listMethods" => {
             expect_params(&call.params, 0)?;
@@ -302,10 +477,11 @@ async fn dispatch<H: Handler>(handler: &H, call: Call) -> Result<String> {
                 .ok_or_else(|| Error::UnknownMethod(name.clone()))?;
             Ok(codec::string_xml(help))
         }
-        "system.multicall" => multicall(handler, call.params).await,
+        "system.multicall" => multicall(handler, caller, call.params).await,
         name => {
             let method = method_named::<H::Request>(name)
                 .ok_or_else(|| Error::UnknownMethod(name.to_owned()))?;
+            caller.check(H::Request::access(method), name)?;
             handler.call(H::Request::parse(method, call.params)?).await
         }
     }
@@ -324,7 +500,11 @@ fn system_help(name: &str) -> Option<&'static str> {
 
 /// Runs the calls one after another; each yields `[result]` or a fault struct, as the
 /// multicall convention says. Nested multicalls are refused to keep the work bounded.
-async fn multicall<H: Handler>(handler: &H, params: Vec<Param>) -> Result<String> {
+async fn multicall<H: Handler>(
+    handler: &H,
+    caller: Caller<'_>,
+    params: Vec<Param>,
+) -> Result<String> {
     let calls = codec::multicall_calls(params)?;
     let mut results = Vec::with_capacity(calls.len());
     for call in calls {
@@ -332,7 +512,7 @@ async fn multicall<H: Handler>(handler: &H, params: Vec<Param>) -> Result<String
             Some(call) if call.method == "system.multicall" => {
                 Err(Error::invalid("system.multicall may not be nested"))
             }
-            Some(call) => Box::pin(dispatch(handler, call)).await,
+            Some(call) => Box::pin(dispatch(handler, caller, call)).await,
             None => Err(Error::invalid("each call is a struct {methodName, params}")),
         };
         results.push(match result {
@@ -373,4 +553,27 @@ fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
+}
+
+/// The refusals counted since start, for `/metrics`.
+fn auth_figures() -> [crate::telemetry::Figure; 5] {
+    use crate::telemetry::Figure;
+    const HELP: &str = "Calls refused for their credentials, by why.";
+    const METRIC: &str = "dynamite_auth_failures_total";
+    [
+        Figure::counter("auth_no_password", METRIC, HELP, &NO_PASSWORD)
+            .labelled("kind", Refusal::NoPassword.kind()),
+        Figure::counter("auth_wrong_password", METRIC, HELP, &WRONG_PASSWORD)
+            .labelled("kind", Refusal::WrongPassword.kind()),
+        Figure::counter("auth_wrong_secret", METRIC, HELP, &WRONG_SECRET)
+            .labelled("kind", Refusal::WrongSecret.kind()),
+        Figure::counter("auth_forbidden_method", METRIC, HELP, &FORBIDDEN)
+            .labelled("kind", "forbidden_method"),
+        Figure::counter(
+            "tls_handshake_failures",
+            "dynamite_tls_handshake_failures_total",
+            "TLS handshakes that failed or timed out.",
+            &TLS_HANDSHAKE_FAILURES,
+        ),
+    ]
 }
