@@ -422,7 +422,24 @@ impl Daemon {
     /// SIGTERM, then waits (bounded by [`EXIT_TIMEOUT`]) until it exits: a clean stop.
     /// Answers its exit status.
     pub fn terminate(&mut self) -> ExitStatus {
-        self.signal("-TERM");
+        self.stop_on("-TERM")
+    }
+
+    /// SIGINT (Ctrl-C), then waits (bounded by [`EXIT_TIMEOUT`]) until it exits: a clean
+    /// stop. Answers its exit status.
+    pub fn interrupt(&mut self) -> ExitStatus {
+        self.stop_on("-INT")
+    }
+
+    /// Sends `signal` (as kill(1) names it), then waits, bounded, until the process exits.
+    fn stop_on(&mut self, signal: &str) -> ExitStatus {
+        self.signal(signal);
+        self.wait_exit(signal)
+    }
+
+    /// Waits (bounded by [`EXIT_TIMEOUT`]) until the process exits, after `signal` (named in
+    /// the failure message); answers its exit status.
+    pub fn wait_exit(&mut self, signal: &str) -> ExitStatus {
         let mut child = self.child.take().expect("daemon is not running");
         let deadline = Instant::now() + EXIT_TIMEOUT;
         loop {
@@ -433,7 +450,7 @@ impl Daemon {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "{} did not exit within {EXIT_TIMEOUT:?} of SIGTERM\n{}",
+                    "{} did not exit within {EXIT_TIMEOUT:?} of {signal}\n{}",
                     self.name,
                     self.logs()
                 );
@@ -498,7 +515,8 @@ impl Daemon {
             .join(format!("{}.{generation}.{stream}.log", self.name))
     }
 
-    fn signal(&self, signal: &str) {
+    /// Sends `signal` (`-TERM`, `-INT`..., as kill(1) takes it) and returns at once.
+    pub fn signal(&self, signal: &str) {
         let pid = self.pid().to_string();
         let status = Command::new("kill")
             .args([signal, &pid])
@@ -534,9 +552,16 @@ impl Daemon {
                     self.logs()
                 );
             }
-            // Healthy, and really this process answering, not another one on the port.
+            // Healthy, and really this process answering, not another one on the port. A
+            // daemon serving HTTPS cannot be asked in plain HTTP: its listening socket is
+            // what tells (it binds once it is ready to serve).
             let pid = child.id();
-            if health(self.port) == Some(200) && pid_listens_on(pid, self.port) != Some(false) {
+            let serving = if self.args.iter().any(|arg| arg == "--tls-cert") {
+                pid_listens_on(pid, self.port) == Some(true)
+            } else {
+                health(self.port) == Some(200) && pid_listens_on(pid, self.port) != Some(false)
+            };
+            if serving {
                 return;
             }
             if Instant::now() >= deadline {
@@ -1296,16 +1321,22 @@ impl Rpc {
     /// Calls `method(params)`. Panics on transport errors and on non-200 HTTP statuses:
     /// XML-RPC faults travel in 200 responses.
     pub fn call(&self, method: &str, params: Vec<Value>) -> RpcResult {
+        self.try_call(method, params)
+            .unwrap_or_else(|e| panic!("{method} to 127.0.0.1:{}: {e}", self.port))
+    }
+
+    /// As [`Rpc::call`], answering a transport error (refused, reset, closed, timed out)
+    /// instead of panicking on it, for a daemon that may be going away; the next call opens
+    /// a new connection. Still panics on a non-200 HTTP status.
+    pub fn try_call(&self, method: &str, params: Vec<Value>) -> io::Result<RpcResult> {
         let body = call_xml(method, params);
-        let response = self
-            .exchange(body.as_bytes())
-            .unwrap_or_else(|e| panic!("{method} to 127.0.0.1:{}: {e}", self.port));
+        let response = self.exchange(body.as_bytes())?;
         assert_eq!(
             response.status, 200,
             "{method} to 127.0.0.1:{} answered HTTP {}: {}",
             self.port, response.status, response.body
         );
-        parse_response(&response.body)
+        Ok(parse_response(&response.body))
     }
 
     /// `put(key, value)`.
