@@ -59,8 +59,8 @@ pub struct RpcClient {
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// `http` or `https`, for every call.
     scheme: &'static str,
-    /// The header proving who this daemon is (see [`crate::security::access`]).
-    credential: Option<(hyper::header::HeaderName, HeaderValue)>,
+    /// The headers proving who this daemon is (see [`crate::security::access`]).
+    credentials: Vec<(hyper::header::HeaderName, HeaderValue)>,
     max_response_bytes: usize,
     /// The peers' clocks, from every answer this client (and its clones) received.
     clocks: Arc<PeerClocks>,
@@ -117,7 +117,7 @@ impl RpcClient {
         RpcClient {
             http,
             scheme: outgoing.scheme(),
-            credential: outgoing.credential.clone(),
+            credentials: outgoing.credentials.clone(),
             max_response_bytes: MAX_RESPONSE_BYTES,
             clocks: Arc::default(),
             beacon: None,
@@ -238,7 +238,7 @@ impl RpcClient {
     ) -> Result<(StatusCode, Bytes), CallError> {
         let mut request = Request::post(format!("{}://{address}{path}", self.scheme))
             .header(CONTENT_TYPE, HeaderValue::from_static(content_type));
-        if let Some((name, value)) = &self.credential {
+        for (name, value) in &self.credentials {
             request = request.header(name, value.clone());
         }
         if let Some(beacon) = &self.beacon {

@@ -51,11 +51,11 @@ impl std::fmt::Debug for Security {
     }
 }
 
-/// What a daemon's calls to other daemons carry: its credential (the cluster secret, or
-/// without one the client password) and the CAs it trusts, when it calls over HTTPS.
+/// What a daemon's calls to other daemons carry: its credentials (the cluster secret, the
+/// client password, or both) and the CAs it trusts, when it calls over HTTPS.
 #[derive(Clone, Default)]
 pub struct Outgoing {
-    pub credential: Option<(HeaderName, HeaderValue)>,
+    pub credentials: Vec<(HeaderName, HeaderValue)>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -63,8 +63,12 @@ impl std::fmt::Debug for Outgoing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outgoing")
             .field(
-                "credential",
-                &self.credential.as_ref().map(|(name, _)| name),
+                "credentials",
+                &self
+                    .credentials
+                    .iter()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>(),
             )
             .field("tls", &self.tls.is_some())
             .finish()
@@ -126,7 +130,7 @@ impl Security {
         };
         let credentials = Credentials { client, secrets };
         let outgoing = Outgoing {
-            credential: outgoing_credential(&credentials)?,
+            credentials: outgoing_credentials(&credentials)?,
             tls,
         };
         Ok((
@@ -140,31 +144,39 @@ impl Security {
     }
 }
 
-/// The header a daemon's own calls carry: the first cluster secret, or without one the user
-/// and first password, since internal methods then need the password (see [`access`]).
-fn outgoing_credential(
+/// The headers a daemon's own calls carry: the first cluster secret, and the user and first
+/// password. Both, so that while a secret is being turned on (balancers first, README
+/// "Running it safely"), a node not given it yet takes the password its internal methods
+/// then need, and ignores the secret.
+fn outgoing_credentials(
     credentials: &Credentials,
-) -> Result<Option<(HeaderName, HeaderValue)>, ConfigError> {
-    let (name, value) = if let Some(secret) = credentials.secrets.first() {
-        (
+) -> Result<Vec<(HeaderName, HeaderValue)>, ConfigError> {
+    let mut headers = Vec::new();
+    if let Some(secret) = credentials.secrets.first() {
+        headers.push((
             HeaderName::from_static(access::SECRET_HEADER),
             secret.expose().to_vec(),
-        )
-    } else if let Some((user, passwords)) = &credentials.client
+        ));
+    }
+    if let Some((user, passwords)) = &credentials.client
         && let Some(password) = passwords.first()
     {
-        (
+        headers.push((
             AUTHORIZATION,
             access::basic_value(user, password.expose()).into_bytes(),
-        )
-    } else {
-        return Ok(None);
-    };
-    let mut value = HeaderValue::from_bytes(&value)
-        .map_err(|_| ConfigError("the credential cannot be sent in an HTTP header".into()))?;
-    // Kept out of hyper's debug output and header compression.
-    value.set_sensitive(true);
-    Ok(Some((name, value)))
+        ));
+    }
+    headers
+        .into_iter()
+        .map(|(name, value)| {
+            let mut value = HeaderValue::from_bytes(&value).map_err(|_| {
+                ConfigError("the credentials cannot be sent in an HTTP header".into())
+            })?;
+            // Kept out of hyper's debug output and header compression.
+            value.set_sensitive(true);
+            Ok((name, value))
+        })
+        .collect()
 }
 
 /// The one line a daemon prints at start when whoever reaches its port can write to it, or
@@ -228,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn daemons_send_the_secret_before_the_password() {
+    fn daemons_send_the_secret_and_the_password() {
         let both = Credentials {
             client: Some(("ann".into(), vec![secret_of(b"pw")])),
             secrets: vec![
@@ -236,26 +248,19 @@ mod tests {
                 secret_of(b"fedcba9876543210"),
             ],
         };
-        let (name, value) = outgoing_credential(&both).expect("valid").expect("some");
-        assert_eq!(name.as_str(), access::SECRET_HEADER);
-        assert_eq!(value.as_bytes(), b"0123456789abcdef");
-        assert!(value.is_sensitive());
-        let password = Credentials {
-            client: both.client.clone(),
-            secrets: vec![],
-        };
-        let (name, value) = outgoing_credential(&password)
-            .expect("valid")
-            .expect("some");
-        assert_eq!(name, AUTHORIZATION);
+        let headers = outgoing_credentials(&both).expect("valid");
+        let names: Vec<&str> = headers.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, [access::SECRET_HEADER, "authorization"]);
+        assert_eq!(headers[0].1.as_bytes(), b"0123456789abcdef");
         assert_eq!(
-            value.as_bytes(),
+            headers[1].1.as_bytes(),
             access::basic_value("ann", b"pw").as_bytes()
         );
+        assert!(headers.iter().all(|(_, value)| value.is_sensitive()));
         assert!(
-            outgoing_credential(&Credentials::default())
+            outgoing_credentials(&Credentials::default())
                 .expect("valid")
-                .is_none()
+                .is_empty()
         );
     }
 
