@@ -25,10 +25,10 @@ for port in "${ports[@]}"; do
     for other in "${ports[@]}"; do
         [ "$other" = "$port" ] || peers+=(-s "127.0.0.1:$other")
     done
-    "$bin/storage_node" -p "$port" "${peers[@]}" "${storage_args[@]}" &
+    "$bin/storage_node" -p "$port" --bind 127.0.0.1 "${peers[@]}" "${storage_args[@]}" &
     pids+=($!)
 done
-"$bin/load_balancer" -s 127.0.0.1:20050 -s 127.0.0.1:20051 -s 127.0.0.1:20052 -p 30000 &
+"$bin/load_balancer" -s 127.0.0.1:20050 -s 127.0.0.1:20051 -s 127.0.0.1:20052 -p 30000 --bind 127.0.0.1 &
 pids+=($!)
 
 for _ in $(seq 1 100); do
