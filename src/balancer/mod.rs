@@ -113,6 +113,9 @@ struct Shared {
     queues: std::sync::Mutex<std::collections::HashMap<String, Arc<NodeQueue>>>,
     client: RpcClient,
     metrics: BalancerMetrics,
+    /// Why no node answered the last clock measurement, when none did: said in the 503 a
+    /// write gets then (a node not trusting our certificate, a wrong port...).
+    unmeasured_reason: std::sync::Mutex<Option<String>>,
     /// The last entry time handed out, so that requests entering one after another get
     /// increasing times even when the cluster clock's estimate moves back a little.
     last_entry_us: AtomicU64,
@@ -159,6 +162,7 @@ impl Balancer {
                 client,
                 metrics: BalancerMetrics::default(),
                 last_entry_us: AtomicU64::new(0),
+                unmeasured_reason: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -414,9 +418,16 @@ impl Balancer {
                     needed: config.write_quorum,
                     answered: 0,
                     replicas: config.replicas,
-                    detail: Some(
-                        "no storage node has answered yet, so the cluster's time is unknown".into(),
-                    ),
+                    detail: Some(format!(
+                        "no storage node has answered yet, so the cluster's time is unknown{}",
+                        self.shared
+                            .unmeasured_reason
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .as_ref()
+                            .map(|reason| format!("; {reason}"))
+                            .unwrap_or_default()
+                    )),
                 });
             }
         }
@@ -448,10 +459,24 @@ impl Balancer {
             Ok(topology) => topology.servers.0.to_vec(),
             Err(_) => shared.config.servers.clone(),
         };
-        let probes = servers
-            .iter()
-            .map(|address| shared.client.probe(address, MEASURE_TIMEOUT));
-        futures_util::future::join_all(probes).await;
+        let probes = servers.iter().map(|address| async move {
+            let checked = shared.client.check_health(address, MEASURE_TIMEOUT).await;
+            checked.map_err(|why| format!("{address}: {why}"))
+        });
+        let failures: Vec<String> = futures_util::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        if failures.len() == servers.len()
+            && let Some(first) = failures.first()
+        {
+            tracing::warn!(reason = %first, "no storage node answered GET /health");
+            *shared
+                .unmeasured_reason
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(first.clone());
+        }
     }
 
     /// A put (`value` Some) or delete (`value` None) through a coordinating replica; the

@@ -203,29 +203,43 @@ impl RpcClient {
 
     /// Is the daemon at `address` serving? `GET /health` within `timeout`.
     pub async fn probe(&self, address: &str, timeout: Duration) -> bool {
-        let Ok(request) = Request::get(format!("{}://{address}/health", self.scheme))
+        self.check_health(address, timeout).await.is_ok()
+    }
+
+    /// As [`Self::probe`], saying why not: refused, a certificate not trusted, a status...
+    pub async fn check_health(&self, address: &str, timeout: Duration) -> Result<(), String> {
+        let request = Request::get(format!("{}://{address}/health", self.scheme))
             .body(Full::new(Bytes::new()))
-        else {
-            return false;
-        };
+            .map_err(|error| error.to_string())?;
         let answered = async {
             let sent_us = clock::now_us();
-            let response = self.http.request(request).await.ok()?;
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|error| with_causes(&error))?;
             self.record_clock(address, sent_us, response.headers());
             if let (Some(beacon), Some(version)) =
                 (&self.beacon, layout_version_in(response.headers()))
             {
                 beacon.heard_version(version);
             }
-            let healthy = response.status().is_success();
+            let status = response.status();
             // Read the small body so the connection goes back to the pool.
-            response.into_body().collect().await.ok()?;
-            Some(healthy)
+            response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|error| error.to_string())?;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!("HTTP status {}", status.as_u16()))
+            }
         };
-        matches!(
-            tokio::time::timeout(timeout, answered).await,
-            Ok(Some(true))
-        )
+        tokio::time::timeout(timeout, answered)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()))
     }
 
     /// One POST on a pooled connection: the status and the whole (bounded) body.
@@ -252,7 +266,7 @@ impl RpcClient {
             .http
             .request(request)
             .await
-            .map_err(|error| CallError::Transport(error.to_string()))?;
+            .map_err(|error| CallError::Transport(with_causes(&error)))?;
         self.record_clock(address, sent_us, response.headers());
         let status = response.status();
         let bytes = Limited::new(response.into_body(), self.max_response_bytes)
@@ -273,6 +287,22 @@ impl RpcClient {
             .to_bytes();
         Ok((status, bytes))
     }
+}
+
+/// An error and its causes, one after another: hyper's own text says only "client error
+/// (Connect)", while the cause says which (refused, a certificate not trusted...).
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let said = inner.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 /// The layout version a [`LAYOUT_HEADER`] carries.
