@@ -3,11 +3,25 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-/// Builds the runtime, binds `listen`, and runs `serve` on the listener. Failures to start are
-/// reported as one line on stderr and exit status 1.
+/// How long work still running once the daemon's `run` returned may go on before the process
+/// exits without it.
+///
+/// By then the daemon has stopped serving and synced its storage; what may be left is
+/// background work, above all blocking tasks: a storage node's count of its keys and the fill
+/// of its anti-entropy trees each read the whole store in one blocking task, which cannot be
+/// cancelled and takes minutes on a large store. Dropping the runtime would wait for them
+/// however long they take, and the process would miss its deadline (SIGTERM: exit within
+/// [`crate::shutdown::DRAIN_TIMEOUT`] and a little); cut, they are only reads, or writes a
+/// crash would cut too, which the engines are built to survive.
+pub const LEFTOVER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Builds the runtime, listens for SIGTERM and SIGINT ([`crate::shutdown`]), binds `listen`,
+/// and runs `serve` on the listener; then gives what is left [`LEFTOVER_TIMEOUT`]. Failures to
+/// start are reported as one line on stderr and exit status 1.
 pub fn block_on<F, Fut>(daemon: &str, listen: SocketAddr, serve: F) -> ExitCode
 where
     F: FnOnce(TcpListener) -> Fut,
@@ -24,7 +38,8 @@ where
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
+        crate::shutdown::install();
         let listener = match TcpListener::bind(listen).await {
             Ok(listener) => listener,
             Err(error) => {
@@ -39,7 +54,9 @@ where
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    runtime.shutdown_timeout(LEFTOVER_TIMEOUT);
+    code
 }
 
 /// Asks Linux for no transparent huge pages in this process.

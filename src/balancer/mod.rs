@@ -119,6 +119,48 @@ struct Shared {
     /// The last entry time handed out, so that requests entering one after another get
     /// increasing times even when the cluster clock's estimate moves back a little.
     last_entry_us: AtomicU64,
+    /// Requests' tails still running, for a stop to let them end.
+    tails: Arc<Tails>,
+}
+
+/// What requests still do after their answer (a write's copies past W, hinted ones among
+/// them; a read's repairs), counted, so that a stopping daemon lets them land instead of
+/// cutting them: the runtime drops whatever task is left when the daemon's `run` returns.
+#[derive(Default)]
+struct Tails {
+    running: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+/// One running tail, counted out when dropped (its task ended, or was dropped).
+struct Tail(Arc<Tails>);
+
+impl Tails {
+    fn start(self: &Arc<Self>) -> Tail {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        Tail(self.clone())
+    }
+
+    /// Resolves once no tail runs.
+    async fn all_ended(&self) {
+        loop {
+            let ended = self.ended.notified();
+            let mut ended = std::pin::pin!(ended);
+            ended.as_mut().enable();
+            if self.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.ended.notify_waiters();
+        }
+    }
 }
 
 /// What requests route with: the membership's snapshot, with the balancer's per-node state
@@ -162,6 +204,7 @@ impl Balancer {
                 client,
                 metrics: BalancerMetrics::default(),
                 last_entry_us: AtomicU64::new(0),
+                tails: Arc::default(),
                 unmeasured_reason: std::sync::Mutex::new(None),
             }),
         }
@@ -344,7 +387,9 @@ impl Balancer {
     ) {
         let (answer, answered) = oneshot::channel();
         let this = self.clone();
+        let tail = self.shared.tails.start();
         let finished = tokio::spawn(async move {
+            let _tail = tail;
             let mut noted = Vec::new();
             let mut answer = Some(answer);
             let mut pending = FuturesUnordered::new();
@@ -844,10 +889,26 @@ pub async fn run(
         let reporter = balancer.clone();
         tokio::spawn(membership.run(move || reporter.report()))
     };
-    server::serve(listener, balancer, limits, security, shutdown).await;
+    server::serve(listener, balancer.clone(), limits, security, shutdown).await;
+    balancer.finish_tails().await;
     prober.abort();
     gossip.abort();
     Ok(())
+}
+
+impl Balancer {
+    /// Waits until the tails of the requests answered so far have ended (see [`Tails`]), at
+    /// most the replica timeout, which bounds each of them. For a stopping daemon, once it
+    /// answers no more requests.
+    pub async fn finish_tails(&self) {
+        let within = self.shared.config.replica_timeout;
+        if tokio::time::timeout(within, self.shared.tails.all_ended())
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests' last replica calls still running at the stop: cut");
+        }
+    }
 }
 
 /// Probes down nodes until the task is dropped.

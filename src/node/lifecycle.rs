@@ -161,7 +161,11 @@ pub async fn run(
         shutdown,
     )
     .await;
-    drop(census); // a blocking task cannot be aborted; the process ends with it
+    // The copies of writes this node coordinated, past W, land before it stops.
+    node.coordinator.finish_tails().await;
+    // A blocking task cannot be aborted: the runtime gives it `runtime::LEFTOVER_TIMEOUT`, and
+    // the process ends without it.
+    drop(census);
     syncer.abort();
     handoff.abort();
     anti_entropy.abort();

@@ -191,11 +191,17 @@ pub async fn serve<H: Handler>(
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    // Every connection's task, so that none outlives `serve` (see the end).
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            // A stop is not postponed by connections that keep coming.
+            biased;
             () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
         };
+        // Forget the connections that ended, so that the set holds the open ones only.
+        while tasks.try_join_next().is_some() {}
         let (stream, _) = match accepted {
             Ok(pair) => pair,
             Err(error) => {
@@ -221,7 +227,7 @@ pub async fn serve<H: Handler>(
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service);
             let connection = watcher.watch(connection);
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, "connection ended with an error");
                 }
@@ -229,7 +235,7 @@ pub async fn serve<H: Handler>(
             continue;
         };
         // The handshake runs in the connection's task, so a slow client holds up no one else.
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let stream =
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => stream,
@@ -252,7 +258,23 @@ pub async fn serve<H: Handler>(
             }
         });
     }
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connections.shutdown()).await;
+    // Connections that come now are refused at once, rather than left in the backlog until
+    // the process exits and then reset.
+    drop(listener);
+    let drain = crate::shutdown::DRAIN_TIMEOUT;
+    if tokio::time::timeout(drain, connections.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            drain_s = drain.as_secs(),
+            "requests still in flight after the drain: cut"
+        );
+    }
+    // What is still running is cut here, before the daemon syncs its storage: no request is
+    // answered after that sync.
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
 }
 
 /// Answers one request, with two readings of this daemon's clock in a header so that the

@@ -166,6 +166,9 @@ struct Log {
     writer: Mutex<Writer>,
     index: RwLock<Index>,
     unsynced: Mutex<Unsynced>,
+    /// Held through a sync: one at a time, so that a sync returns only once everything
+    /// written before it is on disk, segments a concurrent sync took from `unsynced` too.
+    syncing: Mutex<()>,
     limits: Limits,
     /// Wakes the engine's job (a segment was sealed), or stops it.
     job: Arc<Stop>,
@@ -250,6 +253,7 @@ impl Log {
             }),
             index: RwLock::new(index),
             unsynced: Mutex::new(Unsynced::default()),
+            syncing: Mutex::new(()),
             limits,
             job: Arc::new(Stop::default()),
             salvaged,
@@ -286,6 +290,7 @@ impl Log {
     /// Fsyncs the segments written since the last time, and the directory if files came or
     /// went. What fails to sync is kept for the next try.
     fn sync_files(&self) -> Result<(), StorageError> {
+        let _one_at_a_time = lock(&self.syncing);
         let active = lock(&self.writer).file.clone();
         let pending = std::mem::take(&mut *lock(&self.unsynced));
         let synced = pending
