@@ -1,11 +1,9 @@
-//! TLS settings from PEM files, with rustls over the `ring` provider.
+//! TLS settings from PEM files, with rustls over its default provider, `aws-lc-rs`.
 //!
-//! `ring` rather than rustls's default `aws-lc-rs`: aws-lc-rs compiles a large C library,
-//! minutes on the 2-core machines CI runs on, where ring builds in seconds; both are
-//! maintained and fast on x86-64 and ARM. What ring lacks is post-quantum key exchange
-//! (rustls marks its provider deprecated for that): traffic recorded today could be read by
-//! a future quantum computer. For a cluster's own network that is a fair trade; a
-//! deployment that disagrees can put its daemons behind a TLS proxy that has it.
+//! Chosen over `ring` for what ring's provider lacks: post-quantum key exchange (X25519 with
+//! ML-KEM, which aws-lc-rs offers first), without which traffic recorded today could be read
+//! by a future quantum computer; rustls deprecates its ring provider for that. The price is
+//! a longer build, for the C library aws-lc-rs compiles (docs/architecture.md, Security).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,9 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::ConfigError;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    // Deprecated for the reason the module's comment gives.
-    #[allow(deprecated)]
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
@@ -89,10 +85,10 @@ pub fn untrusting_client() -> rustls::ClientConfig {
         Ok(builder) => builder
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth(),
-        // The ring provider supports the safe defaults; this cannot happen.
+        // The provider supports the safe defaults; this cannot happen.
         Err(_) => rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3 with ring")
+            .expect("the provider has TLS 1.3")
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth(),
     }
@@ -103,4 +99,17 @@ fn client_builder()
     rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|error| ConfigError(format!("TLS: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The reason for the provider: daemons offer the post-quantum hybrid first.
+    #[test]
+    fn post_quantum_key_exchange_comes_first() {
+        let groups = &super::provider().kx_groups;
+        assert_eq!(
+            groups.first().map(|group| group.name()),
+            Some(rustls::NamedGroup::X25519MLKEM768)
+        );
+    }
 }
