@@ -19,24 +19,36 @@
 //!
 //! Progress goes to stderr once a second; the summary to stdout (`--json` adds one
 //! machine-readable line starting with `{`).
+//!
+//! Against daemons started with the security flags: `--auth-user USER --auth-password-file
+//! FILE` sends `Authorization: Basic …` on every request (where Python's `xmlrpc.client` puts
+//! it for `http://user:password@host`), and `--tls-ca FILE` speaks HTTPS (rustls over aws-lc-rs, as
+//! the daemons), verifying the server's certificate against the CAs of FILE for the host of
+//! `--target` (an IP address there must be one of the certificate's IP SANs). Without these
+//! flags a request costs exactly what it did before they existed.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, USER_AGENT};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, USER_AGENT};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use dynamite::rpc::codec;
 
@@ -100,6 +112,17 @@ struct Args {
     /// Print the body of this operation for key number 123 (raw, to stdout) and exit.
     #[arg(long, value_enum)]
     print_body: Option<Op>,
+    /// Speak HTTPS, trusting only the CA certificates (PEM) of FILE; the server's certificate
+    /// must name the host of --target.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Send HTTP Basic credentials on every request: this user ...
+    #[arg(long, value_name = "USER", requires = "auth_password_file")]
+    auth_user: Option<String>,
+    /// ... and the first non-empty line of FILE (blanks around it cut, as the daemons read
+    /// it) as the password.
+    #[arg(long, value_name = "FILE", requires = "auth_user")]
+    auth_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -125,6 +148,13 @@ fn main() -> ExitCode {
         let _ = std::io::stdout().write_all(&body);
         return ExitCode::SUCCESS;
     }
+    let security = match Security::from_args(&args) {
+        Ok(security) => Arc::new(security),
+        Err(error) => {
+            eprintln!("loadgen: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
@@ -136,10 +166,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(args, bodies))
+    runtime.block_on(run(args, bodies, security))
 }
 
-async fn run(args: Args, bodies: Bodies) -> ExitCode {
+async fn run(args: Args, bodies: Bodies, security: Arc<Security>) -> ExitCode {
     let addr = match tokio::net::lookup_host(&args.target)
         .await
         .map(|mut a| a.next())
@@ -154,8 +184,9 @@ async fn run(args: Args, bodies: Bodies) -> ExitCode {
     let bodies = Arc::new(bodies);
 
     let mut conns = Vec::with_capacity(args.connections);
+    let connecting = Instant::now();
     for _ in 0..args.connections {
-        match Conn::connect(addr, &args.target).await {
+        match Conn::connect(addr, &args.target, security.clone()).await {
             Ok(conn) => conns.push(conn),
             Err(error) => {
                 eprintln!("loadgen: cannot connect to {}: {error}", args.target);
@@ -163,6 +194,18 @@ async fn run(args: Args, bodies: Bodies) -> ExitCode {
             }
         }
     }
+    let connect_time = connecting.elapsed();
+    eprintln!(
+        "connect: {} connections{} in {:.1} ms, one at a time ({:.3} ms each)",
+        args.connections,
+        if security.tls.is_some() {
+            " (TLS handshakes)"
+        } else {
+            ""
+        },
+        connect_time.as_secs_f64() * 1e3,
+        connect_time.as_secs_f64() * 1e3 / args.connections as f64
+    );
     let progress = tokio::spawn(report_progress(shared.clone()));
 
     if args.preload {
@@ -195,6 +238,7 @@ async fn run(args: Args, bodies: Bodies) -> ExitCode {
     let mut summary = Summary::default();
     let mut run = RunTotals {
         preload_errors,
+        connect_time,
         ..RunTotals::default()
     };
     if budget != Budget::Requests(0) {
@@ -256,6 +300,90 @@ async fn run(args: Args, bodies: Bodies) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Security: HTTPS and HTTP Basic
+
+/// What every connection and request carries besides the call; both `None` without the flags.
+struct Security {
+    tls: Option<Tls>,
+    /// The `Authorization` header's value, built once.
+    authorization: Option<HeaderValue>,
+}
+
+struct Tls {
+    connector: TlsConnector,
+    /// The name the server's certificate must hold: the host of `--target`.
+    server_name: ServerName<'static>,
+}
+
+impl Security {
+    fn from_args(args: &Args) -> Result<Self, String> {
+        let tls = match &args.tls_ca {
+            Some(ca) => Some(Tls {
+                connector: TlsConnector::from(Arc::new(tls_client_config(ca)?)),
+                server_name: server_name(&args.target)?,
+            }),
+            None => None,
+        };
+        let authorization = match (&args.auth_user, &args.auth_password_file) {
+            (Some(user), Some(file)) => Some(basic_authorization(user, file)?),
+            _ => None,
+        };
+        Ok(Security { tls, authorization })
+    }
+}
+
+/// A client that trusts the CA certificates of `ca` and nothing else, over aws-lc-rs, with the
+/// daemons' protocol versions and ALPN.
+fn tls_client_config(ca: &Path) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certificates = CertificateDer::pem_file_iter(ca)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read certificates from {}: {e}", ca.display()))?;
+    if certificates.is_empty() {
+        return Err(format!("{} holds no PEM certificate", ca.display()));
+    }
+    for certificate in certificates {
+        roots
+            .add(certificate)
+            .map_err(|e| format!("{} holds an unusable CA certificate: {e}", ca.display()))?;
+    }
+    // aws-lc-rs, as the daemons use (post-quantum key exchange first).
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The host part of `HOST:PORT` (`[v6]:PORT` too), as a name or an IP address.
+fn server_name(target: &str) -> Result<ServerName<'static>, String> {
+    let host = target.rsplit_once(':').map_or(target, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_owned()).map_err(|e| {
+        format!("--target's host {host:?} cannot be checked against a certificate: {e}")
+    })
+}
+
+/// `Basic base64(user:password)`, the password being the first non-empty line of `file`.
+fn basic_authorization(user: &str, file: &Path) -> Result<HeaderValue, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read the password file {}: {e}", file.display()))?;
+    let password = text
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .ok_or_else(|| format!("the password file {} is empty", file.display()))?;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+        .map_err(|e| format!("--auth-user cannot go in a header: {e}"))?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -330,6 +458,9 @@ fn python_call(method: &str, params: &[&str]) -> Bytes {
 struct Conn {
     addr: SocketAddr,
     host: HeaderValue,
+    /// `Authorization`'s value, with --auth-user.
+    authorization: Option<HeaderValue>,
+    security: Arc<Security>,
     /// `None` after the connection broke; the next request reconnects.
     sender: Option<SendRequest<Full<Bytes>>>,
 }
@@ -341,10 +472,16 @@ enum Reply {
 }
 
 impl Conn {
-    async fn connect(addr: SocketAddr, host: &str) -> Result<Self, String> {
+    async fn connect(
+        addr: SocketAddr,
+        host: &str,
+        security: Arc<Security>,
+    ) -> Result<Self, String> {
         let mut conn = Conn {
             addr,
             host: HeaderValue::from_str(host).map_err(|e| e.to_string())?,
+            authorization: security.authorization.clone(),
+            security,
             sender: None,
         };
         conn.reconnect().await?;
@@ -357,14 +494,35 @@ impl Conn {
             .map_err(|e| format!("connect: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         // Title-Case header names on the wire, as Python's http.client writes them.
-        let (sender, connection) = http1::Builder::new()
-            .title_case_headers(true)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let mut http = http1::Builder::new();
+        http.title_case_headers(true);
+        let sender = match &self.security.tls {
+            None => {
+                let (sender, connection) = http
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| format!("handshake: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                sender
+            }
+            Some(tls) => {
+                let stream = tls
+                    .connector
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                let (sender, connection) = http
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| format!("handshake: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                sender
+            }
+        };
         self.sender = Some(sender);
         Ok(())
     }
@@ -380,11 +538,16 @@ impl Conn {
             self.sender = None;
             return Err(format!("connection: {error}"));
         }
-        // The headers Python's http.client and xmlrpc.client send, in their order.
-        let request = Request::builder()
+        // The headers Python's http.client and xmlrpc.client send, in their order
+        // (`Authorization` from `http://user:password@host`, right after `Host`).
+        let mut request = Request::builder()
             .method(Method::POST)
             .uri(RPC_PATH)
-            .header(HOST, self.host.clone())
+            .header(HOST, self.host.clone());
+        if let Some(authorization) = &self.authorization {
+            request = request.header(AUTHORIZATION, authorization.clone());
+        }
+        let request = request
             .header("Accept-Encoding", "gzip")
             .header(CONTENT_TYPE, "text/xml")
             .header(USER_AGENT, PYTHON_USER_AGENT)
@@ -723,6 +886,8 @@ struct RunTotals {
     answered: u64,
     /// CPU time the load generator itself used while warming up and measuring.
     cpu_secs: Option<f64>,
+    /// Opening every connection, one after the other (with TLS, its handshake included).
+    connect_time: Duration,
 }
 
 impl RunTotals {
@@ -837,7 +1002,7 @@ fn json_line(args: &Args, s: &Summary, run: &RunTotals) -> String {
     let mut line = String::new();
     let _ = write!(
         line,
-        "{{\"label\":\"{}\",\"target\":\"{}\",\"connections\":{},\"keys\":{},\"value_bytes\":{},\"get_ratio\":{},\"elapsed_s\":{:.3},\"requests\":{},\"errors\":{errors},\"throughput\":{:.1},\"answered_with_warmup\":{},\"loadgen_cpu_us_per_req\":{},\"put\":{},\"get\":{},\"all\":{}}}",
+        "{{\"label\":\"{}\",\"target\":\"{}\",\"connections\":{},\"keys\":{},\"value_bytes\":{},\"get_ratio\":{},\"elapsed_s\":{:.3},\"requests\":{},\"errors\":{errors},\"throughput\":{:.1},\"answered_with_warmup\":{},\"loadgen_cpu_us_per_req\":{},\"connect_ms\":{:.3},\"tls\":{},\"put\":{},\"get\":{},\"all\":{}}}",
         args.label.replace(['"', '\\'], "_"),
         args.target,
         args.connections,
@@ -850,6 +1015,8 @@ fn json_line(args: &Args, s: &Summary, run: &RunTotals) -> String {
         run.answered,
         run.cpu_us_per_request()
             .map_or_else(|| "null".to_owned(), |us| format!("{us:.1}")),
+        run.connect_time.as_secs_f64() * 1e3,
+        args.tls_ca.is_some(),
         op_json(&s.put.latency, s.put.errors, s.put.nils),
         op_json(&s.get.latency, s.get.errors, s.get.nils),
         op_json(&all, s.put.errors + s.get.errors, s.put.nils + s.get.nils),
@@ -867,5 +1034,29 @@ mod tests {
             &python_call("get", &["key-000123"])[..],
             b"<?xml version='1.0'?>\n<methodCall>\n<methodName>get</methodName>\n<params>\n<param>\n<value><string>key-000123</string></value>\n</param>\n</params>\n</methodCall>\n"
         );
+    }
+
+    #[test]
+    fn basic_authorization_is_what_the_daemons_check() {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), "\n  s3cret:x  \nsecond\n").expect("written");
+        let value = basic_authorization("bench", file.path()).expect("read");
+        assert_eq!(
+            value.as_bytes(),
+            dynamite::security::access::basic_value("bench", b"s3cret:x").as_bytes()
+        );
+        assert!(value.is_sensitive());
+    }
+
+    #[test]
+    fn server_names_come_from_the_target_host() {
+        for (target, ip) in [
+            ("127.0.0.1:30000", true),
+            ("[::1]:30000", true),
+            ("db.local:1", false),
+        ] {
+            let name = server_name(target).expect("valid");
+            assert_eq!(matches!(name, ServerName::IpAddress(_)), ip, "{target}");
+        }
     }
 }

@@ -66,7 +66,7 @@ pub struct AdminArgs {
     )]
     pub server: String,
     /// Print the server's answer as one JSON document (struct → object, array → array, nil →
-    /// null, base64 and dateTime → string) instead of tables.
+    /// null, base64 and dateTime → string) instead of tables [default: off: tables].
     #[arg(long, global = true)]
     pub json: bool,
     /// How long to wait for each answer, in milliseconds.
@@ -79,13 +79,15 @@ pub struct AdminArgs {
     )]
     pub timeout_ms: u64,
     /// The cluster's secret file, as the daemons have it: `cluster.*` needs it when the
-    /// cluster has one.
+    /// cluster has one [default: none: calls carry no secret].
     #[arg(long, value_name = "FILE", global = true)]
     pub cluster_secret_file: Option<std::path::PathBuf>,
-    /// The CA certificates (PEM) to trust: the server is then called over HTTPS.
+    /// The CA certificates (PEM) to trust: the server is then called over HTTPS [default:
+    /// plain HTTP].
     #[arg(long, value_name = "FILE", global = true)]
     pub tls_ca: Option<std::path::PathBuf>,
-    /// A client user, for a cluster with passwords and no cluster secret.
+    /// A client user, for a cluster with passwords and no cluster secret [default: none: no
+    /// credentials sent].
     #[arg(
         long,
         value_name = "USER",
@@ -93,7 +95,8 @@ pub struct AdminArgs {
         global = true
     )]
     pub auth_user: Option<String>,
-    /// The file holding the password of --auth-user.
+    /// The file holding the password of --auth-user (its first line) [default: none; required
+    /// with --auth-user].
     #[arg(long, value_name = "FILE", requires = "auth_user", global = true)]
     pub auth_password_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
@@ -161,10 +164,11 @@ pub enum LayoutCommand {
         #[arg(value_name = "ADDRESS", value_parser = parse_address)]
         address: String,
         /// The node's zone (a rack, a room, a data centre): replicas of a key go to distinct
-        /// zones where there are enough.
+        /// zones where there are enough [default: the node's own --zone, or "" when --weight
+        /// is given].
         #[arg(long, value_name = "Z")]
         zone: Option<String>,
-        /// The node's weight: its share of partitions grows with it.
+        /// The node's weight: its share of partitions grows with it [default: 1].
         #[arg(long, value_name = "W", value_parser = clap::value_parser!(i32).range(0..))]
         weight: Option<i32>,
     },

@@ -11,6 +11,7 @@ use crate::config::{
 };
 use crate::security::{Security, SecurityFiles};
 use crate::storage::{Recovery, StorageConfig};
+use crate::telemetry::LogFormat;
 
 /// The security flags both daemons take (docs/protocol.md, Security). Secrets are read from
 /// files, never given on the command line, where `ps` and shell history would show them.
@@ -22,7 +23,8 @@ pub struct SecurityArgs {
     #[arg(long, value_name = "USER", requires = "auth_password_file")]
     pub auth_user: Option<String>,
     /// File holding the client password, one per line: any line is accepted, so a password
-    /// can be replaced without refusing clients that still send the old one.
+    /// can be replaced without refusing clients that still send the old one [default: none;
+    /// required with --auth-user].
     #[arg(long, value_name = "FILE", requires = "auth_user")]
     pub auth_password_file: Option<PathBuf>,
     /// File holding the cluster secret (at least 16 characters, e.g. `openssl rand -hex 32`):
@@ -35,7 +37,7 @@ pub struct SecurityArgs {
     /// Serve HTTPS with this PEM certificate (then any intermediates) [default: plain HTTP].
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
-    /// The PEM private key of --tls-cert.
+    /// The PEM private key of --tls-cert [default: none; required with --tls-cert].
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// PEM certificates of the CAs this daemon trusts when it calls other daemons, which
@@ -45,8 +47,8 @@ pub struct SecurityArgs {
 }
 
 impl SecurityArgs {
-    /// Reads the files; prints, once, each warning at start (secrets others can read, a
-    /// daemon anyone who reaches can write to).
+    /// Reads the files; logs, once, each warning at start (secrets others can read, a daemon
+    /// anyone who reaches can write to).
     pub fn into_security(
         self,
         daemon: &str,
@@ -67,7 +69,7 @@ impl SecurityArgs {
             &security.credentials,
         ));
         for warning in warnings {
-            eprintln!("warning: {warning}");
+            tracing::warn!("{warning}");
         }
         Ok(security)
     }
@@ -80,16 +82,18 @@ pub struct NodeArgs {
     /// Port to listen on.
     #[arg(short = 'p', long = "port", default_value_t = 25000)]
     pub port: u16,
-    /// Another storage node of the cluster, HOST:PORT (repeatable); used for node-to-node work.
+    /// Another member of the cluster, HOST:PORT (repeatable): a seed from which this node
+    /// learns the cluster's layout, and a peer for anti-entropy [default: none: the node waits
+    /// for a balancer or an operator to give it the layout].
     #[arg(short = 's', long = "server", value_name = "HOST:PORT")]
     pub servers: Vec<String>,
     /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0")]
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0")]
     pub bind: IpAddr,
     /// Where to keep data [default: dynamite-data/node-PORT].
     #[arg(long, value_name = "DIR", conflicts_with = "in_memory")]
     pub data_dir: Option<PathBuf>,
-    /// Keep nothing on disk.
+    /// Keep nothing on disk [default: off].
     #[arg(long)]
     pub in_memory: bool,
     /// Storage engine for --data-dir: `log` (an append-only log with an in-memory index of
@@ -99,32 +103,38 @@ pub struct NodeArgs {
     pub engine: Option<EngineChoice>,
     /// Start even though stored records are damaged (log engine): skip the damaged records
     /// (logged, counted in stats() and /metrics as salvaged_records), keep every other, and
-    /// let anti-entropy and read repair refill what they held from peers. Without it a node
-    /// refuses to start over damage, naming the file and the offset.
+    /// let anti-entropy and read repair refill what they held from peers [default: off: a node
+    /// refuses to start over damage, naming the file and the offset].
     #[arg(long, conflicts_with = "in_memory")]
     pub salvage: bool,
-    /// Do not print a line per request.
+    /// Do not log a line per request (an info event with the method and the key) [default:
+    /// off: a line per request].
     #[arg(long)]
     pub quiet: bool,
-    /// Largest HTTP body accepted; larger ones get HTTP 413.
-    #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    /// Log format: `text` (a line per event) or `json` (a JSON object per line); RUST_LOG
+    /// (e.g. `warn`) sets the level in either.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Largest HTTP body accepted, in bytes; larger ones get HTTP 413.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
     /// This node's HOST:PORT as balancers and peers name it [default: 127.0.0.1:PORT, or
     /// --bind's address:PORT when that is a specific address].
     #[arg(long, value_name = "HOST:PORT")]
     pub advertise: Option<String>,
-    /// Ignored: keys are placed by 256 partitions (accepted so that command lines written for
-    /// the ring of virtual nodes still start).
+    /// Ignored, with a warning: keys are placed by 256 partitions (accepted so that command
+    /// lines written for the ring of virtual nodes still start) [default: none].
     #[arg(long, value_name = "V")]
     pub vnodes: Option<usize>,
-    /// Replicas per key; must match the balancers' [default: 3, or the number of nodes if fewer].
-    #[arg(short = 'N', long = "replicas")]
+    /// Replicas per key, for a layout version 1 this node builds; a cluster's later versions
+    /// keep its N [default: 3; the layout holds fewer while there are fewer nodes].
+    #[arg(short = 'N', long = "replicas", value_name = "N")]
     pub replicas: Option<usize>,
-    /// Time between anti-entropy rounds with the -s peers.
-    #[arg(long, default_value_t = 5000)]
+    /// Time between anti-entropy rounds with the -s peers, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
     pub aae_interval_ms: u64,
     /// Most keys one anti-entropy exchange with a peer repairs.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, value_name = "K", default_value_t = 20_000)]
     pub aae_max_keys: usize,
     /// The failure domain this node is in (rack, room, data centre): where there are at
     /// least N zones, a partition's replicas are in N distinct zones.
@@ -132,17 +142,17 @@ pub struct NodeArgs {
     pub zone: String,
     /// Memory for the cache of recently read and written keys, in MiB (0: no cache; ignored
     /// with --in-memory).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_name = "MB", default_value_t = 32)]
     pub cache_mb: u64,
     #[command(flatten)]
     pub security: SecurityArgs,
 }
 
-/// Says once, on stderr, that `--vnodes` no longer does anything.
+/// Says once, in the log, that `--vnodes` no longer does anything.
 fn warn_vnodes(vnodes: Option<usize>) {
     if vnodes.is_some() {
-        eprintln!(
-            "warning: --vnodes is ignored: keys are placed by {} partitions (see docs/architecture.md, Layout)",
+        tracing::warn!(
+            "--vnodes is ignored: keys are placed by {} partitions (see docs/architecture.md, Layout)",
             crate::layout::PARTITIONS
         );
     }
@@ -245,11 +255,13 @@ pub enum EngineChoice {
     Log,
 }
 
-/// A Dynamite load balancer: places keys on a ring of storage nodes and coordinates quorums.
+/// A Dynamite load balancer: sends each key to its storage nodes (the layout's replicas of its
+/// partition) and answers once a quorum of them replied.
 #[derive(Debug, Parser)]
 #[command(name = "load_balancer", version)]
 pub struct BalancerArgs {
-    /// A storage node, HOST:PORT (repeatable, at least one).
+    /// A storage node, HOST:PORT (repeatable, at least one): a seed from which the balancer
+    /// learns the cluster's layout and follows every change [required].
     #[arg(
         short = 's',
         long = "server",
@@ -260,31 +272,38 @@ pub struct BalancerArgs {
     /// Port to listen on.
     #[arg(short = 'p', long = "port", default_value_t = 30000)]
     pub port: u16,
-    /// Replicas per key [default: 3, or the number of servers if fewer].
-    #[arg(short = 'N', long = "replicas")]
+    /// Replicas per key, for a layout version 1 this balancer builds when no node has a layout
+    /// yet [default: 3, or the number of servers if fewer].
+    #[arg(short = 'N', long = "replicas", value_name = "N")]
     pub replicas: Option<usize>,
-    /// Replies a get waits for [default: majority of N].
-    #[arg(short = 'R', long = "read-quorum")]
+    /// Replies a get waits for, at most the layout's N [default: majority of the layout's N].
+    #[arg(short = 'R', long = "read-quorum", value_name = "R")]
     pub read_quorum: Option<usize>,
-    /// Acknowledgements a put waits for [default: majority of N].
-    #[arg(short = 'W', long = "write-quorum")]
+    /// Acknowledgements a put waits for, at most the layout's N [default: majority of the
+    /// layout's N].
+    #[arg(short = 'W', long = "write-quorum", value_name = "W")]
     pub write_quorum: Option<usize>,
     /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0")]
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0")]
     pub bind: IpAddr,
-    /// How long one replica may take before it counts as failed.
-    #[arg(long, default_value_t = 1000)]
+    /// How long one replica may take before it counts as failed, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub timeout_ms: u64,
-    /// Ignored: keys are placed by 256 partitions (accepted so that command lines written for
-    /// the ring of virtual nodes still start).
+    /// Ignored, with a warning: keys are placed by 256 partitions (accepted so that command
+    /// lines written for the ring of virtual nodes still start) [default: none].
     #[arg(long, value_name = "V")]
     pub vnodes: Option<usize>,
-    /// Largest HTTP body accepted; larger ones get HTTP 413.
-    #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    /// Largest HTTP body accepted, in bytes; larger ones get HTTP 413.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
-    /// How long a deleted key's tombstones are kept once every replica has them.
-    #[arg(long, default_value_t = 10_000)]
+    /// How long a deleted key's tombstones are kept once every replica has them, in
+    /// milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub tombstone_grace_ms: u64,
+    /// Log format: `text` (a line per event) or `json` (a JSON object per line); RUST_LOG
+    /// (e.g. `warn`) sets the level in either.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(flatten)]
     pub security: SecurityArgs,
 }
@@ -387,6 +406,26 @@ mod tests {
             "{refused:?}"
         );
         assert!(NodeArgs::try_parse_from(["storage_node", "--in-memory", "--salvage"]).is_err());
+    }
+
+    #[test]
+    fn log_format_is_text_unless_told_json_on_both_daemons() {
+        let node = |extra: &[&str]| {
+            let mut args = vec!["storage_node"];
+            args.extend_from_slice(extra);
+            NodeArgs::try_parse_from(args).map(|args| args.log_format)
+        };
+        let balancer = |extra: &[&str]| {
+            let mut args = vec!["load_balancer", "-s", "127.0.0.1:20050"];
+            args.extend_from_slice(extra);
+            BalancerArgs::try_parse_from(args).map(|args| args.log_format)
+        };
+        assert_eq!(node(&[]).expect("parses"), LogFormat::Text);
+        assert_eq!(balancer(&[]).expect("parses"), LogFormat::Text);
+        let json = ["--log-format", "json"];
+        assert_eq!(node(&json).expect("parses"), LogFormat::Json);
+        assert_eq!(balancer(&json).expect("parses"), LogFormat::Json);
+        assert!(node(&["--log-format", "xml"]).is_err());
     }
 
     #[test]

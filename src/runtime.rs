@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::telemetry::LogFormat;
+
 /// How long work still running once the daemon's `run` returned may go on before the process
 /// exits without it.
 ///
@@ -21,8 +23,13 @@ pub const LEFTOVER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Builds the runtime, listens for SIGTERM and SIGINT ([`crate::shutdown`]), binds `listen`,
 /// and runs `serve` on the listener; then gives what is left [`LEFTOVER_TIMEOUT`]. Failures to
-/// start are reported as one line on stderr and exit status 1.
-pub fn block_on<F, Fut>(daemon: &str, listen: SocketAddr, serve: F) -> ExitCode
+/// start are reported as one line on stderr ([`fatal`]) and exit status 1.
+pub fn block_on<F, Fut>(
+    daemon: &str,
+    log_format: LogFormat,
+    listen: SocketAddr,
+    serve: F,
+) -> ExitCode
 where
     F: FnOnce(TcpListener) -> Fut,
     Fut: Future<Output = crate::error::Result<()>>,
@@ -34,7 +41,11 @@ where
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("{daemon}: cannot start the runtime: {error}");
+            fatal(
+                daemon,
+                log_format,
+                format_args!("cannot start the runtime: {error}"),
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -43,20 +54,35 @@ where
         let listener = match TcpListener::bind(listen).await {
             Ok(listener) => listener,
             Err(error) => {
-                eprintln!("{daemon}: cannot listen on {listen}: {error}");
+                fatal(
+                    daemon,
+                    log_format,
+                    format_args!("cannot listen on {listen}: {error}"),
+                );
                 return ExitCode::FAILURE;
             }
         };
         match serve(listener).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("{daemon}: {error}");
+                fatal(daemon, log_format, &error);
                 ExitCode::FAILURE
             }
         }
     });
     runtime.shutdown_timeout(LEFTOVER_TIMEOUT);
     code
+}
+
+/// Says, in one line on stderr, why the daemon will not start or stopped on an error: with
+/// text logs a plain `DAEMON: REASON` (as scripts and the tests look for it), with JSON logs an
+/// error event, so that every line a daemon writes there is JSON (only clap's usage errors,
+/// which come before the format is known, are not).
+pub fn fatal(daemon: &str, log_format: LogFormat, reason: impl std::fmt::Display) {
+    match log_format {
+        LogFormat::Text => eprintln!("{daemon}: {reason}"),
+        LogFormat::Json => tracing::error!(daemon, "{reason}"),
+    }
 }
 
 /// Asks Linux for no transparent huge pages in this process.

@@ -605,15 +605,16 @@ fn a_signal_while_starting_exits_0_at_once() {
         "--bind".to_owned(),
         "127.0.0.1".to_owned(),
     ]);
+    // The log goes to stderr.
     let log = dir.path().join("balancer.log");
     let mut balancer = Reaped(
         Command::new(LOAD_BALANCER)
             .args(&args)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).expect("log file"))
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("balancer.err")).expect("log file"),
+            .stdout(Stdio::from(
+                std::fs::File::create(dir.path().join("balancer.out")).expect("log file"),
             ))
+            .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn load_balancer"),
     );

@@ -12,7 +12,9 @@
 //!
 //! A machine ignores replies it is not waiting for (late, duplicated or from a target it
 //! never asked), answers the client exactly once, and keeps listening after the answer: a
-//! write's copies still count nothing, but a read's stragglers decide the repair.
+//! write's copies still count nothing, but a read's stragglers decide the repair. A write
+//! asked for a receipt answers which replicas had acknowledged it when the answer went out
+//! ([`Receipt`]); a request's own W or R is in the tallies of the [`Plan`] it is started with.
 
 use std::sync::Arc;
 
@@ -22,7 +24,7 @@ use crate::rpc::client::CallError;
 use crate::rpc::messages::{
     CoordinateRequest, MergeRequest, Op, OpReply, ReadRequest, ReapRequest,
 };
-use crate::version::{Siblings, VClock};
+use crate::version::{MAX_CLOCK_ENTRIES, Siblings, VClock};
 
 use super::targets::{Plan, Target};
 
@@ -227,6 +229,53 @@ pub struct WriteRequest {
     pub context: Option<VClock>,
     /// When the request entered the cluster (see [`crate::version`]).
     pub entered_us: u64,
+    /// The client asked for a [`Receipt`].
+    pub receipt: bool,
+}
+
+/// What a write asked for a receipt answers: which replicas acknowledged it by the time the
+/// answer went out, and the context to write after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The context of the version the write made ([`written_context`]).
+    pub context: VClock,
+    /// The replicas that acknowledged, in the order they did (the coordinator first).
+    pub replicas: Vec<Acknowledgement>,
+}
+
+/// One replica that acknowledged a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acknowledgement {
+    pub address: String,
+    /// It holds the write as a hint for a preferred replica that is down (sloppy quorum).
+    pub fallback: bool,
+}
+
+/// The context of the version a write made, found in its coordinator's sibling set: the
+/// clock of the versions stamped with the write's entry time and holding its value (the one
+/// it made; two balancers may hand out one entry time, and then equal values make the choice
+/// moot, so each such version counts). A write with it supersedes this write and what this
+/// write superseded, and nothing else: a sibling left beside the write stays, since its
+/// writer has not seen it. Where the write left no sibling (the usual case), it is the context
+/// `get_versions` gives. A set without the write (a reaped delete that entered after it
+/// dropped it) gives the set's own context, again what `get_versions` would.
+pub fn written_context(siblings: &Siblings, request: &WriteRequest) -> VClock {
+    let mut clock = VClock::new();
+    let mut found = false;
+    for version in siblings
+        .versions()
+        .iter()
+        .filter(|v| v.timestamp_us == request.entered_us && v.value == request.value)
+    {
+        clock.merge(&version.past);
+        clock.witness(version.dot, version.timestamp_us);
+        found = true;
+    }
+    if !found {
+        return siblings.context();
+    }
+    clock.prune(MAX_CLOCK_ENTRIES);
+    clock
 }
 
 /// A put or delete: one replica coordinates (stamps and stores the write), then its sibling
@@ -239,6 +288,10 @@ pub struct WriteRequest {
 /// counting, and gets the write as a copy like the rest. A refusal of the write itself
 /// (-32602: too many siblings, too many bytes) is the client's to fix, and every replica
 /// would refuse it too: it is the answer.
+///
+/// A write asked for a receipt answers one ([`Receipt`]): the replicas whose success counted
+/// before the answer, each marked as a fallback or not, and the context of the version it
+/// made; otherwise it answers `None`.
 #[derive(Debug)]
 pub struct Write {
     servers: Servers,
@@ -252,6 +305,11 @@ pub struct Write {
     waiting: Vec<Target>,
     count: Count,
     answered: bool,
+    /// The replicas that stored the write, in the order they said so.
+    acknowledged: Vec<Target>,
+    /// The context of the version the write made, once a replica coordinated it (kept only
+    /// for a receipt).
+    written: Option<VClock>,
 }
 
 impl Write {
@@ -262,7 +320,7 @@ impl Write {
         request: WriteRequest,
         plan: Plan,
         switched: bool,
-    ) -> (Self, Vec<Action<()>>) {
+    ) -> (Self, Vec<Action<Option<Receipt>>>) {
         let count = Count::new(QuorumKind::Write, &plan);
         let mut write = Write {
             servers,
@@ -273,6 +331,8 @@ impl Write {
             waiting: Vec::new(),
             count,
             answered: false,
+            acknowledged: Vec::new(),
+            written: None,
         };
         let mut actions = Vec::new();
         if switched {
@@ -294,7 +354,7 @@ impl Write {
     }
 
     /// Asks the next candidate to coordinate, or gives up when none is left.
-    fn ask_next(&mut self) -> Vec<Action<()>> {
+    fn ask_next(&mut self) -> Vec<Action<Option<Receipt>>> {
         match self.candidates.pop_front() {
             Some(target) => {
                 self.asking = Some(target);
@@ -311,26 +371,56 @@ impl Write {
         }
     }
 
-    fn answer(&mut self, result: Result<()>) -> Vec<Action<()>> {
+    fn answer(&mut self, result: Result<()>) -> Vec<Action<Option<Receipt>>> {
         if std::mem::replace(&mut self.answered, true) {
             return Vec::new();
         }
         match result {
-            Ok(()) => vec![Action::Answer(Ok(()))],
+            Ok(()) => vec![Action::Answer(Ok(self.receipt()))],
             Err(error) => vec![Action::Answer(Err(error))],
         }
     }
 
-    fn answer_failure(&mut self) -> Vec<Action<()>> {
+    /// The receipt, if the client asked for one: what has been acknowledged so far.
+    fn receipt(&self) -> Option<Receipt> {
+        if !self.request.receipt {
+            return None;
+        }
+        let replicas = self
+            .acknowledged
+            .iter()
+            .map(|target| Acknowledgement {
+                address: self.servers.address(target.server).to_owned(),
+                fallback: target.is_fallback(),
+            })
+            .collect();
+        Some(Receipt {
+            context: self.written.clone().unwrap_or_default(),
+            replicas,
+        })
+    }
+
+    /// Counts `target`'s success: it stored the write.
+    fn stored(&mut self, target: Target) -> Outcome {
+        if !self.acknowledged.contains(&target) {
+            self.acknowledged.push(target);
+        }
+        self.count.success(target)
+    }
+
+    fn answer_failure(&mut self) -> Vec<Action<Option<Receipt>>> {
         if std::mem::replace(&mut self.answered, true) {
             return Vec::new();
         }
         self.count.failed()
     }
 
-    fn on_coordinated(&mut self, siblings: Siblings) -> Vec<Action<()>> {
+    fn on_coordinated(&mut self, siblings: Siblings) -> Vec<Action<Option<Receipt>>> {
+        if self.request.receipt {
+            self.written = Some(written_context(&siblings, &self.request));
+        }
         let outcome = match self.asking.take() {
-            Some(target) => self.count.success(target),
+            Some(target) => self.stored(target),
             None => self.count.outcome(),
         };
         let copies: Vec<Target> = self
@@ -338,7 +428,7 @@ impl Write {
             .drain(..)
             .chain(self.candidates.drain(..))
             .collect();
-        let mut actions: Vec<Action<()>> = copies
+        let mut actions: Vec<Action<Option<Receipt>>> = copies
             .iter()
             .map(|&target| {
                 Action::Send(
@@ -363,14 +453,14 @@ impl Write {
 }
 
 impl Machine for Write {
-    type Output = ();
+    type Output = Option<Receipt>;
 
     fn on_reply(
         &mut self,
         target: Target,
         reply: std::result::Result<OpReply, CallError>,
         _now_us: u64,
-    ) -> Vec<Action<()>> {
+    ) -> Vec<Action<Option<Receipt>>> {
         if self.asking == Some(target) {
             return match reply {
                 Err(CallError::Fault {
@@ -409,7 +499,7 @@ impl Machine for Write {
             return Vec::new();
         }
         let outcome = match reply {
-            Ok(_) => self.count.success(target),
+            Ok(_) => self.stored(target),
             Err(error) => self.count.failure(&self.servers, target, &error),
         };
         match outcome {

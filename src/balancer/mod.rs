@@ -24,8 +24,9 @@
 //! this module is their async shell: it plans the targets, sends what a machine asks, feeds
 //! it the replies with the time on the cluster clock, and answers the client. Every replica
 //! call travels in a batch to its node ([`node_queue`]) and is bounded by the replica
-//! timeout; nothing outlives it, on the node either: each operation carries the moment the
-//! balancer stops waiting for it, and a node refuses one that arrives later.
+//! timeout (or the request's own `timeout_ms`: see [`request`] for the per-request options);
+//! nothing outlives it, on the node either: each operation carries the moment the balancer
+//! stops waiting for it, and a node refuses one that arrives later.
 
 pub mod coordinator;
 pub mod explain;
@@ -53,12 +54,12 @@ use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::codec;
 use crate::rpc::messages::{Op, OpReply};
 use crate::rpc::server::{self, Handler, ServerLimits};
-use crate::telemetry::{Counter, Exposition, Figure};
+use crate::telemetry::{Counter, Figure};
 use crate::version::{Siblings, VClock};
-use coordinator::{Action, Event, Machine, Read, Servers, Write, WriteRequest};
+use coordinator::{Action, Event, Machine, Read, Receipt, Servers, Write, WriteRequest};
 use health::Health;
 use node_queue::NodeQueue;
-use request::Request;
+use request::{ReadOptions, Request, WriteOptions, quorum_for};
 use targets::Plan;
 
 /// Extra wait after the grace period before a delete's tombstones are checked, so that the
@@ -95,6 +96,12 @@ struct BalancerMetrics {
     coordinator_switches: Counter,
     read_repairs: Counter,
     reaps: Counter,
+    /// Client requests' time, by method.
+    request_latency: crate::telemetry::HistogramFamily,
+    /// Replica operations' time (queueing, batch and answer), by node.
+    replica_latency: crate::telemetry::HistogramFamily,
+    /// Snapshots of `request_latency` for the status page's charts.
+    requests_sampled: crate::status::Sampler,
 }
 
 /// The coordinator; cheap to clone (shared state behind an `Arc`), so spawned tasks own a copy.
@@ -272,11 +279,14 @@ impl Balancer {
                     queues
                         .entry(address.clone())
                         .or_insert_with(|| {
-                            Arc::new(NodeQueue::new(
-                                address.clone(),
-                                shared.client.clone(),
-                                shared.config.replica_timeout,
-                            ))
+                            Arc::new(
+                                NodeQueue::new(
+                                    address.clone(),
+                                    shared.client.clone(),
+                                    shared.config.replica_timeout,
+                                )
+                                .with_latency(shared.metrics.replica_latency.series(address)),
+                            )
                         })
                         .clone()
                 })
@@ -316,52 +326,65 @@ impl Balancer {
     }
 
     /// The replicas a read of `key` asks: R of the version reads use (see
-    /// [`targets::plan`]), as the failure detector sees the nodes now.
-    fn plan_read(&self, topology: &Topology, key: &str) -> (Plan, usize) {
+    /// [`targets::plan`]), as the failure detector sees the nodes now; `r` is the request's
+    /// own R, if it asked for one (-32602 above the key's N).
+    fn plan_read(&self, topology: &Topology, key: &str, r: Option<usize>) -> Result<(Plan, usize)> {
         let version = topology.routing.read;
         let layout = &topology.routing.layouts[version].1;
-        let (n, r) = self.quorum(layout, self.shared.config.explicit_read);
+        let (n, default) = self.quorum(layout, self.shared.config.explicit_read);
+        let r = quorum_for(r, "r", n, default)?;
         let walk = topology.walk(version, key);
-        (
+        Ok((
             targets::plan(&walk, n, r, |server| topology.health.is_up(server)),
             n,
-        )
+        ))
     }
 
     /// The replicas a write of `key` reaches: W of every live version's (the version reads
-    /// use first, so that one of its replicas coordinates).
-    fn plan_write(&self, topology: &Topology, key: &str) -> Plan {
+    /// use first, so that one of its replicas coordinates); `w` is the request's own W, if
+    /// it asked for one, needed of each version's replicas alike (-32602 above a version's N).
+    fn plan_write(&self, topology: &Topology, key: &str, w: Option<usize>) -> Result<Plan> {
         let read = topology.routing.read;
         let order = std::iter::once(read).chain((0..topology.maps.len()).filter(|&v| v != read));
         let plans = order
             .map(|version| {
                 let layout = &topology.routing.layouts[version].1;
-                let (n, w) = self.quorum(layout, self.shared.config.explicit_write);
+                let (n, default) = self.quorum(layout, self.shared.config.explicit_write);
+                let w = quorum_for(w, "w", n, default)?;
                 let walk = topology.walk(version, key);
-                targets::plan(&walk, n, w, |server| topology.health.is_up(server))
+                Ok(targets::plan(&walk, n, w, |server| {
+                    topology.health.is_up(server)
+                }))
             })
-            .collect();
-        targets::combine(plans)
+            .collect::<Result<_>>()?;
+        Ok(targets::combine(plans))
     }
 
-    /// One operation on one replica, bounded by the replica timeout; records the outcome in
-    /// `health`. Operations travel in batches per node (see [`NodeQueue`]).
+    /// One operation on one replica, bounded by `timeout` (the replica timeout, or the
+    /// request's own `timeout_ms`); records the outcome in `health`. Operations travel in
+    /// batches per node (see [`NodeQueue`]).
     async fn call_replica(
         &self,
         topology: &Topology,
         server: usize,
         op: Op,
+        timeout: Duration,
     ) -> std::result::Result<OpReply, CallError> {
         let shared = &self.shared;
-        let result = topology.nodes[server]
-            .call(op, shared.config.replica_timeout)
-            .await;
+        let result = topology.nodes[server].call(op, timeout).await;
         match &result {
             Ok(_) => topology.health.mark_up(server),
             Err(error) => {
                 shared.metrics.replica_failures.inc();
                 tracing::debug!(server = topology.address(server), %error, "replica call failed");
-                topology.health.record_failure(server, error);
+                // A request's own bound, shorter than the replica timeout, running out says
+                // nothing of the node: a client asking for 1 ms must not mark nodes down for
+                // everyone. (A node that is really hung is still found stuck by its queue.)
+                let own_bound =
+                    matches!(error, CallError::Timeout) && timeout < shared.config.replica_timeout;
+                if !own_bound {
+                    topology.health.record_failure(server, error);
+                }
             }
         }
         result
@@ -373,7 +396,8 @@ impl Balancer {
     /// stays for the rest (a write's copies, a read's stragglers and repairs), so what the
     /// machine decides after the answer happens even if the client has gone. One task drives
     /// all of a request's calls (a task per call cost a spawn and a wake-up each, in the
-    /// profile), and nothing outlives the replica timeout.
+    /// profile), and nothing outlives `timeout`, which bounds each call: the replica timeout,
+    /// or the request's own `timeout_ms`.
     ///
     /// The task ends with what the machine noted, for whoever waits for the whole request.
     fn drive<M: Machine>(
@@ -381,6 +405,7 @@ impl Balancer {
         topology: Arc<Topology>,
         mut machine: M,
         first: Vec<Action<M::Output>>,
+        timeout: Duration,
     ) -> (
         oneshot::Receiver<Result<M::Output>>,
         tokio::task::JoinHandle<Vec<Event>>,
@@ -401,7 +426,9 @@ impl Balancer {
                             let this = this.clone();
                             let topology = topology.clone();
                             pending.push(async move {
-                                let reply = this.call_replica(&topology, target.server, op).await;
+                                let reply = this
+                                    .call_replica(&topology, target.server, op, timeout)
+                                    .await;
                                 (target, reply)
                             });
                         }
@@ -525,16 +552,18 @@ impl Balancer {
     }
 
     /// A put (`value` Some) or delete (`value` None) through a coordinating replica; the
-    /// request entered the cluster at `entered_us` (see [`Self::entry_time_us`]).
+    /// request entered the cluster at `entered_us` (see [`Self::entry_time_us`]). Answers
+    /// the receipt when `options` asked for one.
     pub async fn write(
         &self,
         key: String,
         value: Option<String>,
         context: Option<VClock>,
         entered_us: u64,
-    ) -> Result<()> {
+        options: WriteOptions,
+    ) -> Result<Option<Receipt>> {
         let topology = self.topology()?;
-        let mut plan = self.plan_write(&topology, &key);
+        let mut plan = self.plan_write(&topology, &key, options.w)?;
         let (order, switched) =
             targets::order_for_write(std::mem::take(&mut plan.targets), |server| {
                 topology.nodes[server].is_lagging()
@@ -545,28 +574,33 @@ impl Balancer {
             value,
             context,
             entered_us,
+            receipt: options.receipt,
         };
+        let timeout = options
+            .timeout
+            .unwrap_or(self.shared.config.replica_timeout);
         let (machine, first) = Write::start(topology.servers.clone(), request, plan, switched);
-        Self::answer(self.drive(topology, machine, first).0).await
+        Self::answer(self.drive(topology, machine, first, timeout).0).await
     }
 
     /// Reads the key from R replicas and returns their merged sibling set; read repair (or
     /// reaping) follows in the background once the stragglers answered.
-    pub async fn read(&self, key: String) -> Result<Siblings> {
-        Self::answer(self.start_read(key)?.0).await
+    pub async fn read(&self, key: String, options: ReadOptions) -> Result<Siblings> {
+        Self::answer(self.start_read(key, options)?.0).await
     }
 
     #[allow(clippy::type_complexity)]
     fn start_read(
         &self,
         key: String,
+        options: ReadOptions,
     ) -> Result<(
         oneshot::Receiver<Result<Siblings>>,
         tokio::task::JoinHandle<Vec<Event>>,
     )> {
         let shared = &self.shared;
         let topology = self.topology()?;
-        let (plan, n) = self.plan_read(&topology, &key);
+        let (plan, n) = self.plan_read(&topology, &key, options.r)?;
         // No tombstone is reaped while a transition runs: a replica of another version may
         // not hold it yet, and would bring the deleted value back.
         let grace_us = if topology.routing.in_transition() {
@@ -574,8 +608,9 @@ impl Balancer {
         } else {
             micros(shared.config.tombstone_grace)
         };
+        let timeout = options.timeout.unwrap_or(shared.config.replica_timeout);
         let (machine, first) = Read::start(topology.servers.clone(), key, plan, n, grace_us);
-        Ok(self.drive(topology, machine, first))
+        Ok(self.drive(topology, machine, first, timeout))
     }
 
     /// A delete's tombstones can go once the grace period is over and every replica has
@@ -589,7 +624,8 @@ impl Balancer {
         tokio::spawn(async move {
             for retry in 0..TOMBSTONE_CHECKS {
                 tokio::time::sleep(wait).await;
-                let Ok((answered, finished)) = this.start_read(key.clone()) else {
+                let Ok((answered, finished)) = this.start_read(key.clone(), ReadOptions::default())
+                else {
                     continue;
                 };
                 // A failed read says nothing: try again.
@@ -617,29 +653,38 @@ impl Balancer {
                 key,
                 value,
                 context,
+                options,
             } => {
                 metrics.puts.inc();
                 let entered_us = self.entry_time_us().await?;
-                self.write(key, Some(value), context, entered_us).await?;
-                Ok(codec::string_xml("200"))
+                let receipt = self
+                    .write(key, Some(value), context, entered_us, options)
+                    .await?;
+                written_xml(receipt.as_ref())
             }
-            Request::Delete { key, context } => {
+            Request::Delete {
+                key,
+                context,
+                options,
+            } => {
                 metrics.deletes.inc();
                 let entered_us = self.entry_time_us().await?;
-                self.write(key.clone(), None, context, entered_us).await?;
+                let receipt = self
+                    .write(key.clone(), None, context, entered_us, options)
+                    .await?;
                 self.check_tombstones_later(key);
-                Ok(codec::string_xml("200"))
+                written_xml(receipt.as_ref())
             }
-            Request::Get { key } => {
+            Request::Get { key, options } => {
                 metrics.gets.inc();
-                let siblings = self.read(key).await?;
+                let siblings = self.read(key, options).await?;
                 Ok(siblings
                     .latest_value()
                     .map_or_else(|| codec::NIL_XML.to_owned(), str::to_owned))
             }
-            Request::GetVersions { key } => {
+            Request::GetVersions { key, options } => {
                 metrics.get_versions.inc();
-                let siblings = self.read(key).await?;
+                let siblings = self.read(key, options).await?;
                 Ok(versions_xml(&siblings))
             }
             Request::Stats => codec::value_to_xml(&self.stats()),
@@ -650,7 +695,26 @@ impl Balancer {
 
     /// Everything the balancer counts, each figure declared once (see [`Figure`]):
     /// `stats()` shows them under `counters`.
-    pub(crate) fn figures(&self) -> Vec<Figure> {
+    /// The latency histograms, for `/metrics`: requests by method, replica calls by node.
+    pub fn latency_histograms(&self) -> Vec<crate::telemetry::HistogramMetric> {
+        let m = &self.shared.metrics;
+        vec![
+            crate::telemetry::HistogramMetric {
+                metric: "dynamite_request_duration_seconds",
+                help: "Time to answer a call, by method.",
+                label: "method",
+                series: m.request_latency.snapshot(),
+            },
+            crate::telemetry::HistogramMetric {
+                metric: "dynamite_replica_call_duration_seconds",
+                help: "Time of one replica operation (queued, batched, answered), by node.",
+                label: "node",
+                series: m.replica_latency.snapshot(),
+            },
+        ]
+    }
+
+    pub(crate) fn counter_figures(&self) -> Vec<Figure> {
         let m = &self.shared.metrics;
         let request = |stats, method, counter| {
             Figure::counter(
@@ -754,7 +818,7 @@ impl Balancer {
             })
             .collect();
         let counters = self
-            .figures()
+            .counter_figures()
             .iter()
             .map(|figure| (figure.stats.to_owned(), codec::int_value(figure.value)))
             .collect();
@@ -795,6 +859,10 @@ impl Balancer {
                 ),
                 ("ring".to_string(), Value::String(ring)),
                 ("counters".to_string(), Value::Struct(counters)),
+                (
+                    "latency".to_string(),
+                    crate::telemetry::latency_summary(&shared.metrics.request_latency.snapshot()),
+                ),
                 // Tasks alive in the runtime: returns to its idle level once late replies are
                 // in, which is how a leak of per-request tasks would show.
                 (
@@ -828,10 +896,19 @@ impl Handler for Balancer {
         self.handle(request).await
     }
 
-    fn metrics(&self) -> String {
-        let mut out = Exposition::default();
-        out.figures(&self.figures());
-        out.finish()
+    fn figures(&self) -> Vec<Figure> {
+        self.counter_figures()
+    }
+
+    fn histograms(&self) -> Vec<crate::telemetry::HistogramMetric> {
+        self.latency_histograms()
+    }
+
+    fn observe(&self, method: &'static str, elapsed: Duration) {
+        self.shared
+            .metrics
+            .request_latency
+            .observe(method, elapsed);
     }
 
     fn layout_version(&self) -> u64 {
@@ -841,6 +918,53 @@ impl Handler for Balancer {
     fn heard_layout_version(&self, version: u64) {
         self.shared.membership.heard_version(version);
     }
+
+    const SERVES_STATUS: bool = true;
+
+    fn status_json(&self) -> String {
+        let m = &self.shared.metrics;
+        crate::status::json(
+            &self.shared.membership,
+            &self.report(),
+            &m.requests_sampled,
+            &m.request_latency.snapshot(),
+        )
+    }
+}
+
+/// What a put or delete answers: `"200"`, or with a receipt `{status: "200", context,
+/// replicas: [{address, fallback}]}`.
+fn written_xml(receipt: Option<&Receipt>) -> Result<String> {
+    let Some(receipt) = receipt else {
+        return Ok(codec::string_xml("200"));
+    };
+    let replicas = receipt
+        .replicas
+        .iter()
+        .map(|replica| {
+            Value::Struct(
+                [
+                    (
+                        "address".to_string(),
+                        Value::String(replica.address.clone()),
+                    ),
+                    ("fallback".to_string(), Value::Boolean(replica.fallback)),
+                ]
+                .into(),
+            )
+        })
+        .collect();
+    codec::value_to_xml(&Value::Struct(
+        [
+            ("status".to_string(), Value::String("200".into())),
+            (
+                "context".to_string(),
+                Value::String(receipt.context.to_context()),
+            ),
+            ("replicas".to_string(), Value::Array(replicas)),
+        ]
+        .into(),
+    ))
 }
 
 /// `{values: [...], context: "..."}`, the live siblings latest first.
@@ -885,6 +1009,16 @@ pub async fn run(
     // Entry times are read on the cluster clock: measure it before the first write comes.
     balancer.measure_clocks().await;
     let prober = tokio::spawn(probe_periodically(balancer.clone()));
+    let sampler = {
+        let balancer = balancer.clone();
+        tokio::spawn(async move {
+            let metrics = &balancer.shared.metrics;
+            crate::status::sample_forever(&metrics.requests_sampled, || {
+                metrics.request_latency.snapshot()
+            })
+            .await;
+        })
+    };
     let gossip = {
         let reporter = balancer.clone();
         tokio::spawn(membership.run(move || reporter.report()))
@@ -893,6 +1027,7 @@ pub async fn run(
     balancer.finish_tails().await;
     prober.abort();
     gossip.abort();
+    sampler.abort();
     Ok(())
 }
 

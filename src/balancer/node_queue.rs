@@ -158,6 +158,9 @@ pub struct NodeQueue {
     progress: Arc<Progress>,
     /// How long the node may go without answering, work outstanding, before it is stuck.
     stuck_after: Duration,
+    /// Where each operation's time, queueing included, is recorded (the balancer's replica
+    /// call latency for this node).
+    latency: Option<Arc<crate::telemetry::Histogram>>,
 }
 
 impl NodeQueue {
@@ -176,7 +179,14 @@ impl NodeQueue {
             queue,
             progress,
             stuck_after: batch_timeout / 2,
+            latency: None,
         }
+    }
+
+    /// This queue, recording each operation's time in `latency`.
+    pub fn with_latency(mut self, latency: Arc<crate::telemetry::Histogram>) -> Self {
+        self.latency = Some(latency);
+        self
     }
 
     /// Whether the node has had work outstanding without answering anything for
@@ -187,6 +197,15 @@ impl NodeQueue {
 
     /// Runs one operation on the node, within `timeout`.
     pub async fn call(&self, op: Op, timeout: Duration) -> Result<OpReply, CallError> {
+        let started = Instant::now();
+        let result = self.call_unmeasured(op, timeout).await;
+        if let Some(latency) = &self.latency {
+            latency.observe(started.elapsed());
+        }
+        result
+    }
+
+    async fn call_unmeasured(&self, op: Op, timeout: Duration) -> Result<OpReply, CallError> {
         let silent = self.progress.silent_for();
         if silent > self.stuck_after {
             return Err(CallError::Transport(format!(
@@ -279,6 +298,7 @@ async fn send(
             return;
         }
         let ops: Vec<(&Op, u64)> = batch.iter().map(|p| (&p.op, p.deadline_us)).collect();
+        let timeout = batch_timeout(timeout, &batch, clock::now_us());
         let answers = match send_batch(client, address, &ops, timeout).await {
             Ok(answers) => answers,
             Err(error) => {
@@ -326,6 +346,17 @@ async fn send(
         }
         batch = deferred;
     }
+}
+
+/// How long a batch may take: the replica timeout, or longer while one of its operations'
+/// callers waits longer (a request's own `timeout_ms` above the replica timeout, at most
+/// [`MAX_TIMEOUT_MS`](crate::balancer::request::MAX_TIMEOUT_MS)); each caller still stops at
+/// its own deadline.
+fn batch_timeout(replica_timeout: Duration, batch: &[Pending], now_us: u64) -> Duration {
+    let longest = Duration::from_millis(crate::balancer::request::MAX_TIMEOUT_MS.unsigned_abs());
+    let latest_us = batch.iter().map(|p| p.deadline_us).max().unwrap_or(0);
+    let wanted = Duration::from_micros(latest_us.saturating_sub(now_us)).min(longest);
+    replica_timeout.max(wanted)
 }
 
 /// Bytes of values an operation carries, to keep batches of huge values small.
@@ -598,5 +629,36 @@ mod tests {
         }
         assert_eq!(node.batches(), 4, "one batch per call");
         assert_eq!(node.busy.lock().expect("busy").most, 2);
+    }
+
+    /// A batch waits the replica timeout, or longer while one of its callers waits longer
+    /// (a request's own timeout_ms), never past the longest timeout_ms a request may ask.
+    #[test]
+    fn batch_timeout_table() {
+        let now_us = 1_000_000_000;
+        let replica = Duration::from_secs(1);
+        // (the callers' deadlines, microseconds after now) -> the batch's timeout
+        let cases: [(&[u64], Duration); 5] = [
+            (&[1_000_000], replica),
+            (&[200_000, 300_000], replica),
+            (&[200_000, 5_000_000], Duration::from_secs(5)),
+            (&[u64::MAX - now_us], Duration::from_secs(60)),
+            (&[], replica),
+        ];
+        for (deadlines, expected) in cases {
+            let batch: Vec<Pending> = deadlines
+                .iter()
+                .map(|after_us| {
+                    let (mut pending, _) = pending("k");
+                    pending.deadline_us = now_us + after_us;
+                    pending
+                })
+                .collect();
+            assert_eq!(
+                batch_timeout(replica, &batch, now_us),
+                expected,
+                "{deadlines:?}"
+            );
+        }
     }
 }

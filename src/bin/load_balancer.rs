@@ -10,15 +10,18 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dynamite::cli::BalancerArgs;
 
 fn main() -> ExitCode {
-    let config = match BalancerArgs::parse().into_config() {
+    let args = BalancerArgs::parse();
+    // Logging first, so that what reading the flags warns of is in the chosen format.
+    let log_format = args.log_format;
+    dynamite::telemetry::init_logging(log_format);
+    let config = match args.into_config() {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("load_balancer: {error}");
+            dynamite::runtime::fatal("load_balancer", log_format, error);
             return ExitCode::from(2);
         }
     };
-    dynamite::telemetry::init_logging();
-    dynamite::runtime::block_on("load_balancer", config.listen, |listener| {
+    dynamite::runtime::block_on("load_balancer", log_format, config.listen, |listener| {
         dynamite::balancer::run(config, listener, dynamite::shutdown::signal())
     })
 }

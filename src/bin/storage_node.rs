@@ -10,15 +10,18 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dynamite::cli::NodeArgs;
 
 fn main() -> ExitCode {
-    let config = match NodeArgs::parse().into_config() {
+    let args = NodeArgs::parse();
+    // Logging first, so that what reading the flags warns of is in the chosen format.
+    let log_format = args.log_format;
+    dynamite::telemetry::init_logging(log_format);
+    let config = match args.into_config() {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("storage_node: {error}");
+            dynamite::runtime::fatal("storage_node", log_format, error);
             return ExitCode::from(2);
         }
     };
-    dynamite::telemetry::init_logging();
-    dynamite::runtime::block_on("storage_node", config.listen, |listener| {
+    dynamite::runtime::block_on("storage_node", log_format, config.listen, |listener| {
         dynamite::node::run(config, listener, dynamite::shutdown::signal())
     })
 }

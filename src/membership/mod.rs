@@ -65,6 +65,22 @@ pub struct Report {
     /// Partitions it still has to receive.
     pub syncing: u64,
     pub keys: u64,
+    /// Bytes of its data directory (0 in memory, for a balancer, and from a daemon too old
+    /// to send it).
+    #[serde(default, deserialize_with = "absent_as_default")]
+    pub disk_bytes: u64,
+}
+
+/// Reads a field appended to a message that ends the messages it travels in (as [`Report`]
+/// ends [`GossipRequest`] and [`GossipReply`]): postcard writes fields in order with no
+/// names, so an older daemon's message simply stops before it, and the end reads as the
+/// default. An older daemon reading ours ignores the bytes left over.
+fn absent_as_default<'de, D, T>(deserializer: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(T::deserialize(deserializer).unwrap_or_default())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -788,6 +804,63 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Report` as daemons sent it before `disk_bytes`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct OldReport {
+        zone: String,
+        layout_version: u64,
+        syncing: u64,
+        keys: u64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct OldGossipReply {
+        digest: Option<String>,
+        history: Option<History>,
+        report: OldReport,
+    }
+
+    /// A report from a daemon of the previous version reads with no disk figure, and one of
+    /// ours reads on such a daemon: gossip keeps working through a rolling upgrade.
+    #[test]
+    fn reports_read_across_the_added_disk_figure() {
+        let old = OldGossipReply {
+            digest: Some("d".into()),
+            history: None,
+            report: OldReport {
+                zone: "rack-a".into(),
+                layout_version: 4,
+                syncing: 2,
+                keys: 17,
+            },
+        };
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        let read: GossipReply = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            read.report,
+            Report {
+                zone: "rack-a".into(),
+                layout_version: 4,
+                syncing: 2,
+                keys: 17,
+                disk_bytes: 0,
+            }
+        );
+        let new = GossipReply {
+            report: Report {
+                disk_bytes: 1 << 40,
+                ..read.report.clone()
+            },
+            ..read
+        };
+        let bytes = postcard::to_allocvec(&new).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<GossipReply>(&bytes).unwrap().report,
+            new.report
+        );
+        assert_eq!(postcard::from_bytes::<OldGossipReply>(&bytes).unwrap(), old);
+    }
 
     /// A history with no version (only a peer can send one) is neither taken nor merged: every
     /// rule reads the current version, and would panic on it.

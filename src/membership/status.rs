@@ -209,6 +209,28 @@ pub fn layout_value(history: &History) -> Value {
     )
 }
 
+/// What `cluster.status()` tells: the layout versions, and every member of a live version
+/// (and, on a node, the node itself) with what it last said of itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    pub version: u64,
+    pub transition: bool,
+    pub read_version: u64,
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One node in [`ClusterStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub address: String,
+    /// Its zone in the newest version that has it, else the one it reports.
+    pub zone: String,
+    /// Heard from within the last few seconds (always, for the daemon answering of itself).
+    pub up: bool,
+    /// What it last said of itself (all zero when never heard from).
+    pub report: Report,
+}
+
 impl Membership {
     fn need_history(&self) -> Result<History> {
         self.history().ok_or_else(|| {
@@ -222,7 +244,7 @@ impl Membership {
 
     /// `cluster.status()`: every member of a live version (and this node), with what it last
     /// said of itself.
-    pub fn status_value(&self, own: &Report) -> Result<Value> {
+    pub fn status(&self, own: &Report) -> Result<ClusterStatus> {
         let history = self.need_history()?;
         let mut addresses = history.all_members();
         if self.role == Role::Node && !addresses.contains(&self.me) {
@@ -238,27 +260,47 @@ impl Membership {
                 .map(|m| m.zone.clone())
         };
         let nodes = addresses
-            .iter()
+            .into_iter()
             .map(|address| {
-                let (up, report) = if *address == self.me {
+                let (up, report) = if address == self.me {
                     (true, own.clone())
                 } else {
-                    self.heard_from(address).unwrap_or_default()
+                    self.heard_from(&address).unwrap_or_default()
                 };
+                NodeStatus {
+                    zone: zone_of(&address).unwrap_or(report.zone.clone()),
+                    address,
+                    up,
+                    report,
+                }
+            })
+            .collect();
+        Ok(ClusterStatus {
+            version: history.current().number,
+            transition: history.in_transition(),
+            read_version: history.read_version(),
+            nodes,
+        })
+    }
+
+    /// [`Self::status`] as `cluster.status()` answers it.
+    pub fn status_value(&self, own: &Report) -> Result<Value> {
+        let status = self.status(own)?;
+        let nodes = status
+            .nodes
+            .iter()
+            .map(|node| {
                 Value::Struct(
                     [
-                        field("address", Value::String(address.clone())),
-                        field(
-                            "zone",
-                            Value::String(zone_of(address).unwrap_or(report.zone.clone())),
-                        ),
+                        field("address", Value::String(node.address.clone())),
+                        field("zone", Value::String(node.zone.clone())),
                         field(
                             "state",
-                            Value::String(if up { "up" } else { "down" }.into()),
+                            Value::String(if node.up { "up" } else { "down" }.into()),
                         ),
-                        field("layout_version", int_value(report.layout_version)),
-                        field("syncing", int_value(report.syncing)),
-                        field("keys", int_value(report.keys)),
+                        field("layout_version", int_value(node.report.layout_version)),
+                        field("syncing", int_value(node.report.syncing)),
+                        field("keys", int_value(node.report.keys)),
                     ]
                     .into(),
                 )
@@ -266,9 +308,9 @@ impl Membership {
             .collect();
         Ok(Value::Struct(
             [
-                field("version", int_value(history.current().number)),
-                field("transition", Value::Boolean(history.in_transition())),
-                field("read_version", int_value(history.read_version())),
+                field("version", int_value(status.version)),
+                field("transition", Value::Boolean(status.transition)),
+                field("read_version", int_value(status.read_version)),
                 field("nodes", Value::Array(nodes)),
             ]
             .into(),

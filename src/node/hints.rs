@@ -213,6 +213,9 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
         }
     }
     if delivered > 0 {
+        node.metrics
+            .hints_handed_off
+            .add(u64::try_from(delivered).unwrap_or(0));
         tracing::info!(delivered, "handed hints over to their owners");
     }
     note_corrupt_hints(node, corrupt);

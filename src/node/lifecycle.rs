@@ -106,6 +106,11 @@ impl StorageNode {
             last_clock_warning_us: std::sync::atomic::AtomicU64::new(0),
             cache: RowCache::new(config.cache_bytes),
             log_requests: config.log_requests,
+            data_dir: match &config.storage {
+                crate::storage::StorageConfig::Log { dir, .. }
+                | crate::storage::StorageConfig::Fjall { dir } => Some(dir.clone()),
+                crate::storage::StorageConfig::InMemory => None,
+            },
             port: config.listen.port(),
             metrics: NodeMetrics::default(),
         })
@@ -150,6 +155,15 @@ pub async fn run(
     let prober = tokio::spawn(crate::balancer::probe_periodically(Arc::new(
         node.coordinator.clone(),
     )));
+    let sampler = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            crate::status::sample_forever(&node.metrics.requests_sampled, || {
+                node.metrics.request_latency.snapshot()
+            })
+            .await;
+        })
+    };
     let limits = ServerLimits {
         max_request_bytes: config.max_request_bytes,
     };
@@ -174,6 +188,7 @@ pub async fn run(
     sync.abort();
     follow.abort();
     prober.abort();
+    sampler.abort();
     node.engine.sync()?;
     Ok(())
 }
@@ -296,6 +311,7 @@ impl StorageNode {
                 .unwrap_or(0),
             keys: u64::try_from(self.live_keys.load(std::sync::atomic::Ordering::Relaxed))
                 .unwrap_or(0),
+            disk_bytes: self.disk_bytes(),
         }
     }
 }

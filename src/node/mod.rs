@@ -97,6 +97,8 @@ pub struct StorageNode {
     /// Stored bytes of recently used keys of the `Data` tree.
     cache: RowCache,
     log_requests: bool,
+    /// Where the engine keeps its files (`None` in memory), for the disk it uses.
+    data_dir: Option<std::path::PathBuf>,
     /// Shown on each request line, so that nodes sharing a terminal can be told apart.
     port: u16,
     metrics: NodeMetrics,
@@ -146,26 +148,36 @@ impl StorageNode {
         Ok(Some(record))
     }
 
+    /// The line per request, to watch the keys spread over the nodes: an info event
+    /// `request` with the node's `port`, the operation as `method` and the `key`, cut to
+    /// [`LOGGED_KEY_CHARS`] characters (a key may be 64 KiB), with `key_bytes`, the whole
+    /// key's length, when it was cut. The formatter escapes the key: quoted in text, a JSON
+    /// string in JSON. Off with `--quiet`, or with `RUST_LOG` above info (the fields are then
+    /// not even computed).
     fn log(&self, operation: &str, key: &str, delete: bool) {
         if self.log_requests {
-            let operation = if delete { "delete" } else { operation };
-            tracing::info!("{} {operation} {}", self.port, printable_key(key));
+            let method = if delete { "delete" } else { operation };
+            let (shown, cut) = logged_key(key);
+            tracing::info!(
+                port = self.port,
+                method = %method,
+                key = shown,
+                key_bytes = cut.then_some(key.len()),
+                "request"
+            );
         }
     }
 }
 
-/// A key as it appears in the request log: cut short and with control characters escaped.
-fn printable_key(key: &str) -> String {
-    const SHOWN_CHARS: usize = 64;
-    let mut shown: String = key
-        .chars()
-        .take(SHOWN_CHARS)
-        .flat_map(char::escape_debug)
-        .collect();
-    if key.chars().nth(SHOWN_CHARS).is_some() {
-        shown.push('…');
+/// The most characters of a key the request log shows.
+const LOGGED_KEY_CHARS: usize = 80;
+
+/// The start of `key` the request log shows, and whether it is cut short.
+fn logged_key(key: &str) -> (&str, bool) {
+    match key.char_indices().nth(LOGGED_KEY_CHARS) {
+        Some((end, _)) => (&key[..end], true),
+        None => (key, false),
     }
-    shown
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::rpc::codec;
 use crate::rpc::messages::{self, CoordinateRequest, Envelope, ReadRequest, check_key};
 use crate::rpc::server::{self, Handler};
-use crate::telemetry::{Counter, Exposition, Figure};
+use crate::telemetry::{Counter, Figure};
 
 use super::StorageNode;
 use super::request::Request;
@@ -45,11 +45,17 @@ pub(super) struct NodeMetrics {
     pub(super) sync_listing_bytes: Counter,
     /// Payload bytes of the keys handed to their replicas before this node dropped them.
     pub(super) rehome_bytes_sent: Counter,
+    /// Hints delivered to their owners (and dropped here).
+    pub(super) hints_handed_off: Counter,
+    /// Calls' time, by method (`internal.batch` for replica batches).
+    pub(super) request_latency: crate::telemetry::HistogramFamily,
+    /// Snapshots of `request_latency` for the status page's charts.
+    pub(super) requests_sampled: crate::status::Sampler,
 }
 
 impl StorageNode {
     /// Everything the node counts, each figure declared once (see [`Figure`]).
-    fn figures(&self) -> Vec<Figure> {
+    fn node_figures(&self) -> Vec<Figure> {
         let m = &self.metrics;
         let level = |n: &AtomicI64| n.load(Ordering::Relaxed).max(0);
         let request = |stats, method, counter| {
@@ -110,6 +116,18 @@ impl StorageNode {
                 "dynamite_node_cache_bytes",
                 "Bytes held by the row cache.",
                 i64::try_from(self.cache.weight()).unwrap_or(i64::MAX),
+            ),
+            Figure::gauge(
+                "disk_bytes",
+                "dynamite_node_disk_bytes",
+                "Bytes of the files in the data directory (0 in memory).",
+                i64::try_from(self.disk_bytes()).unwrap_or(i64::MAX),
+            ),
+            Figure::counter(
+                "hints_handed_off",
+                "dynamite_node_hints_handed_off_total",
+                "Hints delivered to their owners.",
+                &m.hints_handed_off,
             ),
             request("coordinates", "coordinate", &m.coordinates),
             request("merges", "merge", &m.merges),
@@ -259,10 +277,29 @@ impl StorageNode {
         ]
     }
 
+    /// The bytes of every file under the data directory, walked now (a few files for the
+    /// log engine, a few hundred for fjall).
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        fn walk(dir: &std::path::Path) -> u64 {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return 0;
+            };
+            entries
+                .flatten()
+                .map(|entry| match entry.metadata() {
+                    Ok(meta) if meta.is_dir() => walk(&entry.path()),
+                    Ok(meta) => meta.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        self.data_dir.as_deref().map_or(0, walk)
+    }
+
     fn stats_xml(&self) -> Result<String> {
         let int = |figure: &Figure| (figure.stats.to_owned(), codec::int_value(figure.value));
         let mut stats: std::collections::BTreeMap<String, Value> =
-            self.figures().iter().map(int).collect();
+            self.node_figures().iter().map(int).collect();
         stats.insert("engine".into(), Value::String(self.engine.name().into()));
         stats.insert(
             "actor".into(),
@@ -271,6 +308,10 @@ impl StorageNode {
         stats.insert(
             "connections".into(),
             codec::int_value(i64::try_from(server::CONNECTIONS_ACCEPTED.get()).unwrap_or(i64::MAX)),
+        );
+        stats.insert(
+            "latency".into(),
+            crate::telemetry::latency_summary(&self.metrics.request_latency.snapshot()),
         );
         if let Some(aae) = self.aae() {
             stats.insert("ring".into(), Value::String(aae.fingerprint().to_owned()));
@@ -398,10 +439,34 @@ impl Handler for StorageNode {
             .map_err(|_| Error::Internal("batch reply could not be encoded".into()))
     }
 
-    fn metrics(&self) -> String {
-        let mut out = Exposition::default();
-        out.figures(&self.figures())
-            .figures(&self.anti_entropy_figures());
-        out.finish()
+    fn figures(&self) -> Vec<Figure> {
+        let mut figures = self.node_figures();
+        figures.extend(self.anti_entropy_figures());
+        figures
+    }
+
+    fn histograms(&self) -> Vec<crate::telemetry::HistogramMetric> {
+        // Requests by method as this node served them; replica calls by node as its
+        // coordinator made them.
+        let mut histograms = self.coordinator.latency_histograms();
+        if let Some(requests) = histograms.first_mut() {
+            requests.series = self.metrics.request_latency.snapshot();
+        }
+        histograms
+    }
+
+    fn observe(&self, method: &'static str, elapsed: std::time::Duration) {
+        self.metrics.request_latency.observe(method, elapsed);
+    }
+
+    const SERVES_STATUS: bool = true;
+
+    fn status_json(&self) -> String {
+        crate::status::json(
+            &self.membership,
+            &self.report(),
+            &self.metrics.requests_sampled,
+            &self.metrics.request_latency.snapshot(),
+        )
     }
 }

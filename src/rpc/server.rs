@@ -1,4 +1,5 @@
-//! The HTTP side of both daemons: XML-RPC on `POST /` and `/RPC2`, `GET /health`, `GET /metrics`.
+//! The HTTP side of both daemons: XML-RPC on `POST /` and `/RPC2`, `GET /health`, `GET /metrics`,
+//! and the status page on `GET /`.
 //!
 //! A daemon provides a [`Handler`]; this module owns everything around it: keep-alive HTTP/1.1
 //! connections (a task each, over TLS when the daemon has a certificate), who may call what
@@ -58,14 +59,32 @@ pub trait Handler: Send + Sync + 'static {
     type Request: Request;
     /// Runs one request. `system.*` methods never reach here.
     fn call(&self, request: Self::Request) -> impl Future<Output = Result<String>> + Send;
-    /// The Prometheus text exposition of the daemon's metrics.
-    fn metrics(&self) -> String;
+    /// The daemon's counters and gauges, as `/metrics` and `stats()` both show them.
+    fn figures(&self) -> Vec<crate::telemetry::Figure>;
+    /// The daemon's latency histograms, for `/metrics`.
+    fn histograms(&self) -> Vec<crate::telemetry::HistogramMetric> {
+        Vec::new()
+    }
+    /// One call of `method` took `elapsed` (faults included), for the daemon's request
+    /// latency histogram.
+    fn observe(&self, method: &'static str, elapsed: std::time::Duration) {
+        let _ = (method, elapsed);
+    }
     /// Counts a call answered with a fault (whether its request could not be read or it
     /// failed), for daemons that count them.
     fn count_fault(&self) {}
     /// Whether [`Handler::batch`] is served. Checked before the body is read, so a daemon
     /// without batches never buffers one (they may be far larger than `--max-request-bytes`).
     const SERVES_BATCHES: bool = false;
+
+    /// Whether the status page is served ([`crate::status`]: `GET /` and `GET
+    /// /status.json`, behind the same credential check as the calls).
+    const SERVES_STATUS: bool = false;
+
+    /// The status page's figures, as JSON (see [`crate::status::json`]).
+    fn status_json(&self) -> String {
+        String::new()
+    }
 
     /// The daemon's newest layout version, for [`crate::rpc::client::LAYOUT_HEADER`] (0: none,
     /// not sent).
@@ -380,18 +399,19 @@ async fn route<H: Handler>(
     match (request.method(), path) {
         (&HttpMethod::GET, "/health") => plain(StatusCode::OK, "ok\n".into()),
         (&HttpMethod::GET, "/metrics") => {
-            let mut process = crate::telemetry::Exposition::default();
-            process.counter(
+            let mut figures = handler.figures();
+            figures.push(crate::telemetry::Figure::counter(
+                "connections_accepted",
                 "dynamite_connections_accepted_total",
                 "TCP connections accepted.",
-                CONNECTIONS_ACCEPTED.get(),
-            );
-            process.figures(&auth_figures());
-            let exposition = handler.metrics() + &process.finish();
+                &CONNECTIONS_ACCEPTED,
+            ));
+            figures.extend(auth_figures());
+            let exposition = crate::telemetry::render(&figures, &handler.histograms());
             let mut response = plain(StatusCode::OK, exposition);
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
+                HeaderValue::from_static(crate::telemetry::OPENMETRICS_CONTENT_TYPE),
             );
             response
         }
@@ -403,7 +423,10 @@ async fn route<H: Handler>(
                 Ok(body) => body,
                 Err(status) => return plain(status, format!("{status}\n")),
             };
-            match handler.batch(body).await {
+            let started = std::time::Instant::now();
+            let answer = handler.batch(body).await;
+            handler.observe("internal.batch", started.elapsed());
+            match answer {
                 Ok(reply) => {
                     let mut response = Response::new(Full::new(Bytes::from(reply)));
                     response.headers_mut().insert(
@@ -417,6 +440,10 @@ async fn route<H: Handler>(
                     format!("{}\n", error.fault_string()),
                 ),
             }
+        }
+        (&HttpMethod::GET, "/") if H::SERVES_STATUS => crate::status::page_response(),
+        (&HttpMethod::GET, crate::status::JSON_PATH) if H::SERVES_STATUS => {
+            crate::status::json_response(handler.status_json())
         }
         (&HttpMethod::POST, "/" | "/RPC2") => {
             let body = match read_body(request, limits.max_request_bytes).await {
@@ -504,7 +531,13 @@ async fn dispatch<H: Handler>(handler: &H, caller: Caller<'_>, call: Call) -> Re
             let method = method_named::<H::Request>(name)
                 .ok_or_else(|| Error::UnknownMethod(name.to_owned()))?;
             caller.check(H::Request::access(method), name)?;
-            handler.call(H::Request::parse(method, call.params)?).await
+            let started = std::time::Instant::now();
+            let answer = match H::Request::parse(method, call.params) {
+                Ok(request) => handler.call(request).await,
+                Err(error) => Err(error),
+            };
+            handler.observe(H::Request::name(method), started.elapsed());
+            answer
         }
     }
 }

@@ -510,6 +510,11 @@ impl Daemon {
         out
     }
 
+    /// The file its latest start writes `stream` (`"stdout"` or `"stderr"`) to, whole.
+    pub fn log_file(&self, stream: &str) -> PathBuf {
+        self.log_path(self.generation, stream)
+    }
+
     fn log_path(&self, generation: u32, stream: &str) -> PathBuf {
         self.log_dir
             .join(format!("{}.{generation}.{stream}.log", self.name))

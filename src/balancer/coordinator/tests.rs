@@ -4,6 +4,9 @@
 use super::*;
 use crate::quorum::Tally;
 
+/// What a write machine asks.
+type WriteAction = Action<Option<Receipt>>;
+
 const A: usize = 0;
 const B: usize = 1;
 const C: usize = 2;
@@ -39,10 +42,11 @@ fn request(value: Option<&str>) -> WriteRequest {
         value: value.map(str::to_owned),
         context: None,
         entered_us: 1_000,
+        receipt: false,
     }
 }
 
-fn coordinate(target: Target, hint_for: Option<&str>) -> Action<()> {
+fn coordinate(target: Target, hint_for: Option<&str>) -> WriteAction {
     Action::Send(
         target,
         Op::Coordinate(CoordinateRequest {
@@ -84,7 +88,7 @@ fn fault(code: i32) -> std::result::Result<OpReply, CallError> {
     })
 }
 
-/// The answer among `actions`, as the client would see it: `Ok(())` or the fault string.
+/// The answer among `actions`, as the client would see it: the value or the fault string.
 fn answer<T: std::fmt::Debug>(actions: &[Action<T>]) -> Option<std::result::Result<&T, String>> {
     actions.iter().find_map(|action| match action {
         Action::Answer(Ok(value)) => Some(Ok(value)),
@@ -108,7 +112,7 @@ fn sends<T>(actions: &[Action<T>]) -> Vec<Target> {
 // ---------------------------------------------------------------------------------------------
 
 /// A put of `<value>v</value>` to A, B and C, in that order, needing `w` of them.
-fn write_to_abc(w: usize) -> (Write, Vec<Action<()>>) {
+fn write_to_abc(w: usize) -> (Write, Vec<WriteAction>) {
     Write::start(
         servers(),
         request(Some("<value>v</value>")),
@@ -131,7 +135,7 @@ fn a_write_is_coordinated_copied_and_answered_at_w() {
     );
     assert_eq!(
         write.on_reply(own(C), Ok(OpReply::Merged), 0),
-        vec![Action::Answer(Ok(()))]
+        vec![Action::Answer(Ok(None))]
     );
     assert_eq!(
         write.on_reply(own(B), Ok(OpReply::Merged), 0),
@@ -152,7 +156,7 @@ fn w_of_one_is_met_by_the_coordinator() {
     let (mut write, _) = write_to_abc(1);
     let actions = write.on_reply(own(A), ok(&stored), 0);
     assert_eq!(sends(&actions), vec![own(B), own(C)]);
-    assert_eq!(answer(&actions), Some(Ok(&())));
+    assert_eq!(answer(&actions), Some(Ok(&None)));
 }
 
 /// A lagging first replica passed over is counted, and the order given is kept.
@@ -353,9 +357,231 @@ fn late_and_duplicate_write_replies_are_ignored() {
     );
     assert_eq!(
         answer(&write.on_reply(own(B), Ok(OpReply::Merged), 0)),
-        Some(Ok(&()))
+        Some(Ok(&None))
     );
     assert_eq!(write.on_reply(own(C), Err(CallError::Timeout), 0), vec![]);
+}
+
+/// A write asked for a receipt answers the replicas whose success had counted when the
+/// answer went out (the coordinator first, then copies in the order they answered), each
+/// marked as a fallback or not, and the written version's context. Replies after the answer,
+/// and failed replicas, are not in it.
+#[test]
+fn a_receipt_names_the_replicas_that_acknowledged_before_the_answer() {
+    let stored = set(7, Some("<value>v</value>"), 1_000);
+    let fallback = Target {
+        server: D,
+        owner: A,
+    };
+    let merged = || Ok(OpReply::Merged);
+    type Reply = std::result::Result<OpReply, CallError>;
+    // (targets in coordination order, W, the replies in order) -> the receipt's replicas as
+    // (server, fallback); None: no answer expected to be a success.
+    type Case = (Vec<Target>, usize, Vec<(Target, Reply)>, Vec<(usize, bool)>);
+    let cases: Vec<Case> = vec![
+        // W = 2: the coordinator and the first copy; C answers after the answer.
+        (
+            vec![own(A), own(B), own(C)],
+            2,
+            vec![
+                (own(A), ok(&stored)),
+                (own(C), merged()),
+                (own(B), merged()),
+            ],
+            vec![(A, false), (C, false)],
+        ),
+        // W = 3: all three, in the order they answered.
+        (
+            vec![own(A), own(B), own(C)],
+            3,
+            vec![
+                (own(A), ok(&stored)),
+                (own(C), merged()),
+                (own(B), merged()),
+            ],
+            vec![(A, false), (C, false), (B, false)],
+        ),
+        // W = 1: the coordinator alone, the copies still on their way.
+        (
+            vec![own(A), own(B), own(C)],
+            1,
+            vec![(own(A), ok(&stored))],
+            vec![(A, false)],
+        ),
+        // A failed copy is not in it.
+        (
+            vec![own(A), own(B), own(C)],
+            2,
+            vec![
+                (own(A), ok(&stored)),
+                (own(B), Err(CallError::Timeout)),
+                (own(C), merged()),
+            ],
+            vec![(A, false), (C, false)],
+        ),
+        // The first coordinator timed out: the next one stamped the write.
+        (
+            vec![own(A), own(B), own(C)],
+            2,
+            vec![
+                (own(A), Err(CallError::Timeout)),
+                (own(B), ok(&stored)),
+                (own(C), merged()),
+            ],
+            vec![(B, false), (C, false)],
+        ),
+        // The first would not coordinate: passed over, it acknowledges its copy.
+        (
+            vec![own(A), own(B), own(C)],
+            2,
+            vec![
+                (own(A), fault(crate::error::FAULT_INTERNAL)),
+                (own(B), ok(&stored)),
+                (own(A), merged()),
+            ],
+            vec![(B, false), (A, false)],
+        ),
+        // A preferred replica is down: its fallback holds the copy as a hint, and says so.
+        (
+            vec![own(B), own(C), fallback],
+            2,
+            vec![(own(B), ok(&stored)), (fallback, merged())],
+            vec![(B, false), (D, true)],
+        ),
+    ];
+    for (i, (targets, w, replies, expected)) in cases.into_iter().enumerate() {
+        let mut receipt_asked = request(Some("<value>v</value>"));
+        receipt_asked.receipt = true;
+        let (mut write, _) = Write::start(servers(), receipt_asked, plan(targets, w), false);
+        let mut answered = None;
+        for (target, reply) in replies {
+            let actions = write.on_reply(target, reply, 0);
+            if let Some(answer) = answer(&actions) {
+                assert!(answered.is_none(), "case {i}: answered twice");
+                answered = Some(answer.cloned());
+            }
+        }
+        let receipt = answered
+            .unwrap_or_else(|| panic!("case {i}: no answer"))
+            .unwrap_or_else(|fault| panic!("case {i}: {fault}"))
+            .unwrap_or_else(|| panic!("case {i}: no receipt"));
+        let replicas: Vec<(String, bool)> = receipt
+            .replicas
+            .iter()
+            .map(|r| (r.address.clone(), r.fallback))
+            .collect();
+        let expected: Vec<(String, bool)> = expected
+            .into_iter()
+            .map(|(server, fallback)| (servers().address(server).to_owned(), fallback))
+            .collect();
+        assert_eq!(replicas, expected, "case {i}");
+        assert_eq!(
+            receipt.context,
+            stored.context(),
+            "case {i}: no sibling left"
+        );
+    }
+}
+
+/// Without the option, a write answers no receipt (and `"200"` goes to the client).
+#[test]
+fn no_receipt_unless_asked() {
+    let stored = set(7, Some("<value>v</value>"), 1_000);
+    let (mut write, _) = write_to_abc(1);
+    let actions = write.on_reply(own(A), ok(&stored), 0);
+    assert_eq!(answer(&actions), Some(Ok(&None)));
+}
+
+/// While a layout transition runs, the request's W is needed of each live version's
+/// replicas: with W = 1 and versions {A, B, C} and {B, C, D}, A's store meets the first
+/// version's tally only, and the answer waits for a replica of the second; the receipt names
+/// both.
+#[test]
+fn a_request_w_applies_to_each_live_version() {
+    let stored = set(7, Some("<value>v</value>"), 1_000);
+    let old = vec![own(A), own(B), own(C)];
+    let new = vec![own(B), own(C), own(D)];
+    let plan = super::super::targets::combine(vec![
+        plan(old.clone(), 1),
+        Plan {
+            targets: new.clone(),
+            tally: Tally::new(3, 1),
+            detail: None,
+            groups: Vec::new(),
+        },
+    ]);
+    assert_eq!(plan.targets, vec![own(A), own(B), own(C), own(D)]);
+    let mut receipt_asked = request(Some("<value>v</value>"));
+    receipt_asked.receipt = true;
+    let (mut write, _) = Write::start(servers(), receipt_asked, plan, false);
+    let actions = write.on_reply(own(A), ok(&stored), 0);
+    assert_eq!(sends(&actions), vec![own(B), own(C), own(D)]);
+    assert_eq!(answer(&actions), None, "the new version has no copy yet");
+    let actions = write.on_reply(own(D), Ok(OpReply::Merged), 0);
+    let Some(Ok(Some(receipt))) = answer(&actions) else {
+        panic!("expected a receipt, got {actions:?}");
+    };
+    let named: Vec<&str> = receipt
+        .replicas
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    assert_eq!(named, ["10.0.0.1:1", "10.0.0.4:1"]);
+}
+
+/// The receipt's context is that of the version the write made: the whole set's when the
+/// write left no sibling (what get_versions gives), and never one of a sibling the writer has
+/// not seen.
+#[test]
+fn written_context_table() {
+    let value = |v: &str| Some(format!("<value>{v}</value>"));
+    let write_request = |value: Option<String>, entered_us: u64| WriteRequest {
+        key: "k".into(),
+        value,
+        context: None,
+        entered_us,
+        receipt: true,
+    };
+    // A blind write onto nothing.
+    let alone = set(7, value("v").as_deref(), 1_000);
+    // A blind write over an older version, which it supersedes.
+    let mut over = set(7, value("old").as_deref(), 500);
+    over.write(8, None, value("v"), 1_000);
+    // A blind write that entered before a version the node already held: that version stays
+    // beside it as a sibling (see `crate::version`).
+    let mut beside = set(9, value("newer").as_deref(), 2_000);
+    let written = beside.write(8, None, value("v"), 1_000);
+    let newer = beside
+        .versions()
+        .iter()
+        .find(|v| v.timestamp_us == 2_000)
+        .expect("the newer sibling")
+        .dot;
+    // A delete: its tombstone.
+    let mut deleted = set(7, value("old").as_deref(), 500);
+    let tombstone = deleted.write(8, None, None, 1_000);
+    // The write is not in the set (a reaped delete that entered after it dropped it).
+    let reaped = set(7, value("other").as_deref(), 3_000);
+
+    assert_eq!(
+        written_context(&alone, &write_request(value("v"), 1_000)),
+        alone.context()
+    );
+    assert_eq!(
+        written_context(&over, &write_request(value("v"), 1_000)),
+        over.context()
+    );
+    let context = written_context(&beside, &write_request(value("v"), 1_000));
+    assert!(context.covers(written), "covers the write");
+    assert!(!context.covers(newer), "not the sibling it left beside it");
+    assert_ne!(context, beside.context());
+    let context = written_context(&deleted, &write_request(None, 1_000));
+    assert!(context.covers(tombstone));
+    assert_eq!(context, deleted.context());
+    assert_eq!(
+        written_context(&reaped, &write_request(value("v"), 1_000)),
+        reaped.context()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
