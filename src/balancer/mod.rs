@@ -905,10 +905,7 @@ impl Handler for Balancer {
     }
 
     fn observe(&self, method: &'static str, elapsed: Duration) {
-        self.shared
-            .metrics
-            .request_latency
-            .observe(method, elapsed);
+        self.shared.metrics.request_latency.observe(method, elapsed);
     }
 
     fn layout_version(&self) -> u64 {

@@ -376,12 +376,13 @@ mod tests {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
-        // (samples as (seconds, buckets), now, expected (age_s, rate, p50_ms, p99_ms))
-        let cases: [(
+        // Samples as (seconds, buckets), now, and the points expected as (age_s, rate, p50_ms).
+        type Case = (
             Vec<(u64, Vec<(usize, u64)>)>,
             u64,
             Vec<(f64, f64, Option<f64>)>,
-        ); 4] = [
+        );
+        let cases: [Case; 4] = [
             // One sample: no interval yet.
             (vec![(0, vec![])], 3, vec![]),
             // 50 requests in (1 ms, 2.5 ms] over 5 s: 10/s, median half way.
