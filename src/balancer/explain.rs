@@ -120,6 +120,26 @@ impl Balancer {
                     )
                 })
                 .collect();
+            // A preferred replica a fallback stands in for is listed too, down as it is, and
+            // asked: what it holds (or that it cannot answer) is part of the story.
+            let replaced: Vec<usize> = targets
+                .iter()
+                .filter(|target| target.is_fallback())
+                .map(|target| target.owner)
+                .collect();
+            for &owner in &replaced {
+                let address = topology.address(owner).to_owned();
+                asked.insert(address.clone(), ());
+                replicas.push(Value::Struct(
+                    [
+                        field("address", Value::String(address.clone())),
+                        field("role", Value::String("preferred".into())),
+                        field("for", Value::String(address)),
+                        field("state", Value::String(topology.health.state(owner).into())),
+                    ]
+                    .into(),
+                ));
+            }
             replicas.extend(missing.iter().map(|&owner| {
                 Value::Struct(
                     [
