@@ -8,8 +8,9 @@
 //! the balancer's XML-RPC, one node is cut off from every other host for a while, and once it
 //! is back every acknowledged write must read back. One seed decides everything that varies:
 //! the workload, the node cut off and when, the network's latencies, the order hosts are run
-//! in each step, and the daemons' own random numbers; the clock every host reads is the
-//! simulation's.
+//! in each step, the daemons' own random numbers, and how far each daemon's wall clock is off
+//! (up to 100 ms either way, read on the simulation's clock; the balancer must measure each
+//! node's where it is).
 //!
 //! The seed is `DYNAMITE_SEED` (a fixed one by default), printed first. The run is made twice
 //! and the two histories compared line by line: a difference is nondeterminism, a bug of the
@@ -50,6 +51,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const SETTLE: Duration = Duration::from_secs(5);
 /// Bound on a whole run, in simulated time.
 const SIMULATION_LIMIT: Duration = Duration::from_secs(300);
+/// Each daemon's wall clock is off the simulation's by up to this much, either way (the seed
+/// says how far): what NTP gone wrong looks like, well within what the daemons measure and
+/// correct for (docs/time.md).
+const MAX_SKEW_US: u64 = 100_000;
 /// When every run's simulated wall clock starts (2027-01-15): fixed, so that entry times and
 /// everything derived from them are the same in every run.
 const EPOCH_S: u64 = 1_800_000_000;
@@ -96,7 +101,7 @@ fn acknowledged_writes_survive_a_partition_deterministically() {
     }
     assert!(
         first.violations.is_empty(),
-        "DYNAMITE_SEED={seed}: {} acknowledged writes did not read back:\n{}\n\nhistory:\n{}",
+        "DYNAMITE_SEED={seed}: {} violations:\n{}\n\nhistory:\n{}",
         first.violations.len(),
         first.violations.join("\n"),
         first.events.join("\n")
@@ -123,6 +128,17 @@ struct Outcome {
 fn run(seed: u64) -> Outcome {
     install_hooks();
     DAEMON_RANDOM.with(|state| state.set(Some(seed ^ 0x5EED_DAE0_0000_0000)));
+    let mut skews = SplitMix(seed ^ 0x5EED_C10C_0000_0000);
+    SKEW_US.with(|skew| {
+        *skew.borrow_mut() = NODES
+            .iter()
+            .chain(&[BALANCER])
+            .map(|host| {
+                let drawn = skews.below(2 * MAX_SKEW_US + 1) as i64;
+                (host.to_string(), drawn - MAX_SKEW_US as i64)
+            })
+            .collect();
+    });
 
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
@@ -216,6 +232,7 @@ async fn workload(seed: u64, outcome: Rc<RefCell<Outcome>>) -> turmoil::Result {
     client.log(format!("healed: {victim} reachable again"));
     tokio::time::sleep(SETTLE).await;
     client.check().await;
+    client.check_clocks().await;
     Ok(())
 }
 
@@ -292,10 +309,7 @@ impl Client {
                 let line = format!("get {key} ({quorum}) -> {read:?}");
                 let right = matches!(&read, Ok(Value::String(value)) if values.contains(value));
                 if !right {
-                    self.outcome
-                        .borrow_mut()
-                        .violations
-                        .push(format!("{line}; expected one of {values:?}"));
+                    self.violation(format!("{line}; expected one of {values:?}"));
                 }
                 self.log(line);
             }
@@ -312,6 +326,66 @@ impl Client {
                 .await;
             self.log(format!("get_versions {key} -> {versions:?}"));
         }
+    }
+}
+
+impl Client {
+    /// The balancer measured each node's clock where that node's skew puts it, within the
+    /// uncertainty it states (`stats()`: `clock_offset_us ± clock_error_us`).
+    async fn check_clocks(&self) {
+        let stats = self
+            .rpc
+            .call(&self.balancer, "stats", vec![], CALL_TIMEOUT)
+            .await;
+        let servers = match &stats {
+            Ok(Value::Struct(stats)) => stats.get("servers"),
+            _ => None,
+        };
+        let Some(Value::Array(servers)) = servers else {
+            self.violation(format!("the balancer's stats() has no servers: {stats:?}"));
+            return;
+        };
+        let skews = SKEW_US.with(|skews| skews.borrow().clone());
+        for server in servers {
+            let field = |name: &str| match server {
+                Value::Struct(fields) => fields.get(name).cloned(),
+                _ => None,
+            };
+            let int = |name: &str| match field(name) {
+                Some(Value::Integer(n)) => Some(i64::from(n)),
+                Some(Value::Long(n)) => Some(n),
+                _ => None,
+            };
+            let Some(Value::String(address)) = field("address") else {
+                self.violation(format!("a server without an address: {server:?}"));
+                continue;
+            };
+            let host = address.split(':').next().unwrap_or_default();
+            let skew = |host: &str| skews.get(host).copied().unwrap_or(0);
+            let expected = skew(host) - skew(BALANCER);
+            let line = match (int("clock_offset_us"), int("clock_error_us")) {
+                (Some(offset), Some(error)) => {
+                    let line = format!(
+                        "clock of {host}: measured {offset} ± {error} us from the balancer's, \
+                         off by {expected} us"
+                    );
+                    if offset.abs_diff(expected) > error.unsigned_abs() {
+                        self.violation(line.clone());
+                    }
+                    line
+                }
+                _ => {
+                    let line = format!("clock of {host}: not measured: {server:?}");
+                    self.violation(line.clone());
+                    line
+                }
+            };
+            self.log(line);
+        }
+    }
+
+    fn violation(&self, what: String) {
+        self.outcome.borrow_mut().violations.push(what);
     }
 }
 
@@ -385,6 +459,11 @@ impl Dialer for SimDialer {
 thread_local! {
     /// The daemons' random stream for the simulation this thread runs (every host runs on it).
     static DAEMON_RANDOM: Cell<Option<u64>> = const { Cell::new(None) };
+    /// Each host's clock skew for the simulation this thread runs, in µs (ahead when
+    /// positive); hosts not named run on the simulation's clock.
+    static SKEW_US: RefCell<BTreeMap<String, i64>> = const { RefCell::new(BTreeMap::new()) };
+    /// The turmoil host being run on this thread ([`HostTracker`]).
+    static CURRENT_HOST: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
 /// Puts the simulation's clock and randomness in place of the machine's, for this process.
@@ -397,11 +476,19 @@ fn install_hooks() {
 }
 
 /// The simulated wall clock of the host being run: the simulation's epoch plus the simulated
-/// time since. Read anywhere else, it is a bug of the harness (a thread turmoil does not run).
+/// time since, plus that host's skew. Read anywhere else, it is a bug of the harness (a thread
+/// turmoil does not run).
 fn simulated_now_us() -> u64 {
     let since = turmoil::since_epoch()
         .expect("the wall clock is read outside the simulation's hosts (another thread?)");
-    u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+    let skew = CURRENT_HOST.with(|host| {
+        let host = host.borrow();
+        let host = host.as_deref().expect("no turmoil host is being run");
+        SKEW_US.with(|skews| skews.borrow().get(host).copied().unwrap_or(0))
+    });
+    u64::try_from(since.as_micros())
+        .unwrap_or(u64::MAX)
+        .saturating_add_signed(skew)
 }
 
 fn simulated_random_u64() -> u64 {
@@ -435,16 +522,83 @@ impl SplitMix {
     }
 }
 
-/// The daemons' logs, when `RUST_LOG` asks for them, stamped with the simulated time.
+/// The daemons' logs, when `RUST_LOG` asks for them, stamped with the simulated time; and
+/// the [`HostTracker`] the clock hook needs, whatever `RUST_LOG` says.
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let logs = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_timer(SimulatedTime)
-        .with_test_writer()
-        .with_ansi(false)
+    let node_spans = tracing_subscriber::filter::filter_fn(|metadata| {
+        metadata.is_span() && metadata.name() == "node" && metadata.target().starts_with("turmoil")
+    });
+    let installed = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_timer(SimulatedTime)
+                .with_test_writer()
+                .with_ansi(false)
+                .with_filter(logs),
+        )
+        .with(HostTracker.with_filter(node_spans))
         .try_init();
+    assert!(
+        installed.is_ok(),
+        "another tracing subscriber is installed: the host tracker cannot see turmoil's spans"
+    );
+}
+
+/// Follows the span turmoil enters around each step of each host (`node`, its `name` field
+/// the host's name), so that the clock hook knows whose clock it reads: turmoil 0.7 names the
+/// host being run nowhere in its public API.
+struct HostTracker;
+
+/// The host a `node` span is for, kept in the span's extensions.
+struct HostName(String);
+
+impl<S> tracing_subscriber::Layer<S> for HostTracker
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attributes: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        context: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Name(Option<String>);
+        impl tracing::field::Visit for Name {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "name" {
+                    self.0 = Some(value.to_owned());
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let mut name = Name(None);
+        attributes.record(&mut name);
+        if let (Some(name), Some(span)) = (name.0, context.span(id)) {
+            span.extensions_mut().insert(HostName(name));
+        }
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, context: tracing_subscriber::layer::Context<'_, S>) {
+        if let Some(span) = context.span(id)
+            && let Some(HostName(name)) = span.extensions().get::<HostName>()
+        {
+            CURRENT_HOST.with(|host| *host.borrow_mut() = Some(name.clone()));
+        }
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, context: tracing_subscriber::layer::Context<'_, S>) {
+        if let Some(span) = context.span(id)
+            && span.extensions().get::<HostName>().is_some()
+        {
+            CURRENT_HOST.with(|host| *host.borrow_mut() = None);
+        }
+    }
 }
 
 /// Log lines' time: the simulated time since the run began, where a host is being run.
