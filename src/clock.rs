@@ -69,11 +69,17 @@ pub const DEADLINE_MARGIN_US: u64 = 2_000;
 /// machines kept by NTP agree far better than this, and the first exchange replaces it.
 pub const UNMEASURED_SKEW_US: u64 = 1_000_000;
 
-/// Microseconds since the Unix epoch on this machine's wall clock.
+/// Microseconds since the Unix epoch on this machine's wall clock: everything in the crate
+/// that reads the wall clock (entry times, deadlines, the clock exchanges, leases) reads it
+/// here, so that a simulation can put a clock of its own underneath
+/// ([`crate::simulation::Hooks::now_us`]).
 pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    match crate::simulation::hooks() {
+        Some(hooks) => (hooks.now_us)(),
+        None => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+    }
 }
 
 /// A duration in whole microseconds, saturating.

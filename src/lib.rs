@@ -38,6 +38,7 @@ pub mod rpc;
 pub mod runtime;
 pub mod security;
 pub mod shutdown;
+pub mod simulation;
 pub mod status;
 pub mod storage;
 pub mod telemetry;

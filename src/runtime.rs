@@ -1,4 +1,5 @@
-//! The tokio runtime both daemons run on, and binding their listener.
+//! The tokio runtime both daemons run on, binding their listener, and where their blocking
+//! work runs.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -99,4 +100,33 @@ fn refuse_transparent_huge_pages(daemon: &str) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = daemon;
+}
+
+/// Blocking work that failed to finish: it panicked, or its runtime is shutting down.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BlockingFailed(String);
+
+/// Runs blocking work (reading or syncing the store) off the async threads, on tokio's
+/// blocking pool; under a simulation ([`crate::simulation`]), at once on the caller's thread,
+/// so that when it ends follows from the seed and not from the OS's scheduling.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BlockingFailed> {
+    if crate::simulation::hooks().is_some() {
+        return Ok(work());
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| BlockingFailed(error.to_string()))
+}
+
+/// As [`blocking`], for work nobody waits for (under a simulation it runs before this returns).
+/// A blocking task cannot be aborted: at a stop, the runtime gives it [`LEFTOVER_TIMEOUT`].
+pub fn spawn_blocking(work: impl FnOnce() + Send + 'static) {
+    if crate::simulation::hooks().is_some() {
+        work();
+    } else {
+        drop(tokio::task::spawn_blocking(work));
+    }
 }

@@ -42,7 +42,6 @@ use std::time::Duration;
 use dxr::Value;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::clock::micros;
@@ -54,6 +53,7 @@ use crate::rpc::client::{CallError, RpcClient};
 use crate::rpc::codec;
 use crate::rpc::messages::{Op, OpReply};
 use crate::rpc::server::{self, Handler, ServerLimits};
+use crate::rpc::transport::Listener;
 use crate::telemetry::{Counter, Figure};
 use crate::version::{Siblings, VClock};
 use coordinator::{Action, Event, Machine, Read, Receipt, Servers, Write, WriteRequest};
@@ -980,10 +980,11 @@ fn versions_xml(siblings: &Siblings) -> String {
     ])
 }
 
-/// Serves the balancer on `listener` until `shutdown` resolves.
+/// Serves the balancer on `listener` (a `tokio::net::TcpListener`, or a simulated network's:
+/// [`crate::rpc::transport`]) until `shutdown` resolves.
 pub async fn run(
     config: BalancerConfig,
-    listener: TcpListener,
+    listener: impl Listener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let limits = ServerLimits {

@@ -27,9 +27,11 @@
 //! ([`MAX_OUTSTANDING_VALUE_BYTES`]).
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+// Simulated time under a simulation (docs/simulation.md); `std::time::Instant` otherwise.
+use tokio::time::Instant;
 
 use crate::clock::{self, micros};
 use crate::rpc::batch::send_batch;
@@ -269,6 +271,9 @@ async fn dispatch(
                 std::pin::pin!(send(&client, &address, batch, batch_timeout, &progress));
             if value_bytes < HEAVY_BATCH_VALUE_BYTES {
                 tokio::select! {
+                    // An answer that comes as the wait ends counts as in time (a fixed order,
+                    // not tokio's coin, which a simulation could not replay).
+                    biased;
                     () = &mut sending => return,
                     () = tokio::time::sleep(SOLE_BATCH_FOR) => {}
                 }

@@ -15,9 +15,11 @@
 //! proposer stopped between the two for longer than the lock lasts), the merge keeps one of
 //! them everywhere (see `history.rs`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+// Simulated time under a simulation (docs/simulation.md); `std::time::Instant` otherwise.
+use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::rpc::messages;

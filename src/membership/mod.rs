@@ -22,9 +22,11 @@ pub mod status;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+// Simulated time under a simulation (docs/simulation.md); `std::time::Instant` otherwise.
+use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::layout::{Layout, Member};
@@ -793,6 +795,9 @@ impl Membership {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Either starts a round; a fixed order, not tokio's coin, decides which when
+                // both are ready (a simulation replays it: docs/simulation.md).
+                biased;
                 _ = ticks.tick() => {}
                 () = self.nudge.notified() => {}
             }

@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::rpc::client::RpcClient;
 use crate::rpc::server::{self, ServerLimits};
+use crate::rpc::transport::Listener;
 use crate::storage::{self, Engine, Tree, WriteOp};
 use crate::version::ActorId;
 
@@ -117,10 +116,11 @@ impl StorageNode {
     }
 }
 
-/// Serves the node on `listener` until `shutdown` resolves.
+/// Serves the node on `listener` (a `tokio::net::TcpListener`, or a simulated network's:
+/// [`crate::rpc::transport`]) until `shutdown` resolves.
 pub async fn run(
     config: NodeConfig,
-    listener: TcpListener,
+    listener: impl Listener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let node = Arc::new(StorageNode::open_uncounted(&config)?);
@@ -130,14 +130,14 @@ pub async fn run(
         tls = config.security.acceptor.is_some(),
         "storage node serving (counting its keys)"
     );
-    let census = {
+    {
         let node = node.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::runtime::spawn_blocking(move || {
             if let Err(error) = node.census.run(&node) {
                 tracing::error!(%error, "counting the stored keys failed");
             }
-        })
-    };
+        });
+    }
     if let Some(aae) = node.aae() {
         fill_in_background(&node, aae);
     }
@@ -177,9 +177,8 @@ pub async fn run(
     .await;
     // The copies of writes this node coordinated, past W, land before it stops.
     node.coordinator.finish_tails().await;
-    // A blocking task cannot be aborted: the runtime gives it `runtime::LEFTOVER_TIMEOUT`, and
-    // the process ends without it.
-    drop(census);
+    // The count of the keys, if it still runs, is a blocking task, which cannot be aborted:
+    // the runtime gives it `runtime::LEFTOVER_TIMEOUT`, and the process ends without it.
     syncer.abort();
     handoff.abort();
     anti_entropy.abort();
@@ -215,7 +214,7 @@ async fn anti_entropy_periodically(node: Arc<StorageNode>, client: RpcClient) {
 /// Fills `aae`'s trees from the stored data, in the background.
 fn fill_in_background(node: &Arc<StorageNode>, aae: Arc<AntiEntropy>) {
     let engine = node.engine.clone();
-    tokio::task::spawn_blocking(move || {
+    crate::runtime::spawn_blocking(move || {
         let started = std::time::Instant::now();
         match aae.fill(&*engine) {
             Ok(()) => tracing::info!(
@@ -283,7 +282,7 @@ async fn sync_periodically(engine: Arc<dyn Engine>) {
     loop {
         ticks.tick().await;
         let engine = engine.clone();
-        match tokio::task::spawn_blocking(move || engine.sync()).await {
+        match crate::runtime::blocking(move || engine.sync()).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(%error, "journal sync failed"),
             Err(error) => tracing::error!(%error, "journal sync task failed"),

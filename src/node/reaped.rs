@@ -19,7 +19,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Simulated time under a simulation (docs/simulation.md); `std::time::Instant` otherwise.
+use tokio::time::Instant;
 
 /// How long a reap is remembered: many anti-entropy rounds, far beyond any deadline.
 const REMEMBER_FOR: Duration = Duration::from_secs(600);

@@ -99,15 +99,14 @@ pub async fn rehome_pass(node: &Arc<StorageNode>, client: &RpcClient) -> Pass {
     loop {
         let engine = node.engine.clone();
         let from = after.clone();
-        let scanned = tokio::task::spawn_blocking(move || {
-            engine.scan(Tree::Data, from.as_deref(), PAGE_KEYS)
-        })
-        .await
-        .unwrap_or_else(|error| {
-            Err(crate::storage::StorageError::Io(std::io::Error::other(
-                error.to_string(),
-            )))
-        });
+        let scanned =
+            crate::runtime::blocking(move || engine.scan(Tree::Data, from.as_deref(), PAGE_KEYS))
+                .await
+                .unwrap_or_else(|error| {
+                    Err(crate::storage::StorageError::Io(std::io::Error::other(
+                        error.to_string(),
+                    )))
+                });
         let page = match scanned {
             Ok(page) => page,
             Err(error) => {

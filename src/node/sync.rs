@@ -181,7 +181,7 @@ async fn pull(
             let differing: Vec<String> = {
                 let node = node.clone();
                 let hashes = reply.hashes;
-                tokio::task::spawn_blocking(move || {
+                crate::runtime::blocking(move || {
                     hashes
                         .into_iter()
                         .filter(|(key, hash)| node.own_hash(key).ok().flatten() != Some(*hash))
@@ -221,7 +221,7 @@ async fn pull(
         if !entries.is_empty() {
             let node = node.clone();
             let deadline = crate::clock::now_us() + crate::clock::micros(CALL_TIMEOUT);
-            tokio::task::spawn_blocking(move || node.merge_own_many_until(entries, deadline))
+            crate::runtime::blocking(move || node.merge_own_many_until(entries, deadline))
                 .await
                 .map_err(|e| crate::error::Error::Internal(e.to_string()))??;
         }
@@ -357,6 +357,9 @@ pub async fn sync_forever(node: Arc<StorageNode>) {
             let _ = changes.changed().await;
         } else {
             tokio::select! {
+                // Either wakes the next pass; a fixed order, not tokio's coin, decides which
+                // when both are ready (a simulation replays it: docs/simulation.md).
+                biased;
                 _ = changes.changed() => {}
                 () = tokio::time::sleep(RETRY_AFTER) => {}
             }

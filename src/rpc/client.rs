@@ -24,6 +24,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::clock::{self, Exchange, PeerClocks};
 use crate::rpc::codec;
+use crate::rpc::transport::{CONNECT_TIMEOUT, DialService};
 use crate::security::Outgoing;
 
 /// Idle connections kept per peer; enough for the concurrency one balancer drives.
@@ -56,7 +57,7 @@ pub enum CallError {
 pub struct RpcClient {
     /// Speaks HTTPS to `https://` URLs (the scheme [`Outgoing::scheme`] picks) and plain HTTP
     /// to the others.
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: Http,
     /// `http` or `https`, for every call.
     scheme: &'static str,
     /// The headers proving who this daemon is (see [`crate::security::access`]).
@@ -67,6 +68,24 @@ pub struct RpcClient {
     /// The daemon's layout version, sent with every call, and told of the versions answers
     /// carry (see [`LAYOUT_HEADER`]).
     beacon: Option<Arc<dyn LayoutBeacon>>,
+}
+
+/// hyper-util's pooled client over the connections it opens: TCP, or those of the
+/// [`crate::rpc::transport::Dialer`] the daemon was given. Both speak TLS where the URL is
+/// `https://`.
+#[derive(Clone)]
+enum Http {
+    Tcp(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+    Dialed(Client<HttpsConnector<DialService>, Full<Bytes>>),
+}
+
+impl Http {
+    fn request(&self, request: Request<Full<Bytes>>) -> hyper_util::client::legacy::ResponseFuture {
+        match self {
+            Http::Tcp(client) => client.request(request),
+            Http::Dialed(client) => client.request(request),
+        }
+    }
 }
 
 /// Every internal call and its answer carry the sender's newest layout version in this
@@ -94,26 +113,36 @@ impl RpcClient {
         Self::with_outgoing(&Outgoing::default())
     }
 
-    /// A client whose calls carry `outgoing`'s credential, over HTTPS when it names CAs.
+    /// A client whose calls carry `outgoing`'s credential, over HTTPS when it names CAs, on
+    /// the connections of its dialer (TCP without one).
     pub fn with_outgoing(outgoing: &Outgoing) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        // The TLS layer below takes `https://` URLs.
-        connector.enforce_http(false);
         let tls = match &outgoing.tls {
             Some(config) => (**config).clone(),
             None => crate::security::tls::untrusting_client(),
         };
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS_PER_PEER)
-            .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
-            .build(connector);
+            .enable_http1();
+        let mut pool = Client::builder(TokioExecutor::new());
+        pool.pool_max_idle_per_host(MAX_IDLE_CONNECTIONS_PER_PEER)
+            .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT);
+        let http = match &outgoing.dialer {
+            None => {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+                // The TLS layer above takes `https://` URLs.
+                connector.enforce_http(false);
+                Http::Tcp(pool.build(tls.wrap_connector(connector)))
+            }
+            Some(dialer) => {
+                // The pool's idle connections then age on `tokio::time` (simulated time under
+                // a simulation) instead of `std::time::Instant`.
+                pool.pool_timer(hyper_util::rt::TokioTimer::new());
+                Http::Dialed(pool.build(tls.wrap_connector(DialService(dialer.clone()))))
+            }
+        };
         RpcClient {
             http,
             scheme: outgoing.scheme(),

@@ -19,11 +19,11 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method as HttpMethod, Request as HttpRequest, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 
 use crate::error::{Error, Result};
 use crate::rpc::codec::{self, Call, Param};
 use crate::rpc::messages;
+use crate::rpc::transport::Listener;
 use crate::security::{Access, Credentials, Principal, Refusal, Security, access};
 
 /// A daemon's requests, one typed value per call (mini-redis's `Command`): the one place its
@@ -199,10 +199,11 @@ pub struct ServerLimits {
     pub max_request_bytes: usize,
 }
 
-/// Serves connections from `listener` until `shutdown` resolves, then stops accepting and
-/// lets open requests finish.
+/// Serves connections from `listener` (TCP, or a simulated network: see
+/// [`crate::rpc::transport`]) until `shutdown` resolves, then stops accepting and lets open
+/// requests finish.
 pub async fn serve<H: Handler>(
-    listener: TcpListener,
+    mut listener: impl Listener,
     handler: Arc<H>,
     limits: ServerLimits,
     security: Security,
@@ -221,8 +222,8 @@ pub async fn serve<H: Handler>(
         };
         // Forget the connections that ended, so that the set holds the open ones only.
         while tasks.try_join_next().is_some() {}
-        let (stream, _) = match accepted {
-            Ok(pair) => pair,
+        let stream = match accepted {
+            Ok(stream) => stream,
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(%error, "accept failed");
@@ -231,7 +232,6 @@ pub async fn serve<H: Handler>(
             }
         };
         CONNECTIONS_ACCEPTED.inc();
-        let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let credentials = security.credentials.clone();
         let service = hyper::service::service_fn(move |request| {

@@ -52,11 +52,15 @@ impl std::fmt::Debug for Security {
 }
 
 /// What a daemon's calls to other daemons carry: its credentials (the cluster secret, the
-/// client password, or both) and the CAs it trusts, when it calls over HTTPS.
+/// client password, or both) and the CAs it trusts, when it calls over HTTPS; and what
+/// carries them: TCP, or the network of a simulation that gave it a dialer.
 #[derive(Clone, Default)]
 pub struct Outgoing {
     pub credentials: Vec<(HeaderName, HeaderValue)>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Opens the connections to other daemons in place of TCP (`None`: TCP). No flag sets
+    /// it; a simulation does (see [`crate::rpc::transport`]).
+    pub dialer: Option<Arc<dyn crate::rpc::transport::Dialer>>,
 }
 
 impl std::fmt::Debug for Outgoing {
@@ -71,6 +75,7 @@ impl std::fmt::Debug for Outgoing {
                     .collect::<Vec<_>>(),
             )
             .field("tls", &self.tls.is_some())
+            .field("dialer", &self.dialer.is_some())
             .finish()
     }
 }
@@ -132,6 +137,7 @@ impl Security {
         let outgoing = Outgoing {
             credentials: outgoing_credentials(&credentials)?,
             tls,
+            dialer: None,
         };
         Ok((
             Security {
