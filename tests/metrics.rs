@@ -13,7 +13,6 @@ use std::time::Duration;
 use common::*;
 use dxr::Value;
 use dynamite::rpc::client::{CallError, RpcClient};
-use dynamite::security::{Security, SecurityFiles};
 
 const SCRAPE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/scrape.py");
 const USER: &str = "ops";
@@ -128,14 +127,7 @@ fn metrics_are_valid_openmetrics_and_count_what_happened() {
     }
     let mut cluster = builder.start();
     let lb = cluster.balancer_port(0);
-    let client = {
-        let files = SecurityFiles {
-            auth_user: Some(USER.into()),
-            auth_password_file: Some(password_file.clone()),
-            ..SecurityFiles::default()
-        };
-        RpcClient::with_outgoing(&Security::from_files(&files).expect("client").0.outgoing)
-    };
+    let client = password_client(USER, &password_file);
     for i in 0..20 {
         assert_eq!(
             call(&client, lb, "put", vec![s(&key(i)), s("v")]).expect("put"),

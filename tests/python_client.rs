@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -30,37 +29,7 @@ fn python_xmlrpc_client_round_trips_deeply_nested_values() {
 /// Runs `script` against a fresh three-node cluster: the balancer's port, then the nodes'.
 fn run_python(script: &str) {
     let cluster = Cluster::builder().nodes(3).in_memory().start();
-
-    let stdout_path = cluster.dir().join("python.stdout.log");
-    let stderr_path = cluster.dir().join("python.stderr.log");
     let mut args = vec![script.to_owned(), cluster.balancer_port(0).to_string()];
     args.extend(cluster.node_ports().iter().map(u16::to_string));
-    let mut python = Command::new("python3")
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&stdout_path).expect("log file"))
-        .stderr(std::fs::File::create(&stderr_path).expect("log file"))
-        .spawn()
-        .expect("python3 must be on PATH to run the Python client test");
-
-    let deadline = Instant::now() + PYTHON_TIMEOUT;
-    let status = loop {
-        if let Some(status) = python.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = python.kill();
-            let _ = python.wait();
-            break None;
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    };
-
-    let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-    println!("python3 {args:?}\n--- stdout ---\n{stdout}--- stderr ---\n{stderr}");
-    match status {
-        None => panic!("the Python session still ran after {PYTHON_TIMEOUT:?}; killed"),
-        Some(status) => assert!(status.success(), "the Python session failed: {status}"),
-    }
+    run_python_script(cluster.dir(), &args, PYTHON_TIMEOUT);
 }

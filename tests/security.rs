@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use dxr::Value;
@@ -142,8 +142,6 @@ fn call(
 
 /// Runs the Python session against `cluster`; panics with its output when it fails.
 fn run_secure_session(cluster: &Cluster, kit: &Kit, scheme: &str) {
-    let out = cluster.dir().join("python.out.log");
-    let err = cluster.dir().join("python.err.log");
     let args = vec![
         SECURE_SESSION.to_owned(),
         cluster.balancer_port(0).to_string(),
@@ -153,32 +151,7 @@ fn run_secure_session(cluster: &Cluster, kit: &Kit, scheme: &str) {
         USER.to_owned(),
         kit.arg("password"),
     ];
-    let mut python = Command::new("python3")
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).expect("log"))
-        .stderr(std::fs::File::create(&err).expect("log"))
-        .spawn()
-        .expect("python3 must be on PATH");
-    let deadline = Instant::now() + PYTHON_TIMEOUT;
-    let status = loop {
-        if let Some(status) = python.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = python.kill();
-            let _ = python.wait();
-            break None;
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    };
-    let stdout = std::fs::read_to_string(&out).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
-    println!("--- python stdout ---\n{stdout}--- python stderr ---\n{stderr}");
-    assert!(
-        status.is_some_and(|status| status.success()),
-        "the secure Python session failed or hung ({status:?})"
-    );
+    run_python_script(cluster.dir(), &args, PYTHON_TIMEOUT);
 }
 
 /// Every log line every daemon of `cluster` wrote, every generation.
@@ -461,14 +434,7 @@ fn the_secret_is_turned_on_and_replaced_by_rolling_restarts() {
     }
     let mut cluster = builder.start();
     let lb = cluster.balancer_port(0);
-    let password = {
-        let files = SecurityFiles {
-            auth_user: Some(USER.into()),
-            auth_password_file: Some(kit.path("password")),
-            ..SecurityFiles::default()
-        };
-        RpcClient::with_outgoing(&Security::from_files(&files).expect("client").0.outgoing)
-    };
+    let password = password_client(USER, &kit.path("password"));
     let mut acknowledged = Vec::new();
     let mut refused = Vec::new();
     let mut write = |cluster: &Cluster, tag: &str| {

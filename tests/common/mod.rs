@@ -1532,3 +1532,51 @@ pub fn wait_until_ok(timeout: Duration, what: &str, mut check: impl FnMut() -> R
         std::thread::sleep(POLL_INTERVAL);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Python and credentials
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `python3 args...` (the script first), bounded by `timeout`, its output kept in
+/// `dir` and printed; panics unless it exits 0.
+pub fn run_python_script(dir: &Path, args: &[String], timeout: Duration) {
+    let out = dir.join("python.stdout.log");
+    let err = dir.join("python.stderr.log");
+    let mut python = Command::new("python3")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(File::create(&out).expect("log file"))
+        .stderr(File::create(&err).expect("log file"))
+        .spawn()
+        .expect("python3 must be on PATH");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = python.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = python.kill();
+            let _ = python.wait();
+            break None;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    };
+    let stdout = std::fs::read_to_string(&out).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    println!("python3 {args:?}\n--- stdout ---\n{stdout}--- stderr ---\n{stderr}");
+    match status {
+        None => panic!("python3 {args:?} still ran after {timeout:?}; killed"),
+        Some(status) => assert!(status.success(), "python3 {args:?} failed: {status}"),
+    }
+}
+
+/// A client of ours sending `user` and the first password of `password_file` (HTTP Basic).
+pub fn password_client(user: &str, password_file: &Path) -> dynamite::rpc::client::RpcClient {
+    let files = dynamite::security::SecurityFiles {
+        auth_user: Some(user.to_owned()),
+        auth_password_file: Some(password_file.to_owned()),
+        ..Default::default()
+    };
+    let (security, _) = dynamite::security::Security::from_files(&files).expect("credentials");
+    dynamite::rpc::client::RpcClient::with_outgoing(&security.outgoing)
+}
