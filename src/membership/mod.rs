@@ -17,6 +17,7 @@
 //!   that of two racing `cluster.apply(v)` exactly one wins.
 
 pub mod apply;
+pub mod changes;
 pub mod history;
 pub mod status;
 
@@ -211,7 +212,7 @@ pub struct Membership {
     client: RpcClient,
     heard: Mutex<BTreeMap<String, Heard>>,
     /// Wakes whoever waits for the history to change (sync, rehoming, the gossip loop).
-    changed: tokio::sync::watch::Sender<u64>,
+    changed: changes::Changes,
     pub(crate) lock: Mutex<Option<apply::Lock>>,
     conflict_logged: Mutex<Option<Instant>>,
     mismatched: Mutex<BTreeMap<String, String>>,
@@ -303,7 +304,7 @@ impl Membership {
             store,
             client: RpcClient::new(),
             heard: Mutex::new(BTreeMap::new()),
-            changed: tokio::sync::watch::channel(0).0,
+            changed: changes::Changes::default(),
             lock: Mutex::new(None),
             conflict_logged: Mutex::new(None),
             mismatched: Mutex::new(BTreeMap::new()),
@@ -360,7 +361,7 @@ impl Membership {
     }
 
     /// A receiver that sees a new value whenever the history changes.
-    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub fn watch(&self) -> changes::ChangesReceiver {
         self.changed.subscribe()
     }
 
@@ -414,7 +415,7 @@ impl Membership {
             )])?;
         }
         state.history = Some(history);
-        self.changed.send_modify(|n| *n += 1);
+        self.changed.bump();
         Ok(true)
     }
 

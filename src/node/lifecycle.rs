@@ -108,7 +108,8 @@ impl StorageNode {
             data_dir: match &config.storage {
                 crate::storage::StorageConfig::Log { dir, .. }
                 | crate::storage::StorageConfig::Fjall { dir } => Some(dir.clone()),
-                crate::storage::StorageConfig::InMemory => None,
+                crate::storage::StorageConfig::InMemory
+                | crate::storage::StorageConfig::Provided(_) => None,
             },
             port: config.listen.port(),
             metrics: NodeMetrics::default(),

@@ -312,7 +312,29 @@ pub enum StorageConfig {
         /// What to do with damaged records found at open.
         recovery: Recovery,
     },
+    /// An engine the caller opened and keeps: a simulated disk, which outlives the node that a
+    /// simulation crashes and restarts on it (`tests/simulation`). No flag chooses it.
+    Provided(ProvidedEngine),
 }
+
+/// An engine handed to [`open`] as it is (see [`StorageConfig::Provided`]). Two are equal
+/// when they are the same engine.
+#[derive(Clone)]
+pub struct ProvidedEngine(pub Arc<dyn Engine>);
+
+impl std::fmt::Debug for ProvidedEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProvidedEngine({})", self.0.name())
+    }
+}
+
+impl PartialEq for ProvidedEngine {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ProvidedEngine {}
 
 /// Entries read per page by [`for_each`].
 const SCAN_PAGE: usize = 1024;
@@ -342,6 +364,7 @@ pub fn for_each(
 pub fn open(config: &StorageConfig) -> Result<Arc<dyn Engine>, StorageError> {
     match config {
         StorageConfig::InMemory => Ok(Arc::new(MemoryEngine::new())),
+        StorageConfig::Provided(engine) => Ok(engine.0.clone()),
         StorageConfig::Fjall { dir } => {
             refuse_other_layout(dir, LOG_MARKER, "fjall")?;
             Ok(Arc::new(FjallEngine::open(dir)?))
