@@ -279,6 +279,10 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
         return false; // a router may still write under an older version only: wait
     }
     let mut complete = true;
+    // Removed nodes that did not answer in this pass: not asked again in it. Each would cost
+    // its connect timeout per partition it held (a dead node removed from a cluster of many
+    // partitions held its survivors for minutes), and the answer would be the same.
+    let mut removed_and_down: BTreeSet<String> = BTreeSet::new();
     for (partition, sources) in wanted {
         let already = node
             .sync_progress
@@ -294,6 +298,9 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
         // holds some of the partition already (restarted mid-transfer) takes listings only.
         let mut have_copy = node.holds_any_of(partition);
         for source in &sources {
+            if removed_and_down.contains(source) {
+                continue;
+            }
             match pull(node, source, partition, !have_copy).await {
                 Ok(keys) => {
                     have_copy = true;
@@ -316,8 +323,9 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
                         partition,
                         source,
                         %error,
-                        "a removed node is down; its partition comes from the other copies"
+                        "a removed node is down; its partitions come from the other copies"
                     );
+                    removed_and_down.insert(source.clone());
                 }
             }
         }

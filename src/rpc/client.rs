@@ -137,9 +137,12 @@ impl RpcClient {
                 Http::Tcp(pool.build(tls.wrap_connector(connector)))
             }
             Some(dialer) => {
-                // The pool's idle connections then age on `tokio::time` (simulated time under
-                // a simulation) instead of `std::time::Instant`.
-                pool.pool_timer(hyper_util::rt::TokioTimer::new());
+                // The pool then reads `tokio::time` (simulated time under a simulation)
+                // instead of `std::time::Instant`, and keeps idle connections: its sweep of
+                // expired ones walks a `HashMap`, whose order differs from run to run, and so
+                // would the order of the connections' closing messages.
+                pool.pool_timer(hyper_util::rt::TokioTimer::new())
+                    .pool_idle_timeout(None::<Duration>);
                 Http::Dialed(pool.build(tls.wrap_connector(DialService(dialer.clone()))))
             }
         };

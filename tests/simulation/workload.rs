@@ -47,6 +47,10 @@ pub struct Record {
     idle_tasks: BTreeMap<String, u64>,
     /// Simulated time the cluster took to converge after the healing.
     pub converged_after: Option<Duration>,
+    /// The hosts' clients, kept until the simulation is over: dropped when a host's work ends,
+    /// a client's pool would close its connections in its `HashMap`'s order, which differs
+    /// from run to run.
+    pub clients: Vec<RpcClient>,
 }
 
 pub type Shared = Rc<RefCell<Record>>;
@@ -193,6 +197,7 @@ pub async fn client(name: &'static str, mut random: SplitMix, record: Shared) ->
         tokio::time::sleep(Duration::from_millis(random.below(100))).await;
     }
     log(&record, format!("{name} stops"));
+    record.borrow_mut().clients.push(rpc);
     Ok(())
 }
 
@@ -335,6 +340,7 @@ pub async fn operator(plan: Plan, mut random: SplitMix, record: Shared) -> turmo
             ));
         }
     }
+    record.borrow_mut().clients.push(rpc);
     Ok(())
 }
 
@@ -539,6 +545,7 @@ pub async fn inspector(plan: Plan, record: Shared) -> turmoil::Result {
     }
     log(&record, format!("figures: {figures:?}"));
     record.borrow_mut().figures = figures;
+    record.borrow_mut().clients.push(rpc);
     Ok(())
 }
 
