@@ -59,6 +59,15 @@ pub fn leaf_range(leaf: usize) -> (Vec<u8>, Option<Vec<u8>>) {
     (after, before)
 }
 
+/// The partition of a key's own copy, from its engine key (the first byte of MD5 follows the
+/// mark); `None` for anything else.
+pub fn partition_of_stored(stored: &[u8]) -> Option<usize> {
+    match stored {
+        [MARK, first, _, ..] => Some(usize::from(*first)),
+        _ => None,
+    }
+}
+
 /// Where a partition's keys lie in the engine's order, as [`leaf_range`] gives a leaf's: a
 /// partition is the run of leaves that share the first byte of MD5.
 pub fn partition_range(partition: usize) -> (Vec<u8>, Option<Vec<u8>>) {

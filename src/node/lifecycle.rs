@@ -102,6 +102,7 @@ impl StorageNode {
             sync_progress: Default::default(),
             census: Census::pending(),
             reaped: ReapedTombstones::default(),
+            strays: tokio::sync::Notify::new(),
             last_clock_warning_us: std::sync::atomic::AtomicU64::new(0),
             cache: RowCache::new(config.cache_bytes),
             log_requests: config.log_requests,

@@ -92,6 +92,10 @@ pub struct StorageNode {
     census: census::Census,
     /// Tombstones reaped lately, refused if a replica sends them back.
     reaped: ReapedTombstones,
+    /// Wakes rehoming: a write stored a key that no live layout version places here (a
+    /// router that had not yet heard that a transition ended still wrote to an old replica).
+    /// Without it such a key would stay until the next layout change.
+    strays: tokio::sync::Notify,
     /// When the log last said this node refused writes for its clock (microseconds).
     last_clock_warning_us: std::sync::atomic::AtomicU64,
     /// Stored bytes of recently used keys of the `Data` tree.
@@ -107,6 +111,22 @@ pub struct StorageNode {
 impl StorageNode {
     pub fn actor(&self) -> ActorId {
         self.actor
+    }
+
+    /// Whether some live layout version places `partition` on this node (true before any
+    /// layout is known: nothing is a stray then).
+    fn replicates_partition(&self, partition: usize) -> bool {
+        let Some(routing) = self.membership.routing() else {
+            return true;
+        };
+        let me = &self.membership.me;
+        routing.layouts.iter().any(|(_, layout)| {
+            let servers = layout.servers();
+            layout
+                .replicas_of(partition)
+                .iter()
+                .any(|&server| servers.get(usize::from(server)) == Some(me))
+        })
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {

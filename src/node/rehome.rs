@@ -63,10 +63,18 @@ pub async fn rehome_until_done(node: Arc<StorageNode>, client: RpcClient) {
             );
         }
         if pass.left == 0 {
-            // Until the layouts change again (not merely the trackers).
+            // Until the layouts change again (not merely the trackers), or a write stores a
+            // key no live version places here.
             loop {
-                if changes.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    // A fixed order, not tokio's coin (a simulation replays it).
+                    biased;
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    () = node.strays.notified() => break,
                 }
                 let now = node.membership.routing();
                 let same = match (&seen, &now) {

@@ -177,6 +177,14 @@ impl<'n> Transaction<'n> {
             }
             return Err(error.into());
         }
+        let stray = own_changes.iter().any(|(place, _, new, _)| {
+            new.is_some()
+                && super::keys::partition_of_stored(&place.storage_key)
+                    .is_some_and(|partition| !node.replicates_partition(partition))
+        });
+        if stray {
+            node.strays.notify_one();
+        }
         for (place, old, new, change) in own_changes {
             if let (Some(aae), Some(filled)) = (&aae, &filled)
                 && filled.covers(&place.storage_key)

@@ -20,8 +20,10 @@
 //! 4. **A single writer reads its last write**: where one client writes a key, one operation
 //!    at a time, and its last operation was an acknowledged put, every read returns that
 //!    value (it entered the cluster last of all, and `get` returns the latest entered).
-//! 5. **Reads agree with the versions**: a read returns one of the values held, and nil
-//!    exactly when none is.
+//! 5. **Reads agree with the versions**: a read returns one of the values held, or nil when
+//!    none is; or nil beside values when the key was deleted, since `get` answers the version
+//!    that entered last and a delete's tombstone may have entered after a value it did not see
+//!    (a concurrent sibling, listed by `get_versions`).
 //! 6. **Replicas converge**: every node holding live versions of the key holds the same ones
 //!    (by dot), and N nodes hold them (none when the key has none).
 //! 7. **Nothing grows without bound**: each figure measured at the end is within its bound.
@@ -169,10 +171,11 @@ fn check_key(
     }
 
     // 5.
+    let deleted = ops.iter().any(|op| op.value.is_none());
     for (entry, read) in &held.reads {
         let agrees = match read {
             Some(value) => versions.contains(value.as_str()),
-            None => versions.is_empty(),
+            None => versions.is_empty() || deleted,
         };
         if !agrees {
             report(
@@ -396,6 +399,20 @@ mod tests {
                 held(&["c"]),
                 false,
                 vec!["no acknowledged write lost"],
+            ),
+            (
+                "a delete's tombstone newer than a value it did not see: nil beside the value",
+                vec![
+                    put("c1", "a", 1, false),
+                    put("c1", "b", 2, true),
+                    delete(&["b"], 3, true),
+                ],
+                Held {
+                    reads: vec![("balancer1".into(), None)],
+                    ..held(&["a"])
+                },
+                true,
+                vec![],
             ),
             (
                 "a read that is not among the versions",

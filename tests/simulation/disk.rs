@@ -24,6 +24,8 @@ pub enum Crash {
 /// One node's disk: what a running node reads (`live`), and what would survive a power loss
 /// (`synced`, plus the writes since the last sync in the order they were made).
 pub struct SimDisk {
+    /// The node's host, for the trace of writes (`RUST_LOG=sim_disk=trace`).
+    name: &'static str,
     state: Mutex<State>,
 }
 
@@ -34,8 +36,9 @@ struct State {
 }
 
 impl SimDisk {
-    pub fn new() -> Self {
+    pub fn new(name: &'static str) -> Self {
         SimDisk {
+            name,
             state: Mutex::new(State {
                 live: MemoryEngine::new(),
                 synced: MemoryEngine::new(),
@@ -96,6 +99,15 @@ impl Engine for SimDisk {
     }
 
     fn write(&self, ops: Vec<WriteOp>) -> Result<(), StorageError> {
+        for op in &ops {
+            tracing::trace!(
+                target: "sim_disk",
+                disk = self.name,
+                tree = op.tree.name(),
+                key = %String::from_utf8_lossy(&op.key),
+                removed = op.value.is_none(),
+            );
+        }
         let mut state = self.lock();
         state.live.write(ops.clone())?;
         state.pending.push(ops);
@@ -150,7 +162,7 @@ mod tests {
 
     #[test]
     fn a_process_crash_keeps_every_write_and_a_power_loss_keeps_the_synced_and_a_prefix() {
-        let disk = SimDisk::new();
+        let disk = SimDisk::new("node");
         put(&disk, "a");
         disk.sync().expect("sync");
         put(&disk, "b");

@@ -131,7 +131,7 @@ pub fn run(seed: u64) -> Outcome {
 
     let disks: BTreeMap<&'static str, Arc<SimDisk>> = nemesis::nodes()
         .into_iter()
-        .map(|node| (node, Arc::new(SimDisk::new())))
+        .map(|node| (node, Arc::new(SimDisk::new(node))))
         .collect();
     for node in nemesis::nodes() {
         let disk = disks[node].clone();
