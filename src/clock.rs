@@ -251,12 +251,37 @@ struct Peers {
     /// ([`Offset::nearest_zero_us`]), when the median was last computed: the median is
     /// computed again only when one of them changes.
     best_us: HashMap<String, i64>,
+    /// The storage nodes of the newest layout, and this daemon's own address when it is one
+    /// of them ([`PeerClocks::set_members`]).
+    members: Option<(Vec<String>, Option<String>)>,
+}
+
+impl Peers {
+    /// The median of the members' best offsets, this daemon's own being 0: every daemon takes
+    /// it over the same nodes, so that their cluster clocks agree (a median over whichever
+    /// nodes each happened to call differs by the gaps between the nodes' clocks). Over every
+    /// peer measured until the members are known, or when none of them is measured.
+    fn median_us(&self) -> i64 {
+        if let Some((members, me)) = &self.members {
+            let measured: Vec<i64> = members
+                .iter()
+                .filter(|member| me.as_ref() != Some(*member))
+                .filter_map(|member| self.best_us.get(member).copied())
+                .collect();
+            if !measured.is_empty() {
+                return median_offset_us(measured.into_iter().chain(me.as_ref().map(|_| 0)));
+            }
+        }
+        median_offset_us(self.best_us.values().copied())
+    }
 }
 
 impl PeerClocks {
     pub fn record(&self, peer: &str, exchange: &Exchange) {
         let mut peers = self.lock();
-        let Peers { estimates, best_us } = &mut *peers;
+        let Peers {
+            estimates, best_us, ..
+        } = &mut *peers;
         let estimate = match estimates.get_mut(peer) {
             Some(estimate) => estimate,
             None => estimates.entry(peer.to_owned()).or_default(),
@@ -270,7 +295,17 @@ impl PeerClocks {
             return;
         }
         best_us.insert(peer.to_owned(), nearest_zero);
-        let median = median_offset_us(best_us.values().copied());
+        let median = peers.median_us();
+        self.median_us.store(median, Ordering::Relaxed);
+    }
+
+    /// The nodes the cluster clock is the median of: the newest layout's storage nodes, and
+    /// `me` (offset 0) when this daemon is one of them.
+    pub fn set_members(&self, members: Vec<String>, me: Option<String>) {
+        let mut peers = self.lock();
+        let me = me.filter(|me| members.contains(me));
+        peers.members = Some((members, me));
+        let median = peers.median_us();
         self.median_us.store(median, Ordering::Relaxed);
     }
 
@@ -450,6 +485,38 @@ mod tests {
             };
             assert_eq!(offset.nearest_zero_us(), expected, "{offset:?}");
         }
+    }
+
+    #[test]
+    fn the_cluster_clock_is_the_median_of_the_members_with_oneself_at_zero() {
+        // Exchanges that measure `peer` at `offset` µs with no uncertainty to speak of.
+        let clocks = PeerClocks::default();
+        let measure = |peer: &str, offset: i64| {
+            let at = 1_000_000u64;
+            let remote = at.saturating_add_signed(offset);
+            clocks.record(peer, &exchange(at, remote, remote, at));
+        };
+        measure("n2", -50_000);
+        measure("n3", 0);
+        measure("n4", 30_000);
+        measure("gone", 90_000);
+        // Before the layout is known: every peer measured (lower middle of four).
+        assert_eq!(clocks.median_us.load(Ordering::Relaxed), 0);
+        // A node among n1..n4 (itself at 0), the removed one left out: median of
+        // {0, -50 ms, 0, 30 ms}.
+        clocks.set_members(
+            ["n1", "n2", "n3", "n4"].map(String::from).to_vec(),
+            Some("n1".into()),
+        );
+        assert_eq!(clocks.median_us.load(Ordering::Relaxed), 0);
+        // A balancer over n2..n4: median of {-50 ms, 0, 30 ms}.
+        clocks.set_members(["n2", "n3", "n4"].map(String::from).to_vec(), None);
+        assert_eq!(clocks.median_us.load(Ordering::Relaxed), 0);
+        // Members none of which is measured: every peer measured.
+        clocks.set_members(["x", "y"].map(String::from).to_vec(), None);
+        assert_eq!(clocks.median_us.load(Ordering::Relaxed), 0);
+        clocks.set_members(["n4", "gone"].map(String::from).to_vec(), None);
+        assert_eq!(clocks.median_us.load(Ordering::Relaxed), 30_000);
     }
 
     #[test]

@@ -201,7 +201,9 @@ impl Balancer {
     /// a balancer's.
     pub fn for_node(config: BalancerConfig, membership: Arc<Membership>) -> Self {
         let beacon = Arc::new(crate::membership::Beacon(Arc::downgrade(&membership)));
-        let client = RpcClient::with_outgoing(&config.security.outgoing).with_beacon(beacon);
+        let client = RpcClient::with_outgoing(&config.security.outgoing)
+            .with_beacon(beacon)
+            .with_clocks(membership.clocks());
         Balancer {
             shared: Arc::new(Shared {
                 config,

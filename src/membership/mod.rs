@@ -274,7 +274,24 @@ impl Membership {
     /// credentials).
     pub fn with_client(mut self, client: RpcClient) -> Self {
         self.client = client;
+        self.set_clock_members();
         self
+    }
+
+    /// Tells the peer clocks which nodes the cluster clock is the median of: the newest
+    /// layout's (see [`crate::clock::PeerClocks::set_members`]).
+    fn set_clock_members(&self) {
+        if let Some(routing) = self.routing() {
+            let me = (self.role == Role::Node).then(|| self.me.clone());
+            self.client
+                .clocks()
+                .set_members(routing.current().servers().to_vec(), me);
+        }
+    }
+
+    /// The peer clocks its gossip measures, for the daemon's other clients to share.
+    pub fn clocks(&self) -> Arc<crate::clock::PeerClocks> {
+        self.client.shared_clocks()
     }
 
     /// A balancer's membership: nothing stored, the history learned from `seeds`.
@@ -450,6 +467,7 @@ impl Membership {
             read = history.read_version(),
             "layout history changed"
         );
+        self.set_clock_members();
     }
 
     /// This daemon's own trackers: ack what no request still routes without, say it reads

@@ -167,6 +167,19 @@ impl RpcClient {
         &self.clocks
     }
 
+    /// This client, recording its exchanges in `clocks`: a daemon's clients share one, so
+    /// that the cluster clock has every node its gossip reaches, not only those its requests
+    /// happened to call.
+    pub fn with_clocks(mut self, clocks: Arc<PeerClocks>) -> Self {
+        self.clocks = clocks;
+        self
+    }
+
+    /// The clocks this client records in, to share with another client.
+    pub fn shared_clocks(&self) -> Arc<PeerClocks> {
+        self.clocks.clone()
+    }
+
     /// A client that accepts smaller replies, so tests can pass the cap without 256 MiB.
     #[cfg(test)]
     pub(crate) fn with_max_response_bytes(max_response_bytes: usize) -> Self {
