@@ -10,9 +10,11 @@
 //! - gossip: every [`GOSSIP_INTERVAL`] a daemon sends the digest of its history to every
 //!   member (and its seeds); on a mismatch the two exchange histories and merge;
 //! - the start: a node loads its stored history; a daemon without one asks its seeds and
-//!   takes theirs, and only when every seed answered without one does it build version 1
-//!   from itself and its `-s` servers (so a cluster started as today gets today's layout,
-//!   and a node started with `-s any-member` joins the existing cluster instead);
+//!   takes theirs, and only when every seed answered without one (or some did and the
+//!   others stayed silent for [`BOOTSTRAP_PATIENCE`]) does it build version 1 from itself and
+//!   its `-s` servers (so a cluster started as today gets today's layout, and a node started
+//!   with `-s any-member` joins the existing cluster instead); a daemon none of whose seeds
+//!   ever answers builds nothing and waits;
 //! - applies (`apply.rs`): a lock granted by a majority of the current members makes sure
 //!   that of two racing `cluster.apply(v)` exactly one wins.
 
@@ -754,6 +756,8 @@ impl Membership {
             return; // a node alone waits for a balancer or an operator to tell it
         }
         let started = Instant::now();
+        let mut answered_once = false;
+        let mut warned = false;
         loop {
             let request = GossipRequest {
                 from: self.me.clone(),
@@ -797,11 +801,27 @@ impl Membership {
                 return; // a seed had one, or one reached us meanwhile
             }
             let everyone_answered = replies.iter().all(Option::is_some);
-            if everyone_answered || started.elapsed() >= BOOTSTRAP_PATIENCE {
+            // Never alone: a daemon none of whose seeds ever answered would found a cluster of
+            // itself and seeds that may be dead for good (a new node given one member that
+            // had died), take writes into it, and refuse the real cluster's layout forever.
+            // It waits instead, for a seed, or for the members to gossip their layout to it
+            // once an operator adds it.
+            let someone_answered = answered_once || replies.iter().any(Option::is_some);
+            answered_once = someone_answered;
+            let patient = started.elapsed() >= BOOTSTRAP_PATIENCE;
+            if everyone_answered || (patient && someone_answered) {
                 if let Err(error) = self.build_initial() {
                     tracing::error!(%error, "could not keep the layout history");
                 }
                 return;
+            }
+            if patient && !warned {
+                warned = true;
+                tracing::warn!(
+                    seeds = ?self.seeds,
+                    "no seed has answered: waiting for one, or for the cluster's layout to reach \
+                     this daemon (add it with cluster.stage_add on any member)"
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
