@@ -45,6 +45,9 @@ pub struct Record {
     pub failures: Vec<String>,
     /// Balancers' tasks once they served, before the workload.
     idle_tasks: BTreeMap<String, u64>,
+    /// Clients whose work is over: the inspector waits for all of them, so that a write
+    /// answered after the faults ended is read too.
+    stopped: usize,
     /// Simulated time the cluster took to converge after the healing.
     pub converged_after: Option<Duration>,
     /// The hosts' clients, kept until the simulation is over: dropped when a host's work ends,
@@ -198,6 +201,7 @@ pub async fn client(name: &'static str, mut random: SplitMix, record: Shared) ->
     }
     log(&record, format!("{name} stops"));
     record.borrow_mut().clients.push(rpc);
+    record.borrow_mut().stopped += 1;
     Ok(())
 }
 
@@ -389,6 +393,9 @@ async fn make_change(
 pub async fn inspector(plan: Plan, record: Shared) -> turmoil::Result {
     let rpc = rpc();
     tokio::time::sleep(FAULTS_UNTIL.saturating_sub(now()) + Duration::from_secs(1)).await;
+    while record.borrow().stopped < CLIENTS.len() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let healed = now();
     let alive: Vec<&'static str> = nodes()
         .into_iter()
