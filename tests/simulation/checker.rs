@@ -286,7 +286,9 @@ mod tests {
 
     #[test]
     fn the_rules_on_small_histories() {
-        let cases: Vec<(&str, Vec<Op>, Held, bool, Vec<&str>)> = vec![
+        // (story, ops, what is held, single writer, rules broken)
+        type Case = (&'static str, Vec<Op>, Held, bool, Vec<&'static str>);
+        let cases: Vec<Case> = vec![
             (
                 "the last of a single writer's puts is held and read",
                 vec![put("c1", "a", 1, true), put("c1", "b", 2, true)],
