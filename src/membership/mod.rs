@@ -13,7 +13,7 @@
 //!   takes theirs, and only when every seed answered without one (or some did and the
 //!   others stayed silent for [`BOOTSTRAP_PATIENCE`]) does it build version 1 from itself and
 //!   its `-s` servers (so a cluster started as today gets today's layout, and a node started
-//!   with `-s any-member` joins the existing cluster instead); a daemon none of whose seeds
+//!   with `-s any-member` joins the existing cluster instead); a node none of whose seeds
 //!   ever answers builds nothing and waits;
 //! - applies (`apply.rs`): a lock granted by a majority of the current members makes sure
 //!   that of two racing `cluster.apply(v)` exactly one wins.
@@ -801,12 +801,14 @@ impl Membership {
                 return; // a seed had one, or one reached us meanwhile
             }
             let everyone_answered = replies.iter().all(Option::is_some);
-            // Never alone: a daemon none of whose seeds ever answered would found a cluster of
+            // Never alone: a node none of whose seeds ever answered would found a cluster of
             // itself and seeds that may be dead for good (a new node given one member that
             // had died), take writes into it, and refuse the real cluster's layout forever.
             // It waits instead, for a seed, or for the members to gossip their layout to it
-            // once an operator adds it.
-            let someone_answered = answered_once || replies.iter().any(Option::is_some);
+            // once an operator adds it. A balancer stores nothing: it routes by its `-s`
+            // servers meanwhile, as before.
+            let someone_answered =
+                answered_once || self.role == Role::Gateway || replies.iter().any(Option::is_some);
             answered_once = someone_answered;
             let patient = started.elapsed() >= BOOTSTRAP_PATIENCE;
             if everyone_answered || (patient && someone_answered) {

@@ -279,10 +279,17 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
         return false; // a router may still write under an older version only: wait
     }
     let mut complete = true;
-    // Removed nodes that did not answer in this pass: not asked again in it. Each would cost
-    // its connect timeout per partition it held (a dead node removed from a cluster of many
-    // partitions held its survivors for minutes), and the answer would be the same.
-    let mut removed_and_down: BTreeSet<String> = BTreeSet::new();
+    // Sources that did not answer in this pass: not asked again in it. Each would cost its
+    // timeout per partition it holds, and the answer would be the same: a dead node removed
+    // from a cluster held its survivors for minutes, and a pass begun under a version in which
+    // that node was still a member went on asking it long after the version that removed it
+    // had arrived. A member's partitions wait for the next pass; a removed node's come from
+    // the other copies.
+    let mut silent: BTreeSet<String> = BTreeSet::new();
+    let must_ask = |source: &str| {
+        history.current().has(source)
+            || node.membership.heard_from(source).is_some_and(|(up, _)| up)
+    };
     for (partition, sources) in wanted {
         let already = node
             .sync_progress
@@ -298,7 +305,8 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
         // holds some of the partition already (restarted mid-transfer) takes listings only.
         let mut have_copy = node.holds_any_of(partition);
         for source in &sources {
-            if removed_and_down.contains(source) {
+            if silent.contains(source) {
+                ok &= !must_ask(source);
                 continue;
             }
             match pull(node, source, partition, !have_copy).await {
@@ -306,10 +314,7 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
                     have_copy = true;
                     node.metrics.sync_keys_received.add(keys as u64);
                 }
-                Err(error)
-                    if history.current().has(source)
-                        || node.membership.heard_from(source).is_some_and(|(up, _)| up) =>
-                {
+                Err(error) if must_ask(source) => {
                     tracing::warn!(
                         partition,
                         source,
@@ -317,6 +322,7 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
                         "could not pull a partition for the new layout; retrying"
                     );
                     ok = false;
+                    silent.insert(source.clone());
                 }
                 Err(error) => {
                     tracing::info!(
@@ -325,7 +331,7 @@ async fn pass(node: &Arc<StorageNode>, history: &History) -> bool {
                         %error,
                         "a removed node is down; its partitions come from the other copies"
                     );
-                    removed_and_down.insert(source.clone());
+                    silent.insert(source.clone());
                 }
             }
         }

@@ -47,6 +47,8 @@ const SEEDS: &[u64] = &[
     13_225_024_545_647_926_430,
     // A new node whose only seed was dead founded a cluster of its own and never joined.
     1_885_940_644_450_548_452,
+    // A sync pass begun before a dead member's removal asked it for every partition.
+    10_669_215_548_643_412_663,
     // The checker's own bug: a nil read beside a value a delete had not seen is allowed.
     3_316_445_014_348_666_048,
 ];
