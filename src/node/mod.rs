@@ -113,12 +113,8 @@ impl StorageNode {
         self.actor
     }
 
-    /// Whether some live layout version places `partition` on this node (true before any
-    /// layout is known: nothing is a stray then).
-    fn replicates_partition(&self, partition: usize) -> bool {
-        let Some(routing) = self.membership.routing() else {
-            return true;
-        };
+    /// Whether some live layout version of `routing` places `partition` on this node.
+    fn replicates_partition(&self, routing: &crate::membership::Routing, partition: usize) -> bool {
         let me = &self.membership.me;
         routing.layouts.iter().any(|(_, layout)| {
             let servers = layout.servers();

@@ -177,11 +177,16 @@ impl<'n> Transaction<'n> {
             }
             return Err(error.into());
         }
-        let stray = own_changes.iter().any(|(place, _, new, _)| {
-            new.is_some()
-                && super::keys::partition_of_stored(&place.storage_key)
-                    .is_some_and(|partition| !node.replicates_partition(partition))
+        // Before any layout is known nothing is a stray. One snapshot for the whole commit.
+        let routing = node.membership.routing();
+        let stray = routing.as_deref().is_some_and(|routing| {
+            own_changes.iter().any(|(place, _, new, _)| {
+                new.is_some()
+                    && super::keys::partition_of_stored(&place.storage_key)
+                        .is_some_and(|partition| !node.replicates_partition(routing, partition))
+            })
         });
+        drop(routing);
         if stray {
             node.strays.notify_one();
         }
