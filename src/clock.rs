@@ -22,9 +22,14 @@
 //! was stepped). Deadlines are then
 //! translated into the receiver's clock, widened by that uncertainty and a small margin, so a
 //! skewed clock neither refuses live operations nor lets late ones through. Entry times are
-//! read on the *cluster clock*: this daemon's clock plus the median offset of the peers it
-//! has measured, so every balancer stamps in (nearly) the same time base, that of the
-//! median storage node, whatever its own clock says. Each offset counts only as far as the
+//! read on the *cluster clock*, which every daemon reads in (nearly) the same time base,
+//! that of the median storage node, whatever its own clock says. Each storage node works
+//! out where its own measurements put it (its *anchor*: the median of the members' offsets,
+//! its own at 0) and sends it with every answer; every daemon then takes the median of the
+//! members' anchors, each read through its offset to that member. A median over one's own
+//! measurements alone would differ between two daemons by the gaps between the nodes'
+//! clocks whenever they had measured different nodes (one started after a member died).
+//! Each offset counts only as far as the
 //! evidence demands (the value nearest zero within its uncertainty), so daemons whose
 //! clocks already agree read them as they are, rather than each adding the noise of its
 //! estimates: on a loaded machine a round trip takes milliseconds, and two balancers on it
@@ -43,8 +48,9 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Response header with two readings of the responder's wall clock, in microseconds since
-/// the Unix epoch: when it began handling the request, and when it answered
-/// (`"received,replied"`).
+/// the Unix epoch: when it began handling the request, and when it answered; then, once the
+/// responder has measured a peer, how far ahead of its own clock its measurements put the
+/// cluster clock (`"received,replied[,anchor]"`, see [`PeerClocks::anchor_us`]).
 pub const CLOCK_HEADER: &str = "dynamite-clock";
 
 /// Exchanges an estimate keeps; the least uncertain one is used. A handful is enough to ride
@@ -236,13 +242,29 @@ pub fn median_offset_us(offsets: impl IntoIterator<Item = i64>) -> i64 {
 }
 
 /// What a daemon knows of its peers' clocks, filled by every exchange its client makes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PeerClocks {
     peers: Mutex<Peers>,
-    /// The median of the peers' best offsets, kept up to date by [`Self::record`], so that
-    /// reading the cluster clock costs no lock.
+    /// The cluster clock's offset from ours ([`Peers::cluster_us`]), kept up to date by
+    /// [`Self::record`], so that reading the cluster clock costs no lock.
     median_us: AtomicI64,
+    /// What this daemon tells its callers its own measurements put the cluster clock at
+    /// ([`Peers::anchor_us`]), [`NO_ANCHOR`] before it has measured anyone.
+    anchor_us: AtomicI64,
 }
+
+/// [`PeerClocks::anchor_us`] before this daemon has measured a peer.
+const NO_ANCHOR: i64 = i64::MIN;
+
+/// How long a member's offset and anchor count after its last answer. A member silent for
+/// longer is down or cut off, and counting it would make the cluster clock depend on who
+/// happened to measure it before it went (a daemon started since never did). Every member
+/// is gossiped with twice a second, so a live one is never near this.
+const FRESH_FOR_US: u64 = 10_000_000;
+
+/// How often the cluster clock is worked out again while nothing else changes, so that a
+/// member falling silent stops counting.
+const RECHECK_US: u64 = 1_000_000;
 
 #[derive(Debug, Default)]
 struct Peers {
@@ -251,52 +273,157 @@ struct Peers {
     /// ([`Offset::nearest_zero_us`]), when the median was last computed: the median is
     /// computed again only when one of them changes.
     best_us: HashMap<String, i64>,
+    /// The anchor each peer sent with its last answer: how far ahead of its own clock its
+    /// measurements put the cluster clock ([`CLOCK_HEADER`]).
+    anchors_us: HashMap<String, i64>,
+    /// When (our clock) each peer last answered.
+    heard_us: HashMap<String, u64>,
+    /// When the cluster clock was last worked out (our clock).
+    published_us: u64,
     /// The storage nodes of the newest layout, and this daemon's own address when it is one
     /// of them ([`PeerClocks::set_members`]).
     members: Option<(Vec<String>, Option<String>)>,
 }
 
 impl Peers {
-    /// The median of the members' best offsets, this daemon's own being 0: every daemon takes
-    /// it over the same nodes, so that their cluster clocks agree (a median over whichever
-    /// nodes each happened to call differs by the gaps between the nodes' clocks). Over every
-    /// peer measured until the members are known, or when none of them is measured.
-    fn median_us(&self) -> i64 {
+    /// The members this daemon counts as of `now_us`, itself left out, and whether it is
+    /// one: the newest layout's storage nodes it has measured that answered within
+    /// [`FRESH_FOR_US`] (all it measured when none did); every peer measured until the
+    /// members are known, or when none of them is measured.
+    fn counted(&self, now_us: u64) -> (Vec<&String>, bool) {
         if let Some((members, me)) = &self.members {
-            let measured: Vec<i64> = members
+            let measured: Vec<&String> = members
                 .iter()
                 .filter(|member| me.as_ref() != Some(*member))
-                .filter_map(|member| self.best_us.get(member).copied())
+                .filter(|member| self.best_us.contains_key(*member))
                 .collect();
             if !measured.is_empty() {
-                return median_offset_us(measured.into_iter().chain(me.as_ref().map(|_| 0)));
+                return (self.prefer_fresh(measured, now_us), me.is_some());
             }
         }
-        median_offset_us(self.best_us.values().copied())
+        (
+            self.prefer_fresh(self.best_us.keys().collect(), now_us),
+            false,
+        )
+    }
+
+    /// Those of `measured` that answered within [`FRESH_FOR_US`] of `now_us`, or all of
+    /// them when none did (a daemon cut off from everyone keeps its last view).
+    fn prefer_fresh<'a>(&self, measured: Vec<&'a String>, now_us: u64) -> Vec<&'a String> {
+        let live: Vec<&String> = measured
+            .iter()
+            .copied()
+            .filter(|peer| {
+                self.heard_us
+                    .get(*peer)
+                    .is_some_and(|heard| heard.saturating_add(FRESH_FOR_US) >= now_us)
+            })
+            .collect();
+        if live.is_empty() { measured } else { live }
+    }
+
+    /// Where this daemon's own measurements put the cluster clock (ahead of its own): the
+    /// median of the members' best offsets, its own being 0 when it is one, or `None` before
+    /// it has measured anyone. It is what a node tells its callers, and it rests on real
+    /// clocks only: no daemon's anchor depends on another's.
+    fn anchor_us(&self, now_us: u64) -> Option<i64> {
+        let (counted, me) = self.counted(now_us);
+        if counted.is_empty() {
+            return None;
+        }
+        let offsets = counted.iter().filter_map(|peer| self.best_us.get(*peer));
+        Some(median_offset_us(offsets.copied().chain(me.then_some(0))))
+    }
+
+    /// The cluster clock, ahead of ours: the median of the members' anchors, each read
+    /// through our offset to that member, and ours when we are one. A median over our own
+    /// measurements alone depends on which members we measured (a daemon that started after
+    /// a member died never measured it), and with clocks 100 ms apart two daemons would
+    /// stamp 100 ms apart; the members' anchors agree with each other unless a member's own
+    /// view is short of one, and the median outvotes a few that are.
+    fn cluster_us(&self, now_us: u64) -> i64 {
+        let (counted, me) = self.counted(now_us);
+        let own = self.anchor_us(now_us);
+        let views: Vec<i64> = counted
+            .iter()
+            .filter_map(|peer| {
+                let offset = self.best_us.get(*peer)?;
+                let anchor = self.anchors_us.get(*peer)?;
+                Some(offset.saturating_add(*anchor))
+            })
+            .chain(own.filter(|_| me))
+            .collect();
+        if views.is_empty() {
+            return own.unwrap_or(0);
+        }
+        median_offset_us(views)
+    }
+
+    fn publish(&mut self, clocks: &PeerClocks, now_us: u64) {
+        self.published_us = now_us;
+        clocks.anchor_us.store(
+            self.anchor_us(now_us).unwrap_or(NO_ANCHOR),
+            Ordering::Relaxed,
+        );
+        clocks
+            .median_us
+            .store(self.cluster_us(now_us), Ordering::Relaxed);
+    }
+}
+
+impl Default for PeerClocks {
+    fn default() -> Self {
+        PeerClocks {
+            peers: Mutex::default(),
+            median_us: AtomicI64::new(0),
+            anchor_us: AtomicI64::new(NO_ANCHOR),
+        }
     }
 }
 
 impl PeerClocks {
-    pub fn record(&self, peer: &str, exchange: &Exchange) {
+    /// Records an exchange with `peer`, and the anchor its answer carried.
+    pub fn record(&self, peer: &str, exchange: &Exchange, anchor_us: Option<i64>) {
         let mut peers = self.lock();
+        let now = exchange.answered_us;
         let Peers {
-            estimates, best_us, ..
+            estimates,
+            best_us,
+            anchors_us,
+            heard_us,
+            published_us,
+            ..
         } = &mut *peers;
+        match heard_us.get_mut(peer) {
+            Some(heard) => *heard = now,
+            None => {
+                heard_us.insert(peer.to_owned(), now);
+            }
+        }
+        let due = now >= published_us.saturating_add(RECHECK_US);
+        let anchor_changed = match (anchor_us, anchors_us.get_mut(peer)) {
+            (Some(anchor), Some(kept)) => std::mem::replace(kept, anchor) != anchor,
+            (Some(anchor), None) => anchors_us.insert(peer.to_owned(), anchor).is_none(),
+            (None, _) => anchors_us.remove(peer).is_some(),
+        };
         let estimate = match estimates.get_mut(peer) {
             Some(estimate) => estimate,
             None => estimates.entry(peer.to_owned()).or_default(),
         };
         estimate.record(exchange);
-        let Some(best) = estimate.estimate(exchange.answered_us) else {
-            return;
+        let best_changed = match estimate.estimate(now) {
+            Some(best) => {
+                let nearest_zero = best.nearest_zero_us();
+                match best_us.get_mut(peer) {
+                    Some(kept) => std::mem::replace(kept, nearest_zero) != nearest_zero,
+                    None => best_us.insert(peer.to_owned(), nearest_zero).is_none(),
+                }
+            }
+            None => false,
         };
-        let nearest_zero = best.nearest_zero_us();
-        if best_us.get(peer) == Some(&nearest_zero) {
-            return;
+        if anchor_changed || best_changed || due {
+            peers.publish(self, now);
         }
-        best_us.insert(peer.to_owned(), nearest_zero);
-        let median = peers.median_us();
-        self.median_us.store(median, Ordering::Relaxed);
     }
 
     /// The nodes the cluster clock is the median of: the newest layout's storage nodes, and
@@ -305,8 +432,15 @@ impl PeerClocks {
         let mut peers = self.lock();
         let me = me.filter(|me| members.contains(me));
         peers.members = Some((members, me));
-        let median = peers.median_us();
-        self.median_us.store(median, Ordering::Relaxed);
+        peers.publish(self, now_us());
+    }
+
+    /// What this daemon's own measurements put the cluster clock at, ahead of its own clock
+    /// (see [`Peers::anchor_us`]); `None` before it has measured a peer. Sent with every
+    /// answer ([`header_value`]).
+    pub fn anchor_us(&self) -> Option<i64> {
+        let anchor = self.anchor_us.load(Ordering::Relaxed);
+        (anchor != NO_ANCHOR).then_some(anchor)
     }
 
     /// The peer's offset now, if it was ever measured.
@@ -320,8 +454,8 @@ impl PeerClocks {
         self.lock().best_us.len()
     }
 
-    /// Microseconds since the epoch on the cluster clock: ours moved by the median offset
-    /// of the peers measured (each as near zero as its uncertainty allows).
+    /// Microseconds since the epoch on the cluster clock: ours moved by the median of the
+    /// members' anchors (see [`Peers::cluster_us`]).
     pub fn cluster_now_us(&self) -> u64 {
         now_us().saturating_add_signed(self.median_us.load(Ordering::Relaxed))
     }
@@ -332,15 +466,40 @@ impl PeerClocks {
     }
 }
 
-/// The header value a responder sends: its clock when it began handling, and now.
-pub fn header_value(received_us: u64) -> String {
-    format!("{received_us},{}", now_us())
+/// The header value a responder sends: its clock when it began handling, now, and its
+/// anchor ([`PeerClocks::anchor_us`]) when it has one.
+pub fn header_value(received_us: u64, anchor_us: Option<i64>) -> String {
+    match anchor_us {
+        Some(anchor) => format!("{received_us},{},{anchor}", now_us()),
+        None => format!("{received_us},{}", now_us()),
+    }
 }
 
-/// Reads a [`CLOCK_HEADER`] value back: `(received_us, replied_us)`.
-pub fn parse_header(value: &str) -> Option<(u64, u64)> {
-    let (received, replied) = value.split_once(',')?;
-    Some((received.trim().parse().ok()?, replied.trim().parse().ok()?))
+/// What a [`CLOCK_HEADER`] value says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockReading {
+    pub received_us: u64,
+    pub replied_us: u64,
+    pub anchor_us: Option<i64>,
+}
+
+/// Reads a [`CLOCK_HEADER`] value back.
+pub fn parse_header(value: &str) -> Option<ClockReading> {
+    let mut fields = value.split(',').map(str::trim);
+    let received_us = fields.next()?.parse().ok()?;
+    let replied_us = fields.next()?.parse().ok()?;
+    let anchor_us = match fields.next() {
+        Some(anchor) => Some(anchor.parse().ok()?),
+        None => None,
+    };
+    if fields.next().is_some() {
+        return None;
+    }
+    Some(ClockReading {
+        received_us,
+        replied_us,
+        anchor_us,
+    })
 }
 
 #[cfg(test)]
@@ -487,36 +646,133 @@ mod tests {
         }
     }
 
+    /// Exchanges that measure `peer` at `offset` µs with no uncertainty to speak of, its
+    /// answer carrying `anchor`.
+    fn measure(clocks: &PeerClocks, peer: &str, offset: i64, anchor: Option<i64>) {
+        let at = 1_000_000u64;
+        let remote = at.saturating_add_signed(offset);
+        clocks.record(peer, &exchange(at, remote, remote, at), anchor);
+    }
+
+    fn cluster_us(clocks: &PeerClocks) -> i64 {
+        clocks.median_us.load(Ordering::Relaxed)
+    }
+
     #[test]
-    fn the_cluster_clock_is_the_median_of_the_members_with_oneself_at_zero() {
-        // Exchanges that measure `peer` at `offset` µs with no uncertainty to speak of.
+    fn the_anchor_is_the_median_of_the_members_with_oneself_at_zero() {
         let clocks = PeerClocks::default();
-        let measure = |peer: &str, offset: i64| {
-            let at = 1_000_000u64;
-            let remote = at.saturating_add_signed(offset);
-            clocks.record(peer, &exchange(at, remote, remote, at));
-        };
-        measure("n2", -50_000);
-        measure("n3", 0);
-        measure("n4", 30_000);
-        measure("gone", 90_000);
+        assert_eq!(clocks.anchor_us(), None);
+        measure(&clocks, "n2", -50_000, None);
+        measure(&clocks, "n3", 0, None);
+        measure(&clocks, "n4", 30_000, None);
+        measure(&clocks, "gone", 90_000, None);
         // Before the layout is known: every peer measured (lower middle of four).
-        assert_eq!(clocks.median_us.load(Ordering::Relaxed), 0);
+        assert_eq!(clocks.anchor_us(), Some(0));
         // A node among n1..n4 (itself at 0), the removed one left out: median of
         // {0, -50 ms, 0, 30 ms}.
         clocks.set_members(
             ["n1", "n2", "n3", "n4"].map(String::from).to_vec(),
             Some("n1".into()),
         );
-        assert_eq!(clocks.median_us.load(Ordering::Relaxed), 0);
+        assert_eq!(clocks.anchor_us(), Some(0));
         // A balancer over n2..n4: median of {-50 ms, 0, 30 ms}.
         clocks.set_members(["n2", "n3", "n4"].map(String::from).to_vec(), None);
-        assert_eq!(clocks.median_us.load(Ordering::Relaxed), 0);
+        assert_eq!(clocks.anchor_us(), Some(0));
         // Members none of which is measured: every peer measured.
         clocks.set_members(["x", "y"].map(String::from).to_vec(), None);
-        assert_eq!(clocks.median_us.load(Ordering::Relaxed), 0);
+        assert_eq!(clocks.anchor_us(), Some(0));
         clocks.set_members(["n4", "gone"].map(String::from).to_vec(), None);
-        assert_eq!(clocks.median_us.load(Ordering::Relaxed), 30_000);
+        assert_eq!(clocks.anchor_us(), Some(30_000));
+        // Nobody sent an anchor: the cluster clock is our own anchor.
+        assert_eq!(cluster_us(&clocks), 30_000);
+    }
+
+    /// The simulation's two findings (seeds 16593410812772747330 and 7953218549841756565):
+    /// nodes' clocks 100 ms apart, and two daemons that measured different members (one
+    /// started after a member died, so it never measured it) still stamp in one time base.
+    #[test]
+    fn daemons_that_measured_different_members_agree_on_the_cluster_clock() {
+        // True clocks, ahead of the simulation's time: n3 is dead by the time the late
+        // daemon starts.
+        let skews = [
+            ("n1", 99_000i64),
+            ("n2", -45_000),
+            ("n3", -5_000),
+            ("n4", 64_000),
+        ];
+        let members: Vec<String> = skews.iter().map(|(n, _)| n.to_string()).collect();
+        // Each member's anchor: the median over all four (each measured all of them while
+        // they lived), with itself at 0. The lower middle of the four clocks is n3's.
+        let anchor = |me: i64| -5_000 - me;
+        // A daemon at `own` µs ahead that measured `measured`, the members answering with
+        // their anchors.
+        let daemon = |own: i64, measured: &[&str], me: Option<&str>| {
+            let clocks = PeerClocks::default();
+            clocks.set_members(members.clone(), me.map(String::from));
+            for (peer, skew) in skews {
+                if measured.contains(&peer) && Some(peer) != me {
+                    measure(&clocks, peer, skew - own, Some(anchor(skew)));
+                }
+            }
+            own + cluster_us(&clocks)
+        };
+        let early_balancer = daemon(-18_000, &["n1", "n2", "n3", "n4"], None);
+        assert_eq!(early_balancer, -5_000);
+        // A node that is not yet a member (joining), 59 ms behind, started after n3 died:
+        // its own measurements would put the clock at n4's (+64 ms); the members' anchors
+        // say n3's.
+        let joining = daemon(-59_000, &["n1", "n2", "n4"], None);
+        assert_eq!(joining, -5_000);
+        // A member restarted after n3 died: its own anchor is off, the others' outvote it.
+        let restarted = daemon(99_000, &["n1", "n2", "n4"], Some("n1"));
+        assert_eq!(restarted, -5_000);
+        // A member that measured everyone.
+        assert_eq!(
+            daemon(-45_000, &["n1", "n2", "n3", "n4"], Some("n2")),
+            -5_000
+        );
+    }
+
+    /// A member that stopped answering stops counting after [`FRESH_FOR_US`], so daemons
+    /// that measured it before it went and daemons started since agree; a daemon that
+    /// hears from no member keeps its last view.
+    #[test]
+    fn a_silent_member_stops_counting() {
+        let clocks = PeerClocks::default();
+        clocks.set_members(["a", "b", "c"].map(String::from).to_vec(), None);
+        let at = |t: u64, peer: &str, offset: i64| {
+            let remote = t.saturating_add_signed(offset);
+            clocks.record(peer, &exchange(t, remote, remote, t), Some(0));
+        };
+        at(1_000_000, "a", 10_000);
+        at(1_000_000, "b", 20_000);
+        at(1_000_000, "c", 90_000);
+        assert_eq!(cluster_us(&clocks), 20_000);
+        // `c` falls silent; `a` and `b` go on answering. Within the window it still counts.
+        at(9_000_000, "a", 10_000);
+        at(9_000_000, "b", 20_000);
+        assert_eq!(cluster_us(&clocks), 20_000);
+        // Past it, the median is of `a` and `b` (the lower one).
+        at(12_000_000, "a", 10_000);
+        at(12_000_000, "b", 20_000);
+        assert_eq!(cluster_us(&clocks), 10_000);
+        // `c` answers again: it counts again.
+        at(13_000_000, "c", 90_000);
+        assert_eq!(cluster_us(&clocks), 20_000);
+    }
+
+    #[test]
+    fn an_anchor_no_longer_sent_no_longer_counts() {
+        let clocks = PeerClocks::default();
+        clocks.set_members(["a", "b"].map(String::from).to_vec(), None);
+        measure(&clocks, "a", 10_000, Some(5_000));
+        measure(&clocks, "b", 20_000, Some(-5_000));
+        // Views 15 ms and 15 ms.
+        assert_eq!(cluster_us(&clocks), 15_000);
+        // `b` restarted and has measured nobody yet: only `a`'s view counts.
+        measure(&clocks, "b", 20_000, None);
+        measure(&clocks, "a", 10_000, Some(7_000));
+        assert_eq!(cluster_us(&clocks), 17_000);
     }
 
     #[test]
@@ -537,7 +793,7 @@ mod tests {
         // Nodes 10 s, 11 s and 500 s ahead of us; the one 500 s ahead is an outlier.
         for (peer, ahead_s) in [("a", 10u64), ("b", 11), ("c", 500)] {
             let remote = t + ahead_s * 1_000_000;
-            clocks.record(peer, &exchange(t, remote + 50, remote + 50, t + 100));
+            clocks.record(peer, &exchange(t, remote + 50, remote + 50, t + 100), None);
         }
         let cluster = clocks.cluster_now_us();
         let expected = now_us() + 11_000_000;
@@ -552,12 +808,23 @@ mod tests {
 
     #[test]
     fn header_round_trip() {
-        let value = header_value(42);
-        let (received, replied) = parse_header(&value).expect("parses");
-        assert_eq!(received, 42);
-        assert!(replied >= 42);
-        assert_eq!(parse_header("1, 2"), Some((1, 2)));
-        for garbage in ["", "1", "a,b", "1,2,3", "-1,2"] {
+        let value = header_value(42, None);
+        let reading = parse_header(&value).expect("parses");
+        assert_eq!(reading.received_us, 42);
+        assert!(reading.replied_us >= 42);
+        assert_eq!(reading.anchor_us, None);
+        let value = header_value(42, Some(-1_500));
+        assert_eq!(parse_header(&value).and_then(|r| r.anchor_us), Some(-1_500));
+        let reading = |received_us, replied_us, anchor_us| {
+            Some(ClockReading {
+                received_us,
+                replied_us,
+                anchor_us,
+            })
+        };
+        assert_eq!(parse_header("1, 2"), reading(1, 2, None));
+        assert_eq!(parse_header("1,2,-3"), reading(1, 2, Some(-3)));
+        for garbage in ["", "1", "a,b", "1,2,x", "1,2,3,4", "-1,2", "1,2,"] {
             assert_eq!(parse_header(garbage), None, "{garbage:?}");
         }
     }

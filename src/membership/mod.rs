@@ -291,6 +291,12 @@ impl Membership {
         }
     }
 
+    /// Where this node's own clock measurements put the cluster clock (see
+    /// [`crate::clock::PeerClocks::anchor_us`]).
+    pub fn clock_anchor_us(&self) -> Option<i64> {
+        self.client.clocks().anchor_us()
+    }
+
     /// The peer clocks its gossip measures, for the daemon's other clients to share.
     pub fn clocks(&self) -> Arc<crate::clock::PeerClocks> {
         self.client.shared_clocks()

@@ -409,6 +409,10 @@ impl Handler for StorageNode {
         self.membership.version()
     }
 
+    fn clock_anchor_us(&self) -> Option<i64> {
+        self.membership.clock_anchor_us()
+    }
+
     fn heard_layout_version(&self, version: u64) {
         self.membership.heard_version(version);
     }

@@ -359,7 +359,7 @@ impl RpcClient {
     /// Records the exchange an answer's clock header completes (see [`crate::clock`]).
     fn record_clock(&self, address: &str, sent_us: u64, headers: &hyper::HeaderMap) {
         let answered_us = clock::now_us();
-        let Some((received_us, replied_us)) = headers
+        let Some(reading) = headers
             .get(clock::CLOCK_HEADER)
             .and_then(|value| value.to_str().ok())
             .and_then(clock::parse_header)
@@ -370,10 +370,11 @@ impl RpcClient {
             address,
             &Exchange {
                 sent_us,
-                received_us,
-                replied_us,
+                received_us: reading.received_us,
+                replied_us: reading.replied_us,
                 answered_us,
             },
+            reading.anchor_us,
         );
     }
 }

@@ -92,6 +92,13 @@ pub trait Handler: Send + Sync + 'static {
         0
     }
 
+    /// Where this daemon's own measurements put the cluster clock, sent to every caller in
+    /// the [`crate::clock::CLOCK_HEADER`] (`None`: not sent). Only storage nodes' anchors
+    /// count ([`crate::clock::PeerClocks::anchor_us`]).
+    fn clock_anchor_us(&self) -> Option<i64> {
+        None
+    }
+
     /// A caller said it knows layout `version`.
     fn heard_layout_version(&self, version: u64) {
         let _ = version;
@@ -314,7 +321,10 @@ async fn respond<H: Handler>(
             Err(refused) => return refused,
         }
     };
-    if let Ok(value) = HeaderValue::from_str(&crate::clock::header_value(received_us)) {
+    if let Ok(value) = HeaderValue::from_str(&crate::clock::header_value(
+        received_us,
+        handler.clock_anchor_us(),
+    )) {
         response
             .headers_mut()
             .insert(crate::clock::CLOCK_HEADER, value);

@@ -51,6 +51,10 @@ const SEEDS: &[u64] = &[
     10_669_215_548_643_412_663,
     // The checker's own bug: a nil read beside a value a delete had not seen is allowed.
     3_316_445_014_348_666_048,
+    // A joining node never measured a dead member others still counted: misordered puts.
+    16_593_410_812_772_747_330,
+    // A restarted node never measured a dead member: a put read nil after the delete before.
+    7_953_218_549_841_756_565,
 ];
 /// Each daemon's wall clock is off the simulation's by up to this much, either way.
 const MAX_SKEW_US: u64 = 100_000;
