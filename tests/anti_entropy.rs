@@ -60,6 +60,46 @@ fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
     assert_eq!(balancer_counter(&lb.stats(), "read_repairs"), 0);
 }
 
+/// A peer that hangs (SIGSTOP: it accepts connections and answers nothing) holds up only
+/// the exchanges with itself: the other two replicas go on repairing each other. Before
+/// each peer's exchanges went at their own pace, every round waited out the hung peer's
+/// call timeout (30 s) before it reached the next peer.
+#[test]
+fn a_hung_peer_does_not_hold_up_repairs_between_the_others() {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .replicas(3)
+        .write_quorum(2)
+        .aae_interval_ms(300)
+        .start();
+    let lb = cluster.client();
+    const KEYS: usize = 200;
+    lb.put_keys(0..KEYS, "");
+
+    // C loses its disk while A hangs; B alone can rebuild it.
+    cluster.nodes[0].stop();
+    cluster.nodes[2].kill();
+    std::fs::remove_dir_all(cluster.data_dir(2)).expect("remove C's data directory");
+    cluster.nodes[2].restart();
+    let node_c = cluster.node_client(2);
+    // Well within A's call timeouts: a round that waited for A would not get here in time.
+    wait_until(
+        Duration::from_secs(25),
+        &format!("C holds all {KEYS} keys again, from B, while A hangs"),
+        || int_member(&node_c.stats(), "keys") == KEYS as i64,
+    );
+    for i in (0..KEYS).step_by(7) {
+        assert_eq!(
+            node_c.local_get(&key(i)),
+            Ok(value(i)),
+            "C's copy of {}",
+            key(i)
+        );
+    }
+    cluster.nodes[0].cont();
+    assert_no_client_reads(&lb);
+}
+
 /// Per node: (rounds, in_sync, keys_pushed, keys_pulled, failures).
 fn aae_snapshot(nodes: &[Rpc]) -> Vec<[i64; 5]> {
     nodes

@@ -20,8 +20,8 @@
 //! the data when the node starts.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dxr::Value;
@@ -41,8 +41,13 @@ use super::StorageNode;
 
 /// Keys per push or pull batch.
 const BATCH_KEYS: usize = 256;
-/// How long a peer may take to answer one anti-entropy call.
+/// How long a peer may take to answer one push or pull of a batch of keys (values and
+/// all).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a peer may take to answer a question about its tree (a few hashes, or the keys
+/// of some leaves, within `--aae-max-keys`): one that has not answered by then is down or
+/// cut off, and the exchange ends until the next round.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 pub struct AaeMetrics {
@@ -98,6 +103,10 @@ pub struct AntiEntropy {
     trees: Vec<Option<Mutex<merkle::Tree>>>,
     /// Per peer: has a ring mismatch already been reported? (Once is clear enough.)
     mismatch_reported: Vec<AtomicBool>,
+    /// Per peer: is an exchange with it under way? Each peer's exchanges go at their own
+    /// pace, so that one peer down or cut off (its calls waiting out their timeouts) does
+    /// not hold up the repairs with the others.
+    exchanging: Vec<AtomicBool>,
     pub interval: Duration,
     max_keys: usize,
     pub metrics: std::sync::Arc<AaeMetrics>,
@@ -156,6 +165,7 @@ impl AntiEntropy {
                 .map(|&shared| shared.then(|| Mutex::new(merkle::Tree::new())))
                 .collect(),
             mismatch_reported: (0..servers).map(|_| AtomicBool::new(false)).collect(),
+            exchanging: (0..servers).map(|_| AtomicBool::new(false)).collect(),
             interval,
             max_keys,
             metrics,
@@ -357,7 +367,7 @@ impl AntiEntropy {
                 ring: self.agreement(),
                 query,
             };
-            self.call::<AaeReply>(client, &address, messages::AAE, request)
+            self.call::<AaeReply>(client, &address, messages::AAE, request, QUERY_TIMEOUT)
         };
         let AaeReply::Root(root) = ask(AaeQuery::Root).await? else {
             return Err(Error::Internal("peer answered another question".into()));
@@ -447,7 +457,13 @@ impl AntiEntropy {
                 deadline_us,
             };
             let _merged: u64 = self
-                .call(client, &address, messages::MERGE_MANY, request)
+                .call(
+                    client,
+                    &address,
+                    messages::MERGE_MANY,
+                    request,
+                    CALL_TIMEOUT,
+                )
                 .await?;
             self.metrics.keys_pushed.add(chunk.len() as u64);
         }
@@ -457,7 +473,7 @@ impl AntiEntropy {
                 keys: chunk.to_vec(),
             };
             let sets: Vec<crate::version::Siblings> = self
-                .call(client, &address, messages::READ_MANY, request)
+                .call(client, &address, messages::READ_MANY, request, CALL_TIMEOUT)
                 .await?;
             let entries = chunk.iter().cloned().zip(sets).collect();
             node.merge_own_many(entries)?;
@@ -476,11 +492,12 @@ impl AntiEntropy {
         address: &str,
         method: &str,
         message: impl serde::Serialize,
+        timeout: Duration,
     ) -> Result<T> {
         let param = messages::to_param(&message)?;
         self.metrics.bytes.add(payload_len(&param));
         let reply = client
-            .call(address, method, vec![param], CALL_TIMEOUT)
+            .call(address, method, vec![param], timeout)
             .await
             .map_err(|error| Error::Remote {
                 addr: address.to_owned(),
@@ -490,31 +507,48 @@ impl AntiEntropy {
         messages::from_value(&reply)
     }
 
-    /// Exchanges with every peer, once.
-    pub async fn round(&self, node: &StorageNode, client: &RpcClient) {
+    /// Starts an exchange, in `tasks`, with every peer no exchange is under way with.
+    pub fn start_round(
+        self: &Arc<Self>,
+        node: &Arc<StorageNode>,
+        client: &RpcClient,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) {
         for peer in 0..self.layout.servers().len() {
             if self.trees[peer].is_none() {
                 continue; // itself, or a server it shares no partition with
             }
-            match self.exchange(node, client, peer).await {
-                Ok(exchange) if exchange != Exchange::default() => {
-                    self.mismatch_reported[peer].store(false, Ordering::Relaxed);
-                    tracing::info!(
-                        peer = self.layout.servers()[peer],
-                        pushed = exchange.pushed,
-                        pulled = exchange.pulled,
-                        "anti-entropy repaired keys"
-                    );
-                }
-                Ok(_) => self.mismatch_reported[peer].store(false, Ordering::Relaxed),
-                Err(error) => {
-                    self.metrics.failures.inc();
-                    let mismatch = error.to_string().contains("ring mismatch");
-                    if mismatch && !self.mismatch_reported[peer].swap(true, Ordering::Relaxed) {
-                        tracing::error!(peer = self.layout.servers()[peer], %error, "anti-entropy refused");
-                    } else {
-                        tracing::debug!(peer = self.layout.servers()[peer], %error, "anti-entropy exchange failed");
-                    }
+            if self.exchanging[peer].swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let (aae, node, client) = (self.clone(), node.clone(), client.clone());
+            tasks.spawn(async move {
+                aae.exchange_and_report(&node, &client, peer).await;
+                aae.exchanging[peer].store(false, Ordering::Release);
+            });
+        }
+    }
+
+    /// One exchange with `peer`, its outcome logged and counted.
+    async fn exchange_and_report(&self, node: &StorageNode, client: &RpcClient, peer: usize) {
+        match self.exchange(node, client, peer).await {
+            Ok(exchange) if exchange != Exchange::default() => {
+                self.mismatch_reported[peer].store(false, Ordering::Relaxed);
+                tracing::info!(
+                    peer = self.layout.servers()[peer],
+                    pushed = exchange.pushed,
+                    pulled = exchange.pulled,
+                    "anti-entropy repaired keys"
+                );
+            }
+            Ok(_) => self.mismatch_reported[peer].store(false, Ordering::Relaxed),
+            Err(error) => {
+                self.metrics.failures.inc();
+                let mismatch = error.to_string().contains("ring mismatch");
+                if mismatch && !self.mismatch_reported[peer].swap(true, Ordering::Relaxed) {
+                    tracing::error!(peer = self.layout.servers()[peer], %error, "anti-entropy refused");
+                } else {
+                    tracing::debug!(peer = self.layout.servers()[peer], %error, "anti-entropy exchange failed");
                 }
             }
         }
