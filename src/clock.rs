@@ -270,8 +270,8 @@ const RECHECK_US: u64 = 1_000_000;
 struct Peers {
     estimates: HashMap<String, OffsetEstimate>,
     /// Each peer's best offset, moved as near zero as its uncertainty allows
-    /// ([`Offset::nearest_zero_us`]), when the median was last computed: the median is
-    /// computed again only when one of them changes.
+    /// ([`Offset::nearest_zero_us`]): the cluster clock is worked out again when one of
+    /// them or an anchor changes, and otherwise once every [`RECHECK_US`].
     best_us: HashMap<String, i64>,
     /// The anchor each peer sent with its last answer: how far ahead of its own clock its
     /// measurements put the cluster clock ([`CLOCK_HEADER`]).
