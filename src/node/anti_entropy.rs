@@ -20,8 +20,8 @@
 //! the data when the node starts.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dxr::Value;
@@ -103,10 +103,6 @@ pub struct AntiEntropy {
     trees: Vec<Option<Mutex<merkle::Tree>>>,
     /// Per peer: has a ring mismatch already been reported? (Once is clear enough.)
     mismatch_reported: Vec<AtomicBool>,
-    /// Per peer: is an exchange with it under way? Each peer's exchanges go at their own
-    /// pace, so that one peer down or cut off (its calls waiting out their timeouts) does
-    /// not hold up the repairs with the others.
-    exchanging: Vec<AtomicBool>,
     pub interval: Duration,
     max_keys: usize,
     pub metrics: std::sync::Arc<AaeMetrics>,
@@ -165,7 +161,6 @@ impl AntiEntropy {
                 .map(|&shared| shared.then(|| Mutex::new(merkle::Tree::new())))
                 .collect(),
             mismatch_reported: (0..servers).map(|_| AtomicBool::new(false)).collect(),
-            exchanging: (0..servers).map(|_| AtomicBool::new(false)).collect(),
             interval,
             max_keys,
             metrics,
@@ -507,25 +502,15 @@ impl AntiEntropy {
         messages::from_value(&reply)
     }
 
-    /// Starts an exchange, in `tasks`, with every peer no exchange is under way with.
-    pub fn start_round(
-        self: &Arc<Self>,
-        node: &Arc<StorageNode>,
-        client: &RpcClient,
-        tasks: &mut tokio::task::JoinSet<()>,
-    ) {
+    /// Exchanges with every peer, once, one after another: two peers repairing a node at the
+    /// same time would each send it what it missed. A peer down or cut off holds the round
+    /// up for [`QUERY_TIMEOUT`] at most, not for a whole [`CALL_TIMEOUT`].
+    pub async fn round(&self, node: &StorageNode, client: &RpcClient) {
         for peer in 0..self.layout.servers().len() {
             if self.trees[peer].is_none() {
                 continue; // itself, or a server it shares no partition with
             }
-            if self.exchanging[peer].swap(true, Ordering::AcqRel) {
-                continue;
-            }
-            let (aae, node, client) = (self.clone(), node.clone(), client.clone());
-            tasks.spawn(async move {
-                aae.exchange_and_report(&node, &client, peer).await;
-                aae.exchanging[peer].store(false, Ordering::Release);
-            });
+            self.exchange_and_report(node, client, peer).await;
         }
     }
 

@@ -210,20 +210,14 @@ async fn anti_entropy_periodically(node: Arc<StorageNode>, client: RpcClient) {
     let mut ticks = tokio::time::interval(node.aae_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate; let the cluster come up first
-    // The exchanges under way, one per peer at most; dropped (so aborted) with this task.
-    let mut exchanges = tokio::task::JoinSet::new();
     loop {
-        tokio::select! {
-            biased;
-            Some(_) = exchanges.join_next() => continue,
-            _ = ticks.tick() => {}
-        }
+        ticks.tick().await;
         match node.aae() {
             // Its trees are complete once filled; they are built for one layout, and pause
             // while the cluster's is another (a transition moves data by its own means, see
             // `sync.rs`, and the trees are built anew once it is over).
             Some(aae) if aae.is_filled() && node.aae_layout_current(&aae) => {
-                aae.start_round(&node, &client, &mut exchanges)
+                aae.round(&node, &client).await
             }
             _ => {}
         }
