@@ -150,7 +150,7 @@ impl StorageNode {
         let reaped_us = self.reaped_at(place);
         let siblings = transaction.siblings(place)?;
         let stamp = replica::Stamp {
-            actor: self.actor,
+            actor: stamping_actor(self.actor, place),
             context: request.context.as_ref(),
             entered_us: request.entered_us,
             now_us: crate::clock::now_us(),
@@ -239,5 +239,23 @@ impl StorageNode {
                 Ok(record.map(|r| r.siblings).unwrap_or_default())
             }
         }
+    }
+}
+
+/// The actor a write coordinated at `place` is stamped with. A dot's counter is one past
+/// what the place holds of its actor, and a hint holds only what this node coordinated or
+/// received for one owner since its last handoff: two writes coordinated into hints (for
+/// two owners, or for one owner after a handoff emptied the hint) would get the same dot
+/// under the node's own actor, and a client whose context covers one would supersede the
+/// other (the simulation lost an acknowledged put so, seed 16132755956858121918). A hint is
+/// therefore stamped under an actor drawn for that one write: its dot is unique by
+/// construction. It costs a clock entry per such write, and such writes are rare (every
+/// preferred replica was down); clocks are pruned past `MAX_CLOCK_ENTRIES`, which can only
+/// leave a spurious sibling, never drop a write.
+fn stamping_actor(own: crate::version::ActorId, place: &Place) -> crate::version::ActorId {
+    if place.is_hint() {
+        crate::random::random_u64()
+    } else {
+        own
     }
 }

@@ -57,6 +57,8 @@ const SEEDS: &[u64] = &[
     7_953_218_549_841_756_565,
     // Anti-entropy waited 30 s on a peer cut off, while the only copy's holder died: lost.
     4_516_822_222_265_640_413,
+    // A node stood in for two owners of a key and gave two writes one dot: a put lost.
+    16_132_755_956_858_121_918,
 ];
 /// Each daemon's wall clock is off the simulation's by up to this much, either way.
 const MAX_SKEW_US: u64 = 100_000;
