@@ -15,17 +15,39 @@ const REBUILD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a handful of anti-entropy rounds (or a balancer's ring check) may take.
 const ROUNDS_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[test]
-fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
-    let mut cluster = Cluster::builder()
+/// Three nodes, N=3 W=2, anti-entropy every 300 ms, holding `keys` keys put through the
+/// balancer.
+fn three_replicas_holding(keys: usize) -> Cluster {
+    let cluster = Cluster::builder()
         .nodes(3)
         .replicas(3)
         .write_quorum(2)
         .aae_interval_ms(300)
         .start();
-    let lb = cluster.client();
+    cluster.client().put_keys(0..keys, "");
+    cluster
+}
+
+/// Waits up to `timeout` until `node` holds all `keys` keys again, then checks its copies.
+fn wait_until_rebuilt(node: &Rpc, keys: usize, timeout: Duration, what: &str) {
+    wait_until(timeout, what, || {
+        int_member(&node.stats(), "keys") == keys as i64
+    });
+    for i in (0..keys).step_by(7) {
+        assert_eq!(
+            node.local_get(&key(i)),
+            Ok(value(i)),
+            "C's copy of {}",
+            key(i)
+        );
+    }
+}
+
+#[test]
+fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
     const KEYS: usize = 500;
-    lb.put_keys(0..KEYS, "");
+    let mut cluster = three_replicas_holding(KEYS);
+    let lb = cluster.client();
 
     // C loses its disk: killed, its data directory removed, started again on nothing.
     cluster.nodes[2].kill();
@@ -43,19 +65,12 @@ fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
     cluster.nodes[0].cont();
     cluster.nodes[1].cont();
 
-    wait_until(
+    wait_until_rebuilt(
+        &node_c,
+        KEYS,
         REBUILD_TIMEOUT,
         &format!("C holds all {KEYS} keys again"),
-        || int_member(&node_c.stats(), "keys") == KEYS as i64,
     );
-    for i in (0..KEYS).step_by(7) {
-        assert_eq!(
-            node_c.local_get(&key(i)),
-            Ok(value(i)),
-            "C's copy of {}",
-            key(i)
-        );
-    }
     assert_no_client_reads(&lb);
     assert_eq!(balancer_counter(&lb.stats(), "read_repairs"), 0);
 }
@@ -66,15 +81,9 @@ fn a_wiped_node_is_rebuilt_by_its_peers_without_client_reads() {
 /// timeout (30 s) before it reached the next peer.
 #[test]
 fn a_hung_peer_holds_up_repairs_between_the_others_only_briefly() {
-    let mut cluster = Cluster::builder()
-        .nodes(3)
-        .replicas(3)
-        .write_quorum(2)
-        .aae_interval_ms(300)
-        .start();
-    let lb = cluster.client();
     const KEYS: usize = 200;
-    lb.put_keys(0..KEYS, "");
+    let mut cluster = three_replicas_holding(KEYS);
+    let lb = cluster.client();
 
     // C loses its disk while A hangs; B alone can rebuild it.
     cluster.nodes[0].stop();
@@ -83,19 +92,12 @@ fn a_hung_peer_holds_up_repairs_between_the_others_only_briefly() {
     cluster.nodes[2].restart();
     let node_c = cluster.node_client(2);
     // Well within A's call timeouts: a round that waited for A would not get here in time.
-    wait_until(
+    wait_until_rebuilt(
+        &node_c,
+        KEYS,
         Duration::from_secs(25),
         &format!("C holds all {KEYS} keys again, from B, while A hangs"),
-        || int_member(&node_c.stats(), "keys") == KEYS as i64,
     );
-    for i in (0..KEYS).step_by(7) {
-        assert_eq!(
-            node_c.local_get(&key(i)),
-            Ok(value(i)),
-            "C's copy of {}",
-            key(i)
-        );
-    }
     cluster.nodes[0].cont();
     assert_no_client_reads(&lb);
 }
