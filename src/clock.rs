@@ -336,14 +336,13 @@ impl Peers {
     }
 
     /// The cluster clock, ahead of ours: the median of the members' anchors, each read
-    /// through our offset to that member, and ours when we are one. A median over our own
+    /// through our offset to that member, and ours (`own`) when we are one. A median over our own
     /// measurements alone depends on which members we measured (a daemon that started after
     /// a member died never measured it), and with clocks 100 ms apart two daemons would
     /// stamp 100 ms apart; the members' anchors agree with each other unless a member's own
     /// view is short of one, and the median outvotes a few that are.
-    fn cluster_us(&self, now_us: u64) -> i64 {
+    fn cluster_us(&self, now_us: u64, own: Option<i64>) -> i64 {
         let (counted, me) = self.counted(now_us);
-        let own = self.anchor_us(now_us);
         let views: Vec<i64> = counted
             .iter()
             .filter_map(|peer| {
@@ -361,13 +360,13 @@ impl Peers {
 
     fn publish(&mut self, clocks: &PeerClocks, now_us: u64) {
         self.published_us = now_us;
-        clocks.anchor_us.store(
-            self.anchor_us(now_us).unwrap_or(NO_ANCHOR),
-            Ordering::Relaxed,
-        );
+        let own = self.anchor_us(now_us);
+        clocks
+            .anchor_us
+            .store(own.unwrap_or(NO_ANCHOR), Ordering::Relaxed);
         clocks
             .median_us
-            .store(self.cluster_us(now_us), Ordering::Relaxed);
+            .store(self.cluster_us(now_us, own), Ordering::Relaxed);
     }
 }
 
