@@ -8,7 +8,9 @@
 //!
 //! A write is stamped by one storage node, the *coordinator* (the first replica of the key's
 //! preference list that answers), with a **dot** `(actor, counter)`: the node's actor id and a
-//! counter one past anything the node has seen for that key. The version also records its
+//! counter one past anything the node has seen for that key, and past every counter it
+//! stamped before for any key (a node's set of a key can lose its own history: a reap, a key
+//! that moved away and back). The version also records its
 //! **past**, the clock of everything the writer had seen (the client's context, or for a blind
 //! put everything the coordinator held). A version is made obsolete by another exactly when
 //! the other's past covers its dot.
@@ -383,6 +385,20 @@ impl Siblings {
         value: Option<String>,
         entered_us: u64,
     ) -> Dot {
+        self.write_after(actor, 0, context, value, entered_us)
+    }
+
+    /// As [`Self::write`], with a counter above `after` too: the highest the actor stamped
+    /// for any key, since what is held here need not count all it stamped for this one
+    /// (`node/stamper.rs`).
+    pub fn write_after(
+        &mut self,
+        actor: ActorId,
+        after: u64,
+        context: Option<&VClock>,
+        value: Option<String>,
+        entered_us: u64,
+    ) -> Dot {
         let mut past = match context {
             Some(clock) => clock.clone(),
             None => self.seen_by_a_write_entered_at(entered_us),
@@ -402,7 +418,7 @@ impl Siblings {
             .unwrap_or(0);
         let dot = Dot {
             actor,
-            counter: seen_here.max(past.get(actor)) + 1,
+            counter: seen_here.max(past.get(actor)).max(after) + 1,
         };
         past.prune(MAX_CLOCK_ENTRIES);
         let version = Version {

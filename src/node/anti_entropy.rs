@@ -467,7 +467,7 @@ impl AntiEntropy {
             let request = ReadManyRequest {
                 keys: chunk.to_vec(),
             };
-            let sets: Vec<crate::version::Siblings> = self
+            let sets: Vec<messages::HeldCopy> = self
                 .call(client, &address, messages::READ_MANY, request, CALL_TIMEOUT)
                 .await?;
             let entries = chunk.iter().cloned().zip(sets).collect();

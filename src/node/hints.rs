@@ -129,8 +129,13 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
                     let replicas = routing.current_replicas(record.key.as_bytes());
                     let me = &node.membership.me;
                     if replicas.contains(me)
-                        && let Err(error) =
-                            node.merge_own_many(vec![(record.key.clone(), record.siblings.clone())])
+                        && let Err(error) = node.merge_own_many(vec![(
+                            record.key.clone(),
+                            crate::rpc::messages::HeldCopy {
+                                siblings: record.siblings.clone(),
+                                reaped_us: None,
+                            },
+                        )])
                     {
                         tracing::warn!(%error, "cannot keep a hint whose owner left");
                         continue;

@@ -7,12 +7,11 @@ use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use crate::config::NodeConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::rpc::client::RpcClient;
 use crate::rpc::server::{self, ServerLimits};
 use crate::rpc::transport::Listener;
-use crate::storage::{self, Engine, Tree, WriteOp};
-use crate::version::ActorId;
+use crate::storage::{self, Engine, Tree};
 
 use super::StorageNode;
 use super::anti_entropy::AntiEntropy;
@@ -21,23 +20,12 @@ use super::hints;
 use super::key_locks::KeyLocks;
 use super::reaped::ReapedTombstones;
 use super::row_cache::RowCache;
+use super::stamper::Stamper;
 use super::surface::NodeMetrics;
 
 /// How often the journal is forced to disk. Writes are acknowledged once the OS has them
 /// (they survive a crash of the process); this bounds what a power loss can take.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
-
-const ACTOR_ID_KEY: &[u8] = b"actor_id";
-/// Present while the node is stopped after a clean stop, and only then.
-///
-/// A node stamps a write with a counter one past what it holds for the key. After a crash
-/// that lost writes the engine had not synced yet (a power loss), it could stamp a new write
-/// with the dot of one it lost, which other replicas still hold with another value: the two
-/// would be taken for one version, and one of two acknowledged writes lost. So a node that did
-/// not stop cleanly draws a new actor id, whose counters start afresh and collide with
-/// nothing (Riak bumps its vnode epochs on the same condition); each costs one more entry in
-/// the clocks of the keys it coordinates, which pruning bounds.
-const CLEAN_STOP_KEY: &[u8] = b"clean_stop";
 
 impl StorageNode {
     /// Opens the node's storage (refusing a directory another process holds), loads its
@@ -55,7 +43,7 @@ impl StorageNode {
     /// (figures low and anti-entropy waiting until then).
     pub(super) fn open_uncounted(config: &NodeConfig) -> Result<Self> {
         let engine = storage::open(&config.storage)?;
-        let actor = start_actor(&*engine)?;
+        let stamper = Stamper::start(&*engine)?;
         let membership = Arc::new(
             crate::membership::Membership::new(
                 config.advertise.clone(),
@@ -93,7 +81,7 @@ impl StorageNode {
         let hints = count_entries(&*engine, Tree::Hints)?;
         Ok(StorageNode {
             engine,
-            actor,
+            stamper,
             locks: KeyLocks::new(),
             live_keys: AtomicI64::new(0),
             tombstone_keys: AtomicI64::new(0),
@@ -201,7 +189,7 @@ pub async fn run(
     prober.abort();
     sampler.abort();
     node.engine.sync()?;
-    mark_clean_stop(&*node.engine)?;
+    node.stamper.mark_clean_stop(&*node.engine)?;
     Ok(())
 }
 
@@ -328,67 +316,9 @@ impl StorageNode {
     }
 }
 
-/// The actor id for this run: the stored one after a clean stop, a new one otherwise
-/// ([`CLEAN_STOP_KEY`]).
-fn start_actor(engine: &dyn Engine) -> Result<ActorId> {
-    let stored = match engine.get(Tree::Meta, ACTOR_ID_KEY)? {
-        Some(bytes) => {
-            let array: [u8; 8] = bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::Internal("stored actor id is corrupt".into()))?;
-            Some(u64::from_be_bytes(array))
-        }
-        None => None,
-    };
-    let clean = engine.get(Tree::Meta, CLEAN_STOP_KEY)?.is_some();
-    let actor = match stored {
-        Some(actor) if clean => actor,
-        _ => crate::random::random_u64(),
-    };
-    engine.write(vec![
-        WriteOp::put(Tree::Meta, ACTOR_ID_KEY, actor.to_be_bytes()),
-        WriteOp::remove(Tree::Meta, CLEAN_STOP_KEY),
-    ])?;
-    // On disk before any write is stamped: a crash from here on finds no mark of a clean stop.
-    engine.sync()?;
-    Ok(actor)
-}
-
-/// Marks the stop as clean, once everything is synced: the next start keeps the actor id.
-fn mark_clean_stop(engine: &dyn Engine) -> Result<()> {
-    engine.write(vec![WriteOp::put(Tree::Meta, CLEAN_STOP_KEY, [1u8])])?;
-    engine.sync()?;
-    Ok(())
-}
-
 /// Entries of a tree, counted once at start.
 fn count_entries(engine: &dyn Engine, tree: Tree) -> Result<i64> {
     let mut count = 0;
     storage::for_each(engine, tree, |_, _| count += 1)?;
     Ok(count)
-}
-
-#[cfg(test)]
-mod actor_tests {
-    use super::*;
-
-    #[test]
-    fn the_actor_id_survives_a_clean_stop_only() {
-        let engine = crate::storage::MemoryEngine::new();
-        let first = start_actor(&engine).expect("a first start");
-        let after_crash = start_actor(&engine).expect("a start after a crash");
-        assert_ne!(first, after_crash, "no clean stop: a new actor");
-        mark_clean_stop(&engine).expect("a clean stop");
-        let after_clean_stop = start_actor(&engine).expect("a start after a clean stop");
-        assert_eq!(
-            after_crash, after_clean_stop,
-            "a clean stop keeps the actor"
-        );
-        // The mark is gone once started: the next crash draws a new one again.
-        assert_ne!(
-            start_actor(&engine).expect("another crash"),
-            after_clean_stop
-        );
-    }
 }

@@ -21,7 +21,8 @@
 //!   `census.rs`: the count of what the node holds, made in the background after start;
 //! - [`hints`] (writes held for an unreachable peer, and their handoff), [`anti_entropy`]
 //!   (background convergence with the `-s` peers), `reaped.rs` (recently reaped deletes),
-//!   `row_cache.rs` (stored bytes of recently used keys), `key_locks.rs`.
+//!   `row_cache.rs` (stored bytes of recently used keys), `stamper.rs` (the actor id, and
+//!   the highest dot counter stamped under it), `key_locks.rs`.
 //!
 //! For people, it also answers `get(key)` and `put(key, value)` on its own copy, and `stats()`.
 
@@ -38,6 +39,7 @@ pub mod rehome;
 pub mod replica;
 pub mod request;
 mod row_cache;
+mod stamper;
 mod surface;
 pub mod sync;
 mod transaction;
@@ -61,7 +63,8 @@ pub use replica::{MAX_ENTRY_AHEAD_US, MAX_SET_VALUE_BYTES, MAX_SIBLINGS};
 
 pub struct StorageNode {
     engine: Arc<dyn Engine>,
-    actor: ActorId,
+    /// Its actor id, and the highest dot counter stamped under it.
+    stamper: stamper::Stamper,
     locks: KeyLocks,
     /// Keys with at least one live sibling; counted at start (`census`), then kept up to
     /// date per write.
@@ -110,7 +113,7 @@ pub struct StorageNode {
 
 impl StorageNode {
     pub fn actor(&self) -> ActorId {
-        self.actor
+        self.stamper.actor()
     }
 
     /// Whether some live layout version of `routing` places `partition` on this node.

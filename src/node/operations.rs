@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use crate::error::{Error, Result};
 use crate::rpc::messages::{
-    CoordinateRequest, MergeRequest, Op, OpReply, ReadRequest, ReapRequest, check_key,
+    CoordinateRequest, HeldCopy, MergeRequest, Op, OpReply, ReadRequest, ReapRequest, check_key,
 };
 use crate::storage::{Tree, WriteOp};
 use crate::version::{Dot, Siblings};
@@ -36,14 +36,19 @@ impl StorageNode {
         Ok(true)
     }
 
-    /// The node's own copy of a key (anti-entropy push).
-    pub fn read_own(&self, key: &str) -> Result<Siblings> {
-        self.load(key)
+    /// The node's own copy of a key, and the entry time of a delete of it reaped here lately
+    /// (anti-entropy, partition transfers).
+    pub fn read_own(&self, key: &str) -> Result<HeldCopy> {
+        Ok(HeldCopy {
+            siblings: self.load(key)?,
+            reaped_us: self.reaped.reaped_at(key),
+        })
     }
 
-    /// Merges sibling sets into the node's own copies (anti-entropy push and pull), as one
-    /// batch: one transaction, one journal write. Fails with the first refusal.
-    pub fn merge_own_many(&self, entries: Vec<(String, Siblings)>) -> Result<()> {
+    /// Merges other replicas' copies into the node's own (anti-entropy push and pull), as one
+    /// batch: one transaction, one journal write. Fails with the first refusal. A reap a copy
+    /// reports is remembered first, so that the merge drops what that reap dropped.
+    pub fn merge_own_many(&self, entries: Vec<(String, HeldCopy)>) -> Result<()> {
         self.merge_own_many_until(entries, u64::MAX)
     }
 
@@ -52,18 +57,29 @@ impl StorageNode {
     /// fails if any was refused.
     pub fn merge_own_many_until(
         &self,
-        entries: Vec<(String, Siblings)>,
+        entries: Vec<(String, HeldCopy)>,
         deadline_us: u64,
     ) -> Result<()> {
         let ops = entries
             .into_iter()
-            .map(|(key, siblings)| {
-                Op::Merge(MergeRequest {
+            .map(
+                |(
                     key,
-                    siblings,
-                    hint_for: None,
-                })
-            })
+                    HeldCopy {
+                        siblings,
+                        reaped_us,
+                    },
+                )| {
+                    if let Some(reaped_us) = reaped_us {
+                        self.reaped.learn(&key, reaped_us);
+                    }
+                    Op::Merge(MergeRequest {
+                        key,
+                        siblings,
+                        hint_for: None,
+                    })
+                },
+            )
             .collect();
         for reply in self.apply_until(ops, deadline_us) {
             match reply {
@@ -150,14 +166,19 @@ impl StorageNode {
         let reaped_us = self.reaped_at(place);
         let siblings = transaction.siblings(place)?;
         let stamp = replica::Stamp {
-            actor: stamping_actor(self.actor, place),
+            actor: stamping_actor(self.stamper.actor(), place),
+            after: self.stamper.highest(),
             context: request.context.as_ref(),
             entered_us: request.entered_us,
             now_us: crate::clock::now_us(),
             reaped_us,
         };
         match replica::coordinate(siblings, stamp, request.value) {
-            Ok(_) => Ok(()),
+            Ok(replica::Coordinated::Applied(dot)) => {
+                self.stamper.stamped(dot);
+                Ok(())
+            }
+            Ok(replica::Coordinated::SupersededByReapedDelete) => Ok(()),
             Err(refusal) => {
                 if let replica::Refusal::AheadOfClock { ahead_us } = refusal {
                     self.warn_clock(ahead_us, stamp.now_us);

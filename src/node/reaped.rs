@@ -12,6 +12,13 @@
 //! would read as deleted anyway (`get` shows the version that entered last). Anything newer
 //! (a new write, a new delete) goes through.
 //!
+//! A replica the reap missed (its reap request lost, or it was down) keeps the tombstones,
+//! and anti-entropy would move the key between it and the others every round for as long as
+//! they remember. So a copy anti-entropy moves carries the sender's memory of the key's reap,
+//! and a replica that learns of one drops what the reap dropped, as if it had reaped too.
+//! Without that, worse: once the others forgot, the tombstones would come back beside a
+//! write made since.
+//!
 //! The memory is bounded in time and size and lives only in memory: forgetting early costs a
 //! tombstone that lingers until the next read reaps it; the writes it guards against arrive
 //! within their senders' deadlines, seconds after the reap at most.
@@ -54,6 +61,14 @@ impl ReapedTombstones {
         memory.order.push_back((key.to_owned(), now));
         self.remembered
             .store(memory.by_key.len(), Ordering::Relaxed);
+    }
+
+    /// Remembers a reap another replica reported (anti-entropy), unless one as new is
+    /// remembered already.
+    pub fn learn(&self, key: &str, newest_us: u64) {
+        if self.reaped_at(key).is_none_or(|known| known < newest_us) {
+            self.remember(key, newest_us);
+        }
     }
 
     /// The entry time of the newest tombstone reaped lately for `key`.

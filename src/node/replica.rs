@@ -36,6 +36,9 @@ pub const MAX_ENTRY_AHEAD_US: u64 = 10_000_000;
 pub struct Stamp<'a> {
     /// This node's actor id.
     pub actor: ActorId,
+    /// The highest counter stamped under `actor` so far, for any key: the new dot's is
+    /// above it (`stamper.rs`).
+    pub after: u64,
     /// What the client had seen; `None` for a blind write.
     pub context: Option<&'a VClock>,
     /// When the request entered the cluster (see [`crate::version`]).
@@ -49,8 +52,8 @@ pub struct Stamp<'a> {
 /// What became of a write this node was asked to coordinate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Coordinated {
-    /// Stamped and added to the set.
-    Applied,
+    /// Stamped with this dot and added to the set.
+    Applied(Dot),
     /// It entered before a delete whose tombstones every replica has since dropped (it
     /// reached this node late): the delete supersedes it, and it must not bring the value
     /// back. The set is left as it was.
@@ -122,11 +125,23 @@ pub fn coordinate(
         && siblings.value_bytes().saturating_add(value_bytes) <= MAX_SET_VALUE_BYTES
     {
         // A write adds at most one version, so it stays within both bounds.
-        siblings.write(stamp.actor, stamp.context, value, stamp.entered_us);
-        return Ok(Coordinated::Applied);
+        let dot = siblings.write_after(
+            stamp.actor,
+            stamp.after,
+            stamp.context,
+            value,
+            stamp.entered_us,
+        );
+        return Ok(Coordinated::Applied(dot));
     }
     let mut next = siblings.clone();
-    next.write(stamp.actor, stamp.context, value, stamp.entered_us);
+    let dot = next.write_after(
+        stamp.actor,
+        stamp.after,
+        stamp.context,
+        value,
+        stamp.entered_us,
+    );
     let count = next.versions().len();
     if count > MAX_SIBLINGS {
         return Err(Refusal::TooManySiblings(count));
@@ -141,15 +156,21 @@ pub fn coordinate(
         });
     }
     *siblings = next;
-    Ok(Coordinated::Applied)
+    Ok(Coordinated::Applied(dot))
 }
 
 /// Folds a copy another replica, a read repair or anti-entropy sent into `siblings`, without
-/// what entered no later than a delete of this key reaped here lately (`reaped_us`): the
-/// reaped tombstones themselves, and writes the delete came after.
+/// what entered no later than a delete of this key reaped lately (`reaped_us`): the reaped
+/// tombstones themselves, and writes the delete came after. That goes for what is held here
+/// too: a replica that missed the reap, and learnt of it from another replica's copy, drops
+/// what the reap dropped (a replica that reaped holds nothing that old already).
 pub fn merge(siblings: &mut Siblings, incoming: &Siblings, reaped_us: Option<u64>) {
     match reaped_us {
-        Some(reaped_us) => siblings.merge(&incoming.newer_than(reaped_us)),
+        Some(reaped_us) => {
+            let mut kept = siblings.newer_than(reaped_us);
+            kept.merge(&incoming.newer_than(reaped_us));
+            *siblings = kept;
+        }
         None => siblings.merge(incoming),
     }
 }
@@ -175,11 +196,26 @@ mod tests {
     fn stamp(entered_us: u64, reaped_us: Option<u64>) -> Stamp<'static> {
         Stamp {
             actor: ACTOR,
+            after: 0,
             context: None,
             entered_us,
             now_us: NOW,
             reaped_us,
         }
+    }
+
+    /// An outcome without the dot a write was stamped with.
+    #[derive(Debug, PartialEq)]
+    enum Kind {
+        Applied,
+        Superseded,
+    }
+
+    fn kind(got: Result<Coordinated, Refusal>) -> Result<Kind, Refusal> {
+        got.map(|coordinated| match coordinated {
+            Coordinated::Applied(_) => Kind::Applied,
+            Coordinated::SupersededByReapedDelete => Kind::Superseded,
+        })
     }
 
     fn value(text: &str) -> Option<String> {
@@ -205,15 +241,10 @@ mod tests {
         let stale = VClock::new();
         let heavy = MAX_SET_VALUE_BYTES / 2 + 1;
         // (what is held, the write's context is stale?, value bytes, expected)
-        type Case = (Siblings, bool, usize, Result<Coordinated, Refusal>);
+        type Case = (Siblings, bool, usize, Result<Kind, Refusal>);
         let cases: Vec<Case> = vec![
-            (Siblings::new(), false, 10, Ok(Coordinated::Applied)),
-            (
-                siblings(MAX_SIBLINGS - 1, 1),
-                true,
-                1,
-                Ok(Coordinated::Applied),
-            ),
+            (Siblings::new(), false, 10, Ok(Kind::Applied)),
+            (siblings(MAX_SIBLINGS - 1, 1), true, 1, Ok(Kind::Applied)),
             (
                 siblings(MAX_SIBLINGS, 1),
                 true,
@@ -221,12 +252,7 @@ mod tests {
                 Err(Refusal::TooManySiblings(MAX_SIBLINGS + 1)),
             ),
             // A blind write supersedes the lot: always within the bounds.
-            (
-                siblings(MAX_SIBLINGS, 1),
-                false,
-                1,
-                Ok(Coordinated::Applied),
-            ),
+            (siblings(MAX_SIBLINGS, 1), false, 1, Ok(Kind::Applied)),
             (
                 Siblings::new(),
                 false,
@@ -245,7 +271,7 @@ mod tests {
                     single: false,
                 }),
             ),
-            (siblings(1, heavy), false, heavy, Ok(Coordinated::Applied)),
+            (siblings(1, heavy), false, heavy, Ok(Kind::Applied)),
         ];
         for (i, (held, stale_context, bytes, expected)) in cases.into_iter().enumerate() {
             let mut set = held.clone();
@@ -253,7 +279,7 @@ mod tests {
                 context: stale_context.then_some(&stale),
                 ..stamp(NOW, None)
             };
-            let got = coordinate(&mut set, write, Some("y".repeat(bytes)));
+            let got = kind(coordinate(&mut set, write, Some("y".repeat(bytes))));
             assert_eq!(got, expected, "case {i}");
             if got.is_err() {
                 assert_eq!(set, held, "case {i}: a refused write leaves the set alone");
@@ -285,15 +311,15 @@ mod tests {
             context: Some(&stale),
             ..stamp(NOW + 1, None)
         };
-        assert_eq!(coordinate(&mut set, delete, None), Ok(Coordinated::Applied));
+        assert_eq!(kind(coordinate(&mut set, delete, None)), Ok(Kind::Applied));
         let context = set.context();
         let resolving = Stamp {
             context: Some(&context),
             ..stamp(NOW + 2, None)
         };
         assert_eq!(
-            coordinate(&mut set, resolving, value("small")),
-            Ok(Coordinated::Applied)
+            kind(coordinate(&mut set, resolving, value("small"))),
+            Ok(Kind::Applied)
         );
         assert_eq!(set.versions().len(), 1);
     }
@@ -302,8 +328,8 @@ mod tests {
     fn clock_and_reap_table() {
         // (entered, reaped) -> outcome
         let cases = [
-            (NOW, None, Ok(Coordinated::Applied)),
-            (NOW + MAX_ENTRY_AHEAD_US, None, Ok(Coordinated::Applied)),
+            (NOW, None, Ok(Kind::Applied)),
+            (NOW + MAX_ENTRY_AHEAD_US, None, Ok(Kind::Applied)),
             (
                 NOW + MAX_ENTRY_AHEAD_US + 1,
                 None,
@@ -311,24 +337,78 @@ mod tests {
                     ahead_us: MAX_ENTRY_AHEAD_US + 1,
                 }),
             ),
-            (
-                NOW - 10,
-                Some(NOW - 10),
-                Ok(Coordinated::SupersededByReapedDelete),
-            ),
-            (
-                NOW - 20,
-                Some(NOW - 10),
-                Ok(Coordinated::SupersededByReapedDelete),
-            ),
-            (NOW - 5, Some(NOW - 10), Ok(Coordinated::Applied)),
+            (NOW - 10, Some(NOW - 10), Ok(Kind::Superseded)),
+            (NOW - 20, Some(NOW - 10), Ok(Kind::Superseded)),
+            (NOW - 5, Some(NOW - 10), Ok(Kind::Applied)),
         ];
         for (entered, reaped, expected) in cases {
             let mut set = Siblings::new();
-            let got = coordinate(&mut set, stamp(entered, reaped), value("v"));
+            let got = kind(coordinate(&mut set, stamp(entered, reaped), value("v")));
             assert_eq!(got, expected, "entered {entered}, reaped {reaped:?}");
-            assert_eq!(set.is_empty(), got != Ok(Coordinated::Applied));
+            assert_eq!(set.is_empty(), got != Ok(Kind::Applied));
         }
+    }
+
+    /// The node's set of a key need not count every dot the node stamped for it: after a
+    /// reap, say, it is empty while another replica's tombstone counts (ACTOR, 5) in its past.
+    /// The new write's counter is above everything the actor stamped, so that tombstone does
+    /// not cover it.
+    #[test]
+    fn a_dot_counts_past_the_actors_highest_counter() {
+        let mut tombstone = Siblings::new();
+        for entered in 1..=5 {
+            coordinate(
+                &mut tombstone,
+                stamp(NOW - 100 + entered, None),
+                value("old"),
+            )
+            .expect("a write");
+        }
+        coordinate(&mut tombstone, stamp(NOW - 50, None), None).expect("a delete");
+        // (held here, context, highest counter stamped) -> the new dot's counter
+        let context = tombstone.context();
+        let cases = [
+            (Siblings::new(), None, 0, 1),
+            (Siblings::new(), None, 6, 7),
+            (Siblings::new(), Some(&context), 0, 7),
+            (Siblings::new(), Some(&context), 9, 10),
+            (tombstone.clone(), None, 0, 7),
+            (tombstone.clone(), None, 3, 7),
+            (tombstone.clone(), None, 40, 41),
+        ];
+        for (i, (held, context, after, counter)) in cases.into_iter().enumerate() {
+            let mut set = held;
+            let write = Stamp {
+                after,
+                context,
+                ..stamp(NOW, None)
+            };
+            let got = coordinate(&mut set, write, value("new"));
+            assert_eq!(
+                got,
+                Ok(Coordinated::Applied(Dot {
+                    actor: ACTOR,
+                    counter
+                })),
+                "case {i}"
+            );
+        }
+        // The reap story: the replica that kept the tombstone takes the write made after the
+        // reap as a sibling to show, not as something the delete saw.
+        let mut reaped = Siblings::new();
+        let highest = 6;
+        coordinate(
+            &mut reaped,
+            Stamp {
+                after: highest,
+                ..stamp(NOW, None)
+            },
+            value("new"),
+        )
+        .expect("a write after the reap");
+        let mut kept = tombstone.clone();
+        merge(&mut kept, &reaped, None);
+        assert_eq!(kept.latest_value(), value("new").as_deref());
     }
 
     #[test]

@@ -303,7 +303,7 @@ impl StorageNode {
         stats.insert("engine".into(), Value::String(self.engine.name().into()));
         stats.insert(
             "actor".into(),
-            Value::String(format!("{:016x}", self.actor)),
+            Value::String(format!("{:016x}", self.actor())),
         );
         stats.insert(
             "connections".into(),
@@ -345,7 +345,7 @@ impl StorageNode {
                     .iter()
                     .map(|key| {
                         check_key(key)?;
-                        self.load(key)
+                        self.read_own(key)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 messages::reply_xml(&sets)

@@ -25,6 +25,7 @@ use crate::error::Result;
 use crate::membership::history::History;
 use crate::merkle::{self, EntryHash};
 use crate::rpc::messages;
+use crate::rpc::messages::HeldCopy;
 use crate::storage::Tree;
 use crate::version::Siblings;
 
@@ -176,7 +177,20 @@ async fn pull(
             node.metrics.sync_listing_bytes.add(payload_len(&value));
         }
         let reply: SyncPageReply = messages::from_value(&value)?;
-        let mut entries = reply.entries;
+        // Whole pages carry no reaps; a key read by itself below does.
+        let mut entries: Vec<(String, HeldCopy)> = reply
+            .entries
+            .into_iter()
+            .map(|(key, siblings)| {
+                (
+                    key,
+                    HeldCopy {
+                        siblings,
+                        reaped_us: None,
+                    },
+                )
+            })
+            .collect();
         if !reply.hashes.is_empty() {
             let differing: Vec<String> = {
                 let node = node.clone();
@@ -206,7 +220,7 @@ async fn pull(
                     .await
                     .map_err(internal)?;
                 node.metrics.sync_bytes_received.add(payload_len(&value));
-                let sets: Vec<Siblings> = messages::from_value(&value)?;
+                let sets: Vec<HeldCopy> = messages::from_value(&value)?;
                 if sets.len() != chunk.len() {
                     return Err(crate::error::Error::Internal(format!(
                         "{source} answered {} sibling sets for {} keys",

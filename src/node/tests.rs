@@ -421,7 +421,16 @@ fn operations_past_their_deadline_are_refused_unapplied() {
     assert_eq!(node.load("m").expect("load"), elsewhere);
     // So does a merge from anti-entropy, and the same one late is refused.
     let error = node
-        .merge_own_many_until(vec![("n".into(), elsewhere.clone())], past)
+        .merge_own_many_until(
+            vec![(
+                "n".into(),
+                messages::HeldCopy {
+                    siblings: elsewhere.clone(),
+                    reaped_us: None,
+                },
+            )],
+            past,
+        )
         .expect_err("a late push");
     assert!(error.fault_string().contains("deadline"), "{error}");
     assert!(node.load("n").expect("load").is_empty());
@@ -492,6 +501,84 @@ fn a_write_older_than_a_reaped_delete_does_not_bring_the_value_back() {
     // A put after the delete is a put.
     let again = write(Some("<value>again</value>"), now);
     assert_eq!(again.latest_value(), Some("<value>again</value>"));
+}
+
+/// A replica the reap of a deleted key missed keeps its tombstone. A write made after the reap
+/// at a replica that did reap must survive meeting that tombstone (its dot is not one the
+/// tombstone's past counts), and the replica that missed the reap learns of it from the
+/// other's copy, so that the two hold the same set and anti-entropy stops moving the key.
+#[test]
+fn a_replica_that_missed_a_reap_learns_it_from_a_copy() {
+    let reaper = node();
+    let missed = node();
+    let now = crate::clock::now_us();
+    let write = |value: Option<&str>, entered_us: u64| {
+        reaper
+            .coordinate(CoordinateRequest {
+                key: "k".into(),
+                value: value.map(str::to_owned),
+                context: None,
+                hint_for: None,
+                entered_us,
+            })
+            .expect("coordinate")
+    };
+    for i in 0..3 {
+        write(Some("<value>old</value>"), now - 10_000 + i);
+    }
+    let tombstone = write(None, now - 5_000);
+    missed
+        .merge(MergeRequest {
+            key: "k".into(),
+            siblings: tombstone.clone(),
+            hint_for: None,
+        })
+        .expect("the delete's copy");
+    // The reap reaches only `reaper`; then a client writes the key again there.
+    assert!(
+        reaper
+            .reap(&ReapRequest {
+                key: "k".into(),
+                dots: tombstone.dots().collect(),
+            })
+            .expect("reap")
+    );
+    write(Some("<value>new</value>"), now);
+    let copy = reaper.read_own("k").expect("read");
+    assert_eq!(
+        copy.reaped_us,
+        Some(now - 5_000),
+        "the copy says what was reaped"
+    );
+
+    // Met without word of the reap (a read repair), the new write is a sibling that shows.
+    let mut met = missed.load("k").expect("load");
+    met.merge(&copy.siblings);
+    assert_eq!(met.latest_value(), Some("<value>new</value>"), "{met:?}");
+    assert_eq!(met.versions().len(), 2, "the tombstone beside it");
+
+    // Through anti-entropy, the replica that missed the reap drops the tombstone too.
+    missed
+        .merge_own_many(vec![("k".into(), copy.clone())])
+        .expect("pull");
+    assert_eq!(missed.load("k").expect("load"), copy.siblings);
+    assert_eq!(
+        missed.read_own("k").expect("read"),
+        copy,
+        "and remembers it"
+    );
+    // Its tombstone, pushed back by a third replica that missed the reap, stays out.
+    missed
+        .merge_own_many(vec![(
+            "k".into(),
+            messages::HeldCopy {
+                siblings: tombstone,
+                reaped_us: None,
+            },
+        )])
+        .expect("push");
+    assert_eq!(missed.load("k").expect("load"), copy.siblings);
+    assert_eq!(counts(&missed), (1, 0));
 }
 
 /// A write stamped far ahead of this node's clock would win every read until that time

@@ -159,9 +159,19 @@ pub enum AaeReply {
     },
 }
 
+/// A key's set as a node holds it, as anti-entropy and partition transfers move it: with the
+/// entry time of a delete of the key the sender reaped lately, so that a replica that missed
+/// the reap drops what the reap dropped, instead of sending the tombstones back every round
+/// (`node/reaped.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldCopy {
+    pub siblings: Siblings,
+    pub reaped_us: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeManyRequest {
-    pub entries: Vec<(String, Siblings)>,
+    pub entries: Vec<(String, HeldCopy)>,
     /// As in [`Envelope::deadline_us`].
     pub deadline_us: u64,
 }
