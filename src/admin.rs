@@ -230,7 +230,9 @@ impl AdminError {
         let address = address.to_owned();
         match error {
             CallError::Fault { code, message } => AdminError::Fault { code, message },
-            CallError::Transport(reason) => AdminError::Unreachable { address, reason },
+            CallError::Transport(reason) | CallError::Unsent(reason) => {
+                AdminError::Unreachable { address, reason }
+            }
             CallError::Timeout => AdminError::Unreachable {
                 address,
                 reason: format!("no answer within {} ms", timeout.as_millis()),
@@ -280,7 +282,7 @@ pub async fn run(args: &AdminArgs) -> Result<Output, AdminError> {
     let server = args.server.as_str();
     let mut output = execute(args, async |method, params| {
         match client.call(server, method, params, timeout).await {
-            Err(CallError::Transport(reason)) => {
+            Err(CallError::Transport(reason) | CallError::Unsent(reason)) => {
                 Err(CallError::Transport(why_unreachable(server, reason).await))
             }
             answer => answer,

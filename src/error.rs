@@ -51,6 +51,13 @@ pub enum Error {
         /// The first replica failure, to tell an operator where to look.
         detail: Option<String>,
     },
+    /// The replica asked to coordinate a write took the request and gave no answer: it may
+    /// have stored the write, or not. Asking another replica would risk storing it twice, as
+    /// two versions a later read could see only one of (see `balancer::coordinator::Write`).
+    #[error(
+        "the write may or may not have been applied: {addr}, asked to coordinate it, did not answer ({why}); read the key before writing it again"
+    )]
+    OutcomeUnknown { addr: String, why: String },
     /// Another daemon answered with an error or could not be reached.
     #[error("remote {addr}: {message}")]
     Remote { addr: String, message: String },
@@ -77,7 +84,7 @@ impl Error {
             Error::Parse(_) => FAULT_PARSE,
             Error::UnknownMethod(_) => FAULT_UNKNOWN_METHOD,
             Error::InvalidParams(_) => FAULT_INVALID_PARAMS,
-            Error::Quorum { .. } => FAULT_UNAVAILABLE,
+            Error::Quorum { .. } | Error::OutcomeUnknown { .. } => FAULT_UNAVAILABLE,
             Error::Forbidden(_) => FAULT_FORBIDDEN,
             Error::Remote { .. } | Error::Storage(_) | Error::Internal(_) => FAULT_INTERNAL,
             Error::Fault { code, .. } => *code,

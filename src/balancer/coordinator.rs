@@ -61,6 +61,8 @@ pub enum Event {
     CoordinatorSwitched,
     /// A request answered 503.
     QuorumFailed(QuorumKind),
+    /// A write answered 503 because its coordinator took it and did not answer.
+    OutcomeUnknown,
     /// Replicas sent the merged set after a read.
     ReadRepairs(usize),
     /// A deleted key's tombstones were sent for reaping.
@@ -282,12 +284,20 @@ pub fn written_context(siblings: &Siblings, request: &WriteRequest) -> VClock {
 /// set goes to the others as copies; the client is answered once W replicas hold it.
 ///
 /// The targets are asked to coordinate one after the other, in the order
-/// [`super::targets::order_for_write`] gave. One that fails counts as a failed replica and the
-/// next is asked; one that answers but will not coordinate (a node refusing a write stamped
-/// far ahead of its clock, an operation that expired on the way) is passed over without
-/// counting, and gets the write as a copy like the rest. A refusal of the write itself
+/// [`super::targets::order_for_write`] gave. One that could not be reached counts as a failed
+/// replica and the next is asked; one that answers but will not coordinate (a node refusing a
+/// write stamped far ahead of its clock, an operation that expired on the way) is passed over
+/// without counting, and gets the write as a copy like the rest. A refusal of the write itself
 /// (-32602: too many siblings, too many bytes) is the client's to fix, and every replica
 /// would refuse it too: it is the answer.
+///
+/// One that took the write and gave no answer (a timeout, a connection lost mid-call) may
+/// have stamped and stored it. Asking the next would stamp the same write again under
+/// another dot: two versions of one request, which a later read may see only one of (its
+/// other replicas not reached yet); a write from that read's context supersedes that one,
+/// and the other comes back as a sibling of a value the client had overwritten. So the
+/// answer is 503, saying the outcome is unknown, as Riak and Cassandra answer a coordinator's
+/// timeout; the client reads the key before writing again.
 ///
 /// A write asked for a receipt answers one ([`Receipt`]): the replicas whose success counted
 /// before the answer, each marked as a fallback or not, and the context of the version it
@@ -480,6 +490,17 @@ impl Machine for Write {
                         .get_or_insert_with(|| self.servers.describe(target, &error));
                     self.passed_over.push(target);
                     self.ask_next()
+                }
+                Err(error) if error.maybe_applied() => {
+                    self.count.failure(&self.servers, target, &error);
+                    self.asking = None;
+                    self.candidates.clear();
+                    let mut actions = vec![Action::Note(Event::OutcomeUnknown)];
+                    actions.extend(self.answer(Err(Error::OutcomeUnknown {
+                        addr: self.servers.address(target.server).to_owned(),
+                        why: error.to_string(),
+                    })));
+                    actions
                 }
                 reply => match siblings_of(reply) {
                     Ok(siblings) => self.on_coordinated(siblings),

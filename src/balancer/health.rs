@@ -107,7 +107,13 @@ impl Health {
     /// Records a failed call; only failures that say the node is unreachable mark it down.
     pub fn record_failure(&self, server: usize, error: &CallError) {
         self.set_last_error(server, error.to_string());
-        let unreachable = matches!(error, CallError::Timeout | CallError::Transport(_));
+        let unreachable = matches!(
+            error,
+            CallError::Timeout
+                | CallError::TimedOutUnsent
+                | CallError::Transport(_)
+                | CallError::Unsent(_)
+        );
         if unreachable
             && self.state[server]
                 .compare_exchange(UP, DOWN, Ordering::Relaxed, Ordering::Relaxed)

@@ -94,6 +94,8 @@ struct BalancerMetrics {
     replica_failures: Counter,
     /// Writes coordinated by a later preferred replica because the first was lagging.
     coordinator_switches: Counter,
+    /// Writes answered 503 because their coordinator took them and did not answer.
+    outcomes_unknown: Counter,
     read_repairs: Counter,
     reaps: Counter,
     /// Client requests' time, by method.
@@ -382,8 +384,8 @@ impl Balancer {
                 // A request's own bound, shorter than the replica timeout, running out says
                 // nothing of the node: a client asking for 1 ms must not mark nodes down for
                 // everyone. (A node that is really hung is still found stuck by its queue.)
-                let own_bound =
-                    matches!(error, CallError::Timeout) && timeout < shared.config.replica_timeout;
+                let own_bound = matches!(error, CallError::Timeout | CallError::TimedOutUnsent)
+                    && timeout < shared.config.replica_timeout;
                 if !own_bound {
                     topology.health.record_failure(server, error);
                 }
@@ -468,6 +470,7 @@ impl Balancer {
         let metrics = &self.shared.metrics;
         match event {
             Event::CoordinatorSwitched => metrics.coordinator_switches.inc(),
+            Event::OutcomeUnknown => metrics.outcomes_unknown.inc(),
             Event::QuorumFailed(QuorumKind::Write) => metrics.write_quorum_failures.inc(),
             Event::QuorumFailed(QuorumKind::Read) => metrics.read_quorum_failures.inc(),
             Event::ReadRepairs(count) => metrics.read_repairs.add(count as u64),
@@ -754,6 +757,12 @@ impl Balancer {
                 "dynamite_balancer_coordinator_switches_total",
                 "Writes coordinated by a later preferred replica because the first was lagging.",
                 &m.coordinator_switches,
+            ),
+            Figure::counter(
+                "outcomes_unknown",
+                "dynamite_balancer_outcomes_unknown_total",
+                "Writes answered 503 because the replica coordinating them took them and did not answer: applied or not.",
+                &m.outcomes_unknown,
             ),
             Figure::counter(
                 "read_repairs",

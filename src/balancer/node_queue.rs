@@ -26,6 +26,7 @@
 //! The values waiting for one node are bounded in bytes too
 //! ([`MAX_OUTSTANDING_VALUE_BYTES`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -85,6 +86,8 @@ struct Load {
     /// When the node last answered a batch, or was given work while it had none; `None`
     /// before either.
     last_progress: Option<Instant>,
+    /// An operation sent to the node timed out, and the node has answered nothing since.
+    timed_out: bool,
 }
 
 impl Progress {
@@ -95,14 +98,27 @@ impl Progress {
 
     /// The node answered.
     fn mark(&self) {
-        self.load().last_progress = Some(Instant::now());
+        let mut load = self.load();
+        load.last_progress = Some(Instant::now());
+        load.timed_out = false;
+    }
+
+    /// See [`NodeQueue::is_lagging`]: one look under the lock.
+    fn is_lagging(&self) -> bool {
+        let load = self.load();
+        load.timed_out || load.silent_for() > LAG_THRESHOLD
     }
 
     /// How long the node has had work outstanding without answering anything.
     fn silent_for(&self) -> Duration {
-        let load = self.load();
-        match load.last_progress {
-            Some(since) if load.operations > 0 => since.elapsed(),
+        self.load().silent_for()
+    }
+}
+
+impl Load {
+    fn silent_for(&self) -> Duration {
+        match self.last_progress {
+            Some(since) if self.operations > 0 => since.elapsed(),
             _ => Duration::ZERO,
         }
     }
@@ -121,7 +137,7 @@ impl<'a> Outstanding<'a> {
         if load.value_bytes > 0
             && load.value_bytes.saturating_add(value_bytes) > MAX_OUTSTANDING_VALUE_BYTES
         {
-            return Err(CallError::Transport(format!(
+            return Err(CallError::Unsent(format!(
                 "more than {} MiB of values waiting for this node",
                 MAX_OUTSTANDING_VALUE_BYTES >> 20
             )));
@@ -151,6 +167,9 @@ struct Pending {
     /// When the caller stops waiting, on this machine's clock (microseconds since the epoch).
     deadline_us: u64,
     reply: oneshot::Sender<Result<OpReply, CallError>>,
+    /// Set once a batch carrying the operation is about to go out: a caller that timed out
+    /// before then knows the node never saw it.
+    sent: Arc<AtomicBool>,
 }
 
 /// The queue of operations for one storage node.
@@ -192,9 +211,12 @@ impl NodeQueue {
     }
 
     /// Whether the node has had work outstanding without answering anything for
-    /// [`LAG_THRESHOLD`].
+    /// [`LAG_THRESHOLD`], or let an operation sent to it time out and answered nothing since.
+    /// The second matters for writes: a coordinator that takes a write and does not answer
+    /// leaves its outcome unknown (`coordinator::Write`), so a node that just did so is not
+    /// asked first again, even by requests whose own short timeouts never mark it down.
     pub fn is_lagging(&self) -> bool {
-        self.progress.silent_for() > LAG_THRESHOLD
+        self.progress.is_lagging()
     }
 
     /// Runs one operation on the node, within `timeout`.
@@ -210,25 +232,37 @@ impl NodeQueue {
     async fn call_unmeasured(&self, op: Op, timeout: Duration) -> Result<OpReply, CallError> {
         let silent = self.progress.silent_for();
         if silent > self.stuck_after {
-            return Err(CallError::Transport(format!(
+            return Err(CallError::Unsent(format!(
                 "no answer for {} ms with work outstanding",
                 silent.as_millis()
             )));
         }
         let _outstanding = Outstanding::new(&self.progress, value_len(&op))?;
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut answer) = oneshot::channel();
         let deadline_us = clock::now_us().saturating_add(micros(timeout));
+        let sent = Arc::new(AtomicBool::new(false));
         self.queue
             .try_send(Pending {
                 op,
                 deadline_us,
                 reply,
+                sent: sent.clone(),
             })
-            .map_err(|_| CallError::Transport("too many operations queued for this node".into()))?;
-        match tokio::time::timeout(timeout, answer).await {
+            .map_err(|_| CallError::Unsent("too many operations queued for this node".into()))?;
+        match tokio::time::timeout(timeout, &mut answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(CallError::Transport("batch dispatcher stopped".into())),
-            Err(_) => Err(CallError::Timeout),
+            Err(_) => {
+                // Closed first: a batch that has not taken the operation by now never will
+                // (`send` marks an operation sent before it looks whether its caller left).
+                answer.close();
+                if sent.load(Ordering::SeqCst) {
+                    self.progress.load().timed_out = true;
+                    Err(CallError::Timeout)
+                } else {
+                    Err(CallError::TimedOutUnsent)
+                }
+            }
         }
     }
 }
@@ -298,7 +332,10 @@ async fn send(
     let mut batch = batch;
     loop {
         // Operations whose caller gave up are not sent.
-        batch.retain(|pending| !pending.reply.is_closed());
+        batch.retain(|pending| {
+            pending.sent.store(true, Ordering::SeqCst);
+            !pending.reply.is_closed()
+        });
         if batch.is_empty() {
             return;
         }
@@ -307,8 +344,14 @@ async fn send(
         let answers = match send_batch(client, address, &ops, timeout).await {
             Ok(answers) => answers,
             Err(error) => {
-                if !matches!(error, CallError::Timeout | CallError::Transport(_)) {
-                    progress.mark();
+                match error {
+                    // Sent, and no answer came: not one to coordinate a write next.
+                    CallError::Timeout | CallError::Transport(_) => {
+                        progress.load().timed_out = true
+                    }
+                    CallError::Unsent(_) | CallError::TimedOutUnsent => {}
+                    // Any other error is an answer.
+                    _ => progress.mark(),
                 }
                 for pending in batch {
                     let _ = pending.reply.send(Err(error.clone()));
@@ -406,6 +449,7 @@ mod tests {
                 op: read(key),
                 deadline_us: u64::MAX,
                 reply,
+                sent: Arc::default(),
             },
             answer,
         )
@@ -486,6 +530,7 @@ mod tests {
             }),
             deadline_us: u64::MAX,
             reply,
+            sent: Arc::default(),
         };
         let batch = vec![read_pending, write];
         send_to(&address, batch).await;
@@ -534,7 +579,7 @@ mod tests {
             .expect("one operation alone is always taken");
         assert!(matches!(
             Outstanding::new(&progress, 0),
-            Err(CallError::Transport(_))
+            Err(CallError::Unsent(_))
         ));
         drop(huge);
         let half = MAX_OUTSTANDING_VALUE_BYTES / 2;
@@ -564,25 +609,42 @@ mod tests {
         let queue = NodeQueue::new(address, RpcClient::new(), timeout);
         assert!(!queue.is_lagging(), "nothing outstanding, nothing lagging");
 
-        let first = {
+        let call = |key: &'static str, timeout: Duration| {
             let queue = queue.clone();
-            tokio::spawn(async move { queue.call(read("a"), timeout).await })
+            tokio::spawn(async move { queue.call(read(key), timeout).await })
         };
-        tokio::time::sleep(LAG_THRESHOLD * 10).await;
+        let first = call("a", timeout);
+        // A second batch goes beside the first once it is late; a third waits for a slot
+        // that frees only after its caller gave up, so its operation is never sent.
+        tokio::time::sleep(LAG_THRESHOLD * 2).await;
+        let second = call("a2", timeout);
+        tokio::time::sleep(LAG_THRESHOLD * 2).await;
+        let third = call("a3", timeout / 4);
+        tokio::time::sleep(LAG_THRESHOLD * 6).await;
         assert!(queue.is_lagging());
 
         // Past half the timeout, before the first call's own timeout.
         tokio::time::sleep(timeout * 13 / 20).await;
         match queue.call(read("b"), timeout).await {
-            Err(CallError::Transport(message)) => {
+            Err(CallError::Unsent(message)) => {
                 assert!(message.contains("no answer"), "{message}")
             }
-            other => panic!("a call to a stuck node: expected a transport error, got {other:?}"),
+            other => panic!("a call to a stuck node: expected it unsent, got {other:?}"),
         }
-        assert!(matches!(
-            first.await.expect("first call's task"),
-            Err(CallError::Timeout)
-        ));
+        // Sent and not answered: the node may have applied them. Never sent: it cannot have.
+        for (call, sent) in [(first, true), (second, true), (third, false)] {
+            match call.await.expect("a call's task") {
+                Err(CallError::Timeout) => assert!(sent, "an unsent operation timed out"),
+                Err(CallError::TimedOutUnsent) => {
+                    assert!(!sent, "a sent operation reported unsent")
+                }
+                other => panic!("expected a timeout or unsent, got {other:?}"),
+            }
+        }
+        // Nothing outstanding any more, but it let calls time out and answered nothing
+        // since: still not one to ask to coordinate a write.
+        assert_eq!(queue.progress.load().operations, 0);
+        assert!(queue.is_lagging());
     }
 
     /// Answers every operation with an empty set; a batch whose first key starts with "slow"

@@ -41,6 +41,14 @@ pub enum CallError {
     Timeout,
     #[error("unreachable: {0}")]
     Transport(String),
+    /// Nothing of the call left this daemon (no connection could be made, or the queue for
+    /// the peer refused it): unlike after a timeout, the peer cannot have applied it.
+    #[error("unreachable: {0}")]
+    Unsent(String),
+    /// The caller's time ran out while the call still waited in the queue for its peer
+    /// (`balancer::node_queue`): a timeout, but one the peer cannot have acted on.
+    #[error("timed out before it was sent")]
+    TimedOutUnsent,
     #[error("HTTP status {0}")]
     Status(u16),
     #[error("fault {code}: {message}")]
@@ -51,6 +59,17 @@ pub enum CallError {
     /// and refused it unapplied.
     #[error("arrived {late_by_ms} ms after its deadline; refused")]
     Expired { late_by_ms: u64 },
+}
+
+impl CallError {
+    /// Whether the peer may have received the call, and acted on it, despite the error: the
+    /// call went out and no answer came back, or one that could not be read.
+    pub fn maybe_applied(&self) -> bool {
+        matches!(
+            self,
+            CallError::Timeout | CallError::Transport(_) | CallError::BadResponse(_)
+        )
+    }
 }
 
 #[derive(Clone)]
@@ -307,11 +326,13 @@ impl RpcClient {
             .body(Full::new(body))
             .map_err(|error| CallError::Transport(error.to_string()))?;
         let sent_us = clock::now_us();
-        let response = self
-            .http
-            .request(request)
-            .await
-            .map_err(|error| CallError::Transport(with_causes(&error)))?;
+        let response = self.http.request(request).await.map_err(|error| {
+            if error.is_connect() {
+                CallError::Unsent(with_causes(&error))
+            } else {
+                CallError::Transport(with_causes(&error))
+            }
+        })?;
         self.record_clock(address, sent_us, response.headers());
         let status = response.status();
         let bytes = Limited::new(response.into_body(), self.max_response_bytes)

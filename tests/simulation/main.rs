@@ -59,6 +59,10 @@ const SEEDS: &[u64] = &[
     4_516_822_222_265_640_413,
     // A node stood in for two owners of a key and gave two writes one dot: a put lost.
     16_132_755_956_858_121_918,
+    // A put's coordinator took it and its answer was lost; another coordinated it again,
+    // and the client's next read saw one of the two versions: the other came back.
+    7_111_450_290_566_311_040,
+    2_828_748_826_363_007_481,
     // A replica missed a reap; a put after it counted its dot from 1 and the kept tombstone
     // covered it, while anti-entropy moved the key every round.
     11_968_976_092_161_788_853,

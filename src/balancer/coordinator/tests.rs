@@ -177,27 +177,66 @@ fn a_coordinator_switch_is_noted() {
     );
 }
 
-/// Coordinator candidates are asked one after the other: one that fails counts as failed
-/// and does not get a copy; one that answers but will not coordinate is passed over and
-/// gets the copy; a refusal of the write itself is the answer.
+/// Coordinator candidates are asked one after the other: one that could not be reached
+/// counts as failed and does not get a copy; one that answers but will not coordinate is
+/// passed over and gets the copy; a refusal of the write itself is the answer. One that took
+/// the write and gave no answer may have stored it: asking another would stamp the one write
+/// twice, as two versions a later read might see only one of, and a write from that read's
+/// context would leave the other standing as a sibling. So the answer is that the outcome is
+/// unknown.
 #[test]
 fn coordinator_failures_table() {
     let stored = set(7, Some("<value>v</value>"), 1_000);
     // (first reply, what follows: second candidate asked?, copies after B coordinates,
-    // answer when C's copy succeeds)
+    // answer when C's copy succeeds; or the answer at once, as a piece of its text)
     struct Case {
         first: std::result::Result<OpReply, CallError>,
         second_asked: bool,
         copies: Vec<Target>,
         answer_after_c: Option<std::result::Result<(), String>>,
+        at_once: &'static str,
     }
+    let unknown =
+        "may or may not have been applied: 10.0.0.1:1, asked to coordinate it, did not answer";
     let cases = [
-        // A timed out: counted failed; B coordinates, C gets the copy; W met by B and C.
+        // A could not be reached: counted failed; B coordinates, C gets the copy; W met by B
+        // and C.
         Case {
-            first: Err(CallError::Timeout),
+            first: Err(CallError::Unsent("connection refused".into())),
             second_asked: true,
             copies: vec![own(C)],
             answer_after_c: Some(Ok(())),
+            at_once: "",
+        },
+        // Its time ran out while the operation still waited in A's queue: never sent.
+        Case {
+            first: Err(CallError::TimedOutUnsent),
+            second_asked: true,
+            copies: vec![own(C)],
+            answer_after_c: Some(Ok(())),
+            at_once: "",
+        },
+        // A took it and did not answer, or its answer could not be read: nobody else asked.
+        Case {
+            first: Err(CallError::Timeout),
+            second_asked: false,
+            copies: vec![],
+            answer_after_c: None,
+            at_once: unknown,
+        },
+        Case {
+            first: Err(CallError::Transport("connection reset".into())),
+            second_asked: false,
+            copies: vec![],
+            answer_after_c: None,
+            at_once: unknown,
+        },
+        Case {
+            first: Err(CallError::BadResponse("cut short".into())),
+            second_asked: false,
+            copies: vec![],
+            answer_after_c: None,
+            at_once: unknown,
         },
         // A refused to coordinate (clock, or expired): passed over, gets a copy, W met.
         Case {
@@ -205,12 +244,14 @@ fn coordinator_failures_table() {
             second_asked: true,
             copies: vec![own(A), own(C)],
             answer_after_c: Some(Ok(())),
+            at_once: "",
         },
         Case {
             first: Err(CallError::Expired { late_by_ms: 3 }),
             second_asked: true,
             copies: vec![own(A), own(C)],
             answer_after_c: Some(Ok(())),
+            at_once: "",
         },
         // A refused the write itself: the client's fault, nobody else asked.
         Case {
@@ -218,6 +259,7 @@ fn coordinator_failures_table() {
             second_asked: false,
             copies: vec![],
             answer_after_c: None,
+            at_once: "refused",
         },
     ];
     for (i, case) in cases.into_iter().enumerate() {
@@ -225,7 +267,15 @@ fn coordinator_failures_table() {
         let actions = write.on_reply(own(A), case.first, 0);
         if !case.second_asked {
             assert_eq!(sends(&actions), vec![], "case {i}");
-            assert_eq!(answer(&actions), Some(Err("refused".into())), "case {i}");
+            match answer(&actions) {
+                Some(Err(text)) => assert!(text.contains(case.at_once), "case {i}: {text}"),
+                other => panic!("case {i}: {other:?}"),
+            }
+            assert_eq!(
+                actions.contains(&Action::Note(Event::OutcomeUnknown)),
+                case.at_once == unknown,
+                "case {i}"
+            );
             continue;
         }
         assert_eq!(actions, vec![coordinate(own(B), None)], "case {i}");
@@ -246,19 +296,17 @@ fn coordinator_failures_table() {
 #[test]
 fn an_impossible_write_quorum_is_a_503_that_says_why() {
     let stored = set(7, Some("<value>v</value>"), 1_000);
-    // Two coordinators time out: with N = 3 and W = 2, nothing is left to try.
+    // Two coordinators cannot be reached: with N = 3 and W = 2, nothing is left to try.
+    let refused = || Err(CallError::Unsent("refused".into()));
     let (mut write, _) = write_to_abc(2);
-    assert_eq!(
-        sends(&write.on_reply(own(A), Err(CallError::Timeout), 0)),
-        vec![own(B)]
-    );
-    let actions = write.on_reply(own(B), Err(CallError::Timeout), 0);
+    assert_eq!(sends(&write.on_reply(own(A), refused(), 0)), vec![own(B)]);
+    let actions = write.on_reply(own(B), refused(), 0);
     assert_eq!(sends(&actions), vec![]);
     assert!(actions.contains(&Action::Note(Event::QuorumFailed(QuorumKind::Write))));
     assert_eq!(
         answer(&actions),
         Some(Err(
-            "write (W) quorum not met: 2 of 3 replicas needed, 0 answered (10.0.0.1:1: timed out)"
+            "write (W) quorum not met: 2 of 3 replicas needed, 0 answered (10.0.0.1:1: unreachable: refused)"
                 .into()
         ))
     );
@@ -419,12 +467,12 @@ fn a_receipt_names_the_replicas_that_acknowledged_before_the_answer() {
             ],
             vec![(A, false), (C, false)],
         ),
-        // The first coordinator timed out: the next one stamped the write.
+        // The first coordinator could not be reached: the next one stamped the write.
         (
             vec![own(A), own(B), own(C)],
             2,
             vec![
-                (own(A), Err(CallError::Timeout)),
+                (own(A), Err(CallError::Unsent("refused".into()))),
                 (own(B), ok(&stored)),
                 (own(C), merged()),
             ],
