@@ -125,6 +125,13 @@ mod tests {
                 },
                 503,
             ),
+            (
+                Error::OutcomeUnknown {
+                    addr: "a".into(),
+                    why: "timed out".into(),
+                },
+                503,
+            ),
             (Error::Internal("x".into()), -32603),
             (Error::Forbidden("x".into()), 403),
             (

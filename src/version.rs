@@ -418,7 +418,7 @@ impl Siblings {
             .unwrap_or(0);
         let dot = Dot {
             actor,
-            counter: seen_here.max(past.get(actor)).max(after) + 1,
+            counter: seen_here.max(past.get(actor)).max(after).saturating_add(1),
         };
         past.prune(MAX_CLOCK_ENTRIES);
         let version = Version {

@@ -107,14 +107,7 @@ impl Health {
     /// Records a failed call; only failures that say the node is unreachable mark it down.
     pub fn record_failure(&self, server: usize, error: &CallError) {
         self.set_last_error(server, error.to_string());
-        let unreachable = matches!(
-            error,
-            CallError::Timeout
-                | CallError::TimedOutUnsent
-                | CallError::Transport(_)
-                | CallError::Unsent(_)
-        );
-        if unreachable
+        if error.is_unreachable()
             && self.state[server]
                 .compare_exchange(UP, DOWN, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()

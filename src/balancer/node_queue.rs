@@ -9,8 +9,9 @@
 //! When the node is idle a batch holds one operation and leaves at once, so batching adds no
 //! latency; when it is busy, batches grow by themselves, like a journal's group commit.
 //!
-//! Each operation keeps its own deadline: it fails with [`CallError::Timeout`] after the
-//! replica timeout even if its batch is still queued, and late replies are dropped. The
+//! Each operation keeps its own deadline: it fails after the replica timeout even if its
+//! batch is still queued ([`CallError::Timeout`] once sent, [`CallError::TimedOutUnsent`]
+//! before), and late replies are dropped. The
 //! deadline also travels with the operation, translated into the node's clock
 //! ([`crate::clock`]), and the node refuses it unapplied once it has passed
 //! ([`crate::rpc::messages::Envelope`]): an operation the balancer gave up on cannot be applied later,
@@ -26,7 +27,7 @@
 //! The values waiting for one node are bounded in bytes too
 //! ([`MAX_OUTSTANDING_VALUE_BYTES`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -167,9 +168,37 @@ struct Pending {
     /// When the caller stops waiting, on this machine's clock (microseconds since the epoch).
     deadline_us: u64,
     reply: oneshot::Sender<Result<OpReply, CallError>>,
-    /// Set once a batch carrying the operation is about to go out: a caller that timed out
-    /// before then knows the node never saw it.
-    sent: Arc<AtomicBool>,
+    /// Who had the operation last: a batch about to send it, or its caller giving up first.
+    handoff: Handoff,
+}
+
+/// Settles, once, whether an operation went out before its caller gave up: the caller then
+/// knows whether the node may have applied it (a timeout) or cannot have (never sent).
+#[derive(Clone, Default)]
+struct Handoff(Arc<AtomicU8>);
+
+const QUEUED: u8 = 0;
+const SENT: u8 = 1;
+const ABANDONED: u8 = 2;
+
+impl Handoff {
+    /// For a batch about to go out: false if the caller gave up first (leave it out).
+    fn send(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(QUEUED, SENT, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(state) => state == SENT, // sent before, in a batch whose reads are resent
+        }
+    }
+
+    /// For a caller giving up: true if the operation was never sent, and now never will be.
+    fn abandon(&self) -> bool {
+        self.0
+            .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 /// The queue of operations for one storage node.
@@ -240,27 +269,32 @@ impl NodeQueue {
         let _outstanding = Outstanding::new(&self.progress, value_len(&op))?;
         let (reply, mut answer) = oneshot::channel();
         let deadline_us = clock::now_us().saturating_add(micros(timeout));
-        let sent = Arc::new(AtomicBool::new(false));
+        let handoff = Handoff::default();
         self.queue
             .try_send(Pending {
                 op,
                 deadline_us,
                 reply,
-                sent: sent.clone(),
+                handoff: handoff.clone(),
             })
             .map_err(|_| CallError::Unsent("too many operations queued for this node".into()))?;
         match tokio::time::timeout(timeout, &mut answer).await {
             Ok(Ok(result)) => result,
+            Ok(Err(_)) if handoff.abandon() => {
+                Err(CallError::Unsent("batch dispatcher stopped".into()))
+            }
             Ok(Err(_)) => Err(CallError::Transport("batch dispatcher stopped".into())),
             Err(_) => {
-                // Closed first: a batch that has not taken the operation by now never will
-                // (`send` marks an operation sent before it looks whether its caller left).
                 answer.close();
-                if sent.load(Ordering::SeqCst) {
+                // An answer that came as the wait ended still counts.
+                if let Ok(result) = answer.try_recv() {
+                    return result;
+                }
+                if handoff.abandon() {
+                    Err(CallError::TimedOutUnsent)
+                } else {
                     self.progress.load().timed_out = true;
                     Err(CallError::Timeout)
-                } else {
-                    Err(CallError::TimedOutUnsent)
                 }
             }
         }
@@ -332,10 +366,7 @@ async fn send(
     let mut batch = batch;
     loop {
         // Operations whose caller gave up are not sent.
-        batch.retain(|pending| {
-            pending.sent.store(true, Ordering::SeqCst);
-            !pending.reply.is_closed()
-        });
+        batch.retain(|pending| pending.handoff.send() && !pending.reply.is_closed());
         if batch.is_empty() {
             return;
         }
@@ -449,7 +480,7 @@ mod tests {
                 op: read(key),
                 deadline_us: u64::MAX,
                 reply,
-                sent: Arc::default(),
+                handoff: Handoff::default(),
             },
             answer,
         )
@@ -530,7 +561,7 @@ mod tests {
             }),
             deadline_us: u64::MAX,
             reply,
-            sent: Arc::default(),
+            handoff: Handoff::default(),
         };
         let batch = vec![read_pending, write];
         send_to(&address, batch).await;

@@ -131,10 +131,7 @@ pub async fn handoff_round(node: &Arc<StorageNode>, client: &RpcClient) -> usize
                     if replicas.contains(me)
                         && let Err(error) = node.merge_own_many(vec![(
                             record.key.clone(),
-                            crate::rpc::messages::HeldCopy {
-                                siblings: record.siblings.clone(),
-                                reaped_us: None,
-                            },
+                            crate::rpc::messages::HeldCopy::unreaped(record.siblings.clone()),
                         )])
                     {
                         tracing::warn!(%error, "cannot keep a hint whose owner left");

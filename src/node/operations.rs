@@ -71,7 +71,7 @@ impl StorageNode {
                     },
                 )| {
                     if let Some(reaped_us) = reaped_us {
-                        self.reaped.learn(&key, reaped_us);
+                        self.reaped.remember(&key, reaped_us);
                     }
                     Op::Merge(MergeRequest {
                         key,
@@ -264,8 +264,9 @@ impl StorageNode {
 }
 
 /// The actor a write coordinated at `place` is stamped with. A dot's counter is one past
-/// what the place holds of its actor, and a hint holds only what this node coordinated or
-/// received for one owner since its last handoff: two writes coordinated into hints (for
+/// what the place holds of its actor (and past the node's highest counter of its own actor,
+/// `stamper.rs`, which says nothing of a hint's), and a hint holds only what this node
+/// coordinated or received for one owner since its last handoff: two writes coordinated into hints (for
 /// two owners, or for one owner after a handoff emptied the hint) would get the same dot
 /// under the node's own actor, and a client whose context covers one would supersede the
 /// other (the simulation lost an acknowledged put so, seed 16132755956858121918). A hint is

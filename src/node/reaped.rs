@@ -52,23 +52,23 @@ struct Memory {
 
 impl ReapedTombstones {
     /// Remembers that `key`'s tombstones, the newest of which entered at `newest_us`, were
-    /// reaped.
+    /// reaped, here or (reported by anti-entropy) at another replica; unless a reap as new is
+    /// remembered already, since forgetting the newer would let what it dropped back in.
     pub fn remember(&self, key: &str, newest_us: u64) {
         let now = Instant::now();
         let mut memory = self.lock();
         memory.forget_old(now);
+        if memory
+            .by_key
+            .get(key)
+            .is_some_and(|&(known_us, _)| known_us >= newest_us)
+        {
+            return;
+        }
         memory.by_key.insert(key.to_owned(), (newest_us, now));
         memory.order.push_back((key.to_owned(), now));
         self.remembered
             .store(memory.by_key.len(), Ordering::Relaxed);
-    }
-
-    /// Remembers a reap another replica reported (anti-entropy), unless one as new is
-    /// remembered already.
-    pub fn learn(&self, key: &str, newest_us: u64) {
-        if self.reaped_at(key).is_none_or(|known| known < newest_us) {
-            self.remember(key, newest_us);
-        }
     }
 
     /// The entry time of the newest tombstone reaped lately for `key`.
@@ -147,6 +147,17 @@ mod tests {
         let left = kept(&memory, "k", &both);
         assert_eq!(left.latest_value(), Some("<value>new</value>"));
         assert_eq!(left.versions().len(), 1);
+    }
+
+    /// Reaps arrive in any order (this node's own, others' reported by anti-entropy): the
+    /// newest is what is remembered.
+    #[test]
+    fn the_newest_reap_is_remembered() {
+        let memory = ReapedTombstones::default();
+        for (reaped_us, remembered) in [(100, 100), (90, 100), (120, 120), (100, 120)] {
+            memory.remember("k", reaped_us);
+            assert_eq!(memory.reaped_at("k"), Some(remembered), "after {reaped_us}");
+        }
     }
 
     #[test]

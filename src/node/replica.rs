@@ -69,6 +69,9 @@ pub enum Refusal {
     TooHeavy { bytes: usize, single: bool },
     /// The write entered the cluster this far ahead of this node's clock.
     AheadOfClock { ahead_us: u64 },
+    /// The context counts writes of this node's actor it never stamped (made up, not from
+    /// `get_versions`): its past would cover every write the node stamps up to there.
+    ContextAhead { counter: u64 },
 }
 
 impl From<Refusal> for Error {
@@ -94,6 +97,9 @@ impl From<Refusal> for Error {
                 mib(bytes),
                 MAX_SET_VALUE_BYTES >> 20
             )),
+            Refusal::ContextAhead { counter } => Error::invalid(format!(
+                "the context counts write {counter} of a node that has not stamped so many; use a context from get_versions"
+            )),
             // Not the client's fault: another replica coordinates (see the balancer).
             Refusal::AheadOfClock { ahead_us } => Error::Internal(format!(
                 "the write entered the cluster {} ms ahead of this node's clock",
@@ -113,6 +119,13 @@ pub fn coordinate(
     let ahead_us = stamp.entered_us.saturating_sub(stamp.now_us);
     if ahead_us > MAX_ENTRY_AHEAD_US {
         return Err(Refusal::AheadOfClock { ahead_us });
+    }
+    if let Some(counter) = stamp
+        .context
+        .map(|context| context.get(stamp.actor))
+        .filter(|&counter| counter > stamp.after)
+    {
+        return Err(Refusal::ContextAhead { counter });
     }
     if stamp
         .reaped_us
@@ -315,6 +328,8 @@ mod tests {
         let context = set.context();
         let resolving = Stamp {
             context: Some(&context),
+            // The node stamped the writes that context counts.
+            after: context.get(ACTOR),
             ..stamp(NOW + 2, None)
         };
         assert_eq!(
@@ -370,7 +385,7 @@ mod tests {
         let cases = [
             (Siblings::new(), None, 0, 1),
             (Siblings::new(), None, 6, 7),
-            (Siblings::new(), Some(&context), 0, 7),
+            (Siblings::new(), Some(&context), 6, 7),
             (Siblings::new(), Some(&context), 9, 10),
             (tombstone.clone(), None, 0, 7),
             (tombstone.clone(), None, 3, 7),
@@ -411,6 +426,31 @@ mod tests {
         assert_eq!(kept.latest_value(), value("new").as_deref());
     }
 
+    /// A context is the client's to send: one counting writes of this node's actor past the
+    /// highest it stamped was made up, and its past would cover the node's next writes.
+    #[test]
+    fn a_context_counting_writes_the_node_never_stamped_is_refused() {
+        let mut forged = Siblings::new();
+        forged.write(ACTOR, None, value("x"), NOW - 10);
+        let context = forged.context(); // counts (ACTOR, 1)
+        // (highest counter stamped) -> outcome
+        for (after, expected) in [
+            (0, Err(Refusal::ContextAhead { counter: 1 })),
+            (1, Ok(Kind::Applied)),
+            (5, Ok(Kind::Applied)),
+        ] {
+            let mut set = Siblings::new();
+            let write = Stamp {
+                after,
+                context: Some(&context),
+                ..stamp(NOW, None)
+            };
+            let got = kind(coordinate(&mut set, write, value("v")));
+            assert_eq!(got, expected, "highest {after}");
+            assert_eq!(set.is_empty(), got.is_err());
+        }
+    }
+
     #[test]
     fn refusals_say_why() {
         let cases = [
@@ -438,6 +478,7 @@ mod tests {
                 -32603,
                 "12000 ms ahead",
             ),
+            (Refusal::ContextAhead { counter: 99 }, -32602, "write 99"),
         ];
         for (refusal, code, text) in cases {
             let error = Error::from(refusal);

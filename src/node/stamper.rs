@@ -10,7 +10,10 @@
 //! meet, an acknowledged write lost. So every counter is also above every counter stamped
 //! under this actor id, for any key (Riak bumps a vnode's epoch for the same reason).
 //!
-//! The mark is stored with the actor id at a clean stop. After a crash that lost writes the
+//! The mark is stored at a clean stop, as the value of the clean-stop mark itself, so that a
+//! clean stop by an older version, which stores one byte, counts as no mark. A client's
+//! context counting past it was made up, and is refused (`replica::Refusal::ContextAhead`):
+//! its past would cover the node's next writes. After a crash that lost writes the
 //! engine had not synced (a power loss), the node could not know which counters it had
 //! handed out, so it draws a new actor id instead, whose counters collide with nothing; each
 //! costs one more entry in the clocks of the keys it coordinates, which pruning bounds.
@@ -22,9 +25,9 @@ use crate::storage::{Engine, Tree, WriteOp};
 use crate::version::{ActorId, Dot};
 
 const ACTOR_ID_KEY: &[u8] = b"actor_id";
-/// The highest counter stamped, stored at a clean stop.
-const HIGHEST_COUNTER_KEY: &[u8] = b"highest_counter";
-/// Present while the node is stopped after a clean stop, and only then.
+/// Present while the node is stopped after a clean stop, and only then; its value is the
+/// highest counter stamped. A value of one byte is an older version's clean stop, which
+/// counted nothing: that run's counters are unknown.
 const CLEAN_STOP_KEY: &[u8] = b"clean_stop";
 
 pub struct Stamper {
@@ -37,10 +40,12 @@ impl Stamper {
     /// id otherwise (also after a clean stop of a version that stored no mark).
     pub fn start(engine: &dyn Engine) -> Result<Self> {
         let stored_actor = read_u64(engine, ACTOR_ID_KEY)?;
-        let stored_highest = read_u64(engine, HIGHEST_COUNTER_KEY)?;
-        let clean = engine.get(Tree::Meta, CLEAN_STOP_KEY)?.is_some();
-        let (actor, highest) = match (stored_actor, stored_highest) {
-            (Some(actor), Some(highest)) if clean => (actor, highest),
+        let mark = engine
+            .get(Tree::Meta, CLEAN_STOP_KEY)?
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map(u64::from_be_bytes);
+        let (actor, highest) = match (stored_actor, mark) {
+            (Some(actor), Some(highest)) => (actor, highest),
             _ => (crate::random::random_u64(), 0),
         };
         engine.write(vec![
@@ -77,14 +82,11 @@ impl Stamper {
     /// Marks the stop as clean, once everything is synced: the next start keeps the actor id
     /// and counts on from the mark.
     pub fn mark_clean_stop(&self, engine: &dyn Engine) -> Result<()> {
-        engine.write(vec![
-            WriteOp::put(
-                Tree::Meta,
-                HIGHEST_COUNTER_KEY,
-                self.highest().to_be_bytes(),
-            ),
-            WriteOp::put(Tree::Meta, CLEAN_STOP_KEY, [1u8]),
-        ])?;
+        engine.write(vec![WriteOp::put(
+            Tree::Meta,
+            CLEAN_STOP_KEY,
+            self.highest().to_be_bytes(),
+        )])?;
         engine.sync()?;
         Ok(())
     }
@@ -139,16 +141,36 @@ mod tests {
         assert_eq!(after_another_crash.highest(), 0);
     }
 
-    /// A clean stop by a version that stored no mark: the counters it handed out are
-    /// unknown, so the node starts as after a crash.
+    /// A clean stop by a version that stores no mark (an upgrade, or a run of the older
+    /// version between two of this one): the counters it handed out are unknown, so the node
+    /// starts as after a crash.
     #[test]
     fn a_clean_stop_without_a_mark_draws_a_new_actor() {
         let engine = crate::storage::MemoryEngine::new();
-        let old = Stamper::start(&engine).expect("a first start");
-        engine
-            .write(vec![WriteOp::put(Tree::Meta, CLEAN_STOP_KEY, [1u8])])
-            .expect("an old version's clean stop");
-        let new = Stamper::start(&engine).expect("a start after it");
-        assert_ne!(new.actor(), old.actor());
+        // What the older version does: clears the mark at start, stores one byte at a clean
+        // stop.
+        let older_run = || {
+            engine
+                .write(vec![WriteOp::remove(Tree::Meta, CLEAN_STOP_KEY)])
+                .expect("the older version's start");
+            engine
+                .write(vec![WriteOp::put(Tree::Meta, CLEAN_STOP_KEY, [1u8])])
+                .expect("its clean stop");
+        };
+        let first = Stamper::start(&engine).expect("a first start");
+        older_run();
+        let upgraded = Stamper::start(&engine).expect("a start after it");
+        assert_ne!(upgraded.actor(), first.actor());
+
+        upgraded.stamped(dot(upgraded.actor(), 10));
+        upgraded.mark_clean_stop(&engine).expect("a clean stop");
+        // The older version keeps the actor and stamps past 10 without counting.
+        older_run();
+        let again = Stamper::start(&engine).expect("this version again");
+        assert_ne!(
+            again.actor(),
+            upgraded.actor(),
+            "the mark of 10 is not trusted"
+        );
     }
 }

@@ -181,15 +181,7 @@ async fn pull(
         let mut entries: Vec<(String, HeldCopy)> = reply
             .entries
             .into_iter()
-            .map(|(key, siblings)| {
-                (
-                    key,
-                    HeldCopy {
-                        siblings,
-                        reaped_us: None,
-                    },
-                )
-            })
+            .map(|(key, siblings)| (key, HeldCopy::unreaped(siblings)))
             .collect();
         if !reply.hashes.is_empty() {
             let differing: Vec<String> = {

@@ -422,13 +422,7 @@ fn operations_past_their_deadline_are_refused_unapplied() {
     // So does a merge from anti-entropy, and the same one late is refused.
     let error = node
         .merge_own_many_until(
-            vec![(
-                "n".into(),
-                messages::HeldCopy {
-                    siblings: elsewhere.clone(),
-                    reaped_us: None,
-                },
-            )],
+            vec![("n".into(), messages::HeldCopy::unreaped(elsewhere.clone()))],
             past,
         )
         .expect_err("a late push");
@@ -569,13 +563,7 @@ fn a_replica_that_missed_a_reap_learns_it_from_a_copy() {
     );
     // Its tombstone, pushed back by a third replica that missed the reap, stays out.
     missed
-        .merge_own_many(vec![(
-            "k".into(),
-            messages::HeldCopy {
-                siblings: tombstone,
-                reaped_us: None,
-            },
-        )])
+        .merge_own_many(vec![("k".into(), messages::HeldCopy::unreaped(tombstone))])
         .expect("push");
     assert_eq!(missed.load("k").expect("load"), copy.siblings);
     assert_eq!(counts(&missed), (1, 0));

@@ -39,7 +39,7 @@ pub async fn send_batch(
         })
         .collect();
     let body = postcard::to_allocvec(&envelopes)
-        .map_err(|_| CallError::BadResponse("batch could not be encoded".into()))?;
+        .map_err(|_| CallError::Refused("batch could not be encoded".into()))?;
     let reply = client
         .post_bytes(address, messages::BATCH_PATH, Bytes::from(body), timeout)
         .await?;

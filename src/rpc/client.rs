@@ -49,6 +49,10 @@ pub enum CallError {
     /// (`balancer::node_queue`): a timeout, but one the peer cannot have acted on.
     #[error("timed out before it was sent")]
     TimedOutUnsent,
+    /// The call was refused whole before anything in it was acted on (it could not be
+    /// encoded, or the peer refused the exchange with a 4xx status: too large, undecodable).
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("HTTP status {0}")]
     Status(u16),
     #[error("fault {code}: {message}")]
@@ -68,6 +72,18 @@ impl CallError {
         matches!(
             self,
             CallError::Timeout | CallError::Transport(_) | CallError::BadResponse(_)
+        )
+    }
+
+    /// Whether the error says the peer cannot be reached (down, hung, cut off), rather than
+    /// that it answered: what marks a node down.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            CallError::Timeout
+                | CallError::TimedOutUnsent
+                | CallError::Transport(_)
+                | CallError::Unsent(_)
         )
     }
 }
@@ -254,7 +270,7 @@ impl RpcClient {
                 // their request was invalid. An operation's own refusal comes back inside a
                 // successful reply.
                 let message = String::from_utf8_lossy(&bytes).trim().to_owned();
-                Err(CallError::BadResponse(format!(
+                Err(CallError::Refused(format!(
                     "HTTP {}: {message}",
                     status.as_u16()
                 )))
@@ -324,7 +340,7 @@ impl RpcClient {
         }
         let request = request
             .body(Full::new(body))
-            .map_err(|error| CallError::Transport(error.to_string()))?;
+            .map_err(|error| CallError::Refused(error.to_string()))?;
         let sent_us = clock::now_us();
         let response = self.http.request(request).await.map_err(|error| {
             if error.is_connect() {
@@ -408,4 +424,54 @@ async fn within<T>(
     tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or(Err(CallError::Timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a failed call tells its caller about the peer: a refused connection sent nothing
+    /// (nothing can have been applied); a peer that took the call and never answered may have
+    /// acted on it. Both say the peer is unreachable.
+    #[tokio::test]
+    async fn a_refused_connection_sent_nothing_and_a_silent_peer_may_have_acted() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let closed_address = closed.local_addr().expect("address").to_string();
+        drop(closed);
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let silent_address = silent.local_addr().expect("address").to_string();
+        // Accepts and holds every connection, reading nothing.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in silent.incoming().flatten() {
+                held.push(stream);
+            }
+        });
+        let client = RpcClient::new();
+        let call = |address: String| {
+            let client = client.clone();
+            async move {
+                client
+                    .post_bytes(
+                        &address,
+                        "/",
+                        Bytes::from_static(b"x"),
+                        Duration::from_millis(300),
+                    )
+                    .await
+            }
+        };
+        match call(closed_address).await {
+            Err(error @ CallError::Unsent(_)) => {
+                assert!(!error.maybe_applied() && error.is_unreachable(), "{error}")
+            }
+            other => panic!("a refused connection: expected unsent, got {other:?}"),
+        }
+        match call(silent_address).await {
+            Err(error @ CallError::Timeout) => {
+                assert!(error.maybe_applied() && error.is_unreachable(), "{error}")
+            }
+            other => panic!("a silent peer: expected a timeout, got {other:?}"),
+        }
+    }
 }

@@ -169,6 +169,16 @@ pub struct HeldCopy {
     pub reaped_us: Option<u64>,
 }
 
+impl HeldCopy {
+    /// A copy that says nothing of reaps (a hint, a page of a partition transfer).
+    pub fn unreaped(siblings: Siblings) -> Self {
+        HeldCopy {
+            siblings,
+            reaped_us: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeManyRequest {
     pub entries: Vec<(String, HeldCopy)>,
