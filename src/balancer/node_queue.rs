@@ -627,15 +627,7 @@ mod tests {
     /// joining the queue.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_silent_node_is_lagging_then_stuck() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let address = listener.local_addr().expect("address").to_string();
-        // Accepts and holds every connection, reading nothing.
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for stream in listener.incoming().flatten() {
-                held.push(stream);
-            }
-        });
+        let address = crate::rpc::test_node::silent_peer();
         let timeout = Duration::from_secs(4);
         let queue = NodeQueue::new(address, RpcClient::new(), timeout);
         assert!(!queue.is_lagging(), "nothing outstanding, nothing lagging");

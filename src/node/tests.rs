@@ -43,6 +43,18 @@ fn put(node: &StorageNode, key: &str, value: Option<&str>) -> Siblings {
     node.coordinate(request).expect("coordinate")
 }
 
+/// A blind write of key "k" (`None`: a delete) that entered the cluster at `entered_us`.
+fn write_at(node: &StorageNode, value: Option<&str>, entered_us: u64) -> Siblings {
+    node.coordinate(CoordinateRequest {
+        key: "k".into(),
+        value: value.map(str::to_owned),
+        context: None,
+        hint_for: None,
+        entered_us,
+    })
+    .expect("coordinate")
+}
+
 fn counts(node: &StorageNode) -> (i64, i64) {
     (
         node.live_keys.load(Ordering::Relaxed),
@@ -435,16 +447,7 @@ fn operations_past_their_deadline_are_refused_unapplied() {
 #[test]
 fn a_late_blind_put_leaves_newer_writes_in_place() {
     let node = node();
-    let write = |value: &str, entered_us: u64| {
-        node.coordinate(CoordinateRequest {
-            key: "k".into(),
-            value: Some(value.into()),
-            context: None,
-            hint_for: None,
-            entered_us,
-        })
-        .expect("coordinate")
-    };
+    let write = |value: &str, entered_us: u64| write_at(&node, Some(value), entered_us);
     let now = crate::clock::now_us();
     write("<value>31</value>", now - 3_000);
     write("<value>33</value>", now - 1_000);
@@ -460,16 +463,7 @@ fn a_late_blind_put_leaves_newer_writes_in_place() {
 fn a_write_older_than_a_reaped_delete_does_not_bring_the_value_back() {
     let node = node();
     let now = crate::clock::now_us();
-    let write = |value: Option<&str>, entered_us: u64| {
-        node.coordinate(CoordinateRequest {
-            key: "k".into(),
-            value: value.map(str::to_owned),
-            context: None,
-            hint_for: None,
-            entered_us,
-        })
-        .expect("coordinate")
-    };
+    let write = |value: Option<&str>, entered_us: u64| write_at(&node, value, entered_us);
     write(Some("<value>old</value>"), now - 3_000);
     let tombstone = write(None, now - 2_000);
     assert!(
@@ -506,17 +500,7 @@ fn a_replica_that_missed_a_reap_learns_it_from_a_copy() {
     let reaper = node();
     let missed = node();
     let now = crate::clock::now_us();
-    let write = |value: Option<&str>, entered_us: u64| {
-        reaper
-            .coordinate(CoordinateRequest {
-                key: "k".into(),
-                value: value.map(str::to_owned),
-                context: None,
-                hint_for: None,
-                entered_us,
-            })
-            .expect("coordinate")
-    };
+    let write = |value: Option<&str>, entered_us: u64| write_at(&reaper, value, entered_us);
     for i in 0..3 {
         write(Some("<value>old</value>"), now - 10_000 + i);
     }

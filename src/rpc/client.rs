@@ -438,15 +438,7 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let closed_address = closed.local_addr().expect("address").to_string();
         drop(closed);
-        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let silent_address = silent.local_addr().expect("address").to_string();
-        // Accepts and holds every connection, reading nothing.
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for stream in silent.incoming().flatten() {
-                held.push(stream);
-            }
-        });
+        let silent_address = crate::rpc::test_node::silent_peer();
         let client = RpcClient::new();
         let call = |address: String| {
             let client = client.clone();

@@ -15,6 +15,20 @@ pub fn read(key: &str) -> Op {
     })
 }
 
+/// The address of a peer that accepts connections and never answers (like a process under
+/// SIGSTOP): it holds every connection, reading nothing.
+pub fn silent_peer() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    address
+}
+
 /// A stand-in node on a plain socket: answers each batch with `answer` (which may take its
 /// time; connections are served side by side) and records the batches' sizes.
 pub fn fake_node(answer: fn(&[Op]) -> Vec<OpReply>) -> FakeNode {

@@ -232,6 +232,11 @@ pub fn assert_quorum_fault(
     );
 }
 
+/// Whether a write answered that its coordinator took it and went silent: applied or not.
+pub fn is_outcome_unknown(result: &RpcResult) -> bool {
+    matches!(result, Err((503, message)) if message.contains("may or may not have been applied"))
+}
+
 /// `"200"`, what `put` and `delete` answer.
 pub fn ok200() -> RpcResult {
     Ok(s("200"))
@@ -1344,7 +1349,6 @@ impl Rpc {
         Ok(parse_response(&response.body))
     }
 
-    /// `put(key, value)`.
     /// Puts `value(i)` under `key(i)` for every `i` in `keys`, asserting each answers `"200"`;
     /// `when` says under which circumstances, for the failure message.
     pub fn put_keys(&self, keys: std::ops::Range<usize>, when: &str) {
@@ -1358,6 +1362,24 @@ impl Rpc {
         }
     }
 
+    /// As [`Self::put_keys`] with a node hung: a put the hung node was asked to coordinate
+    /// before anything knew it hung answers 503 with its outcome unknown, and is written
+    /// again, as that fault asks. Returns how many were.
+    pub fn put_keys_with_a_hung_node(&self, keys: std::ops::Range<usize>, when: &str) -> usize {
+        let mut unknown = 0;
+        for i in keys {
+            let put = self.put(&key(i), value(i));
+            if is_outcome_unknown(&put) {
+                unknown += 1;
+                assert_eq!(self.put(&key(i), value(i)), ok200(), "put {} again", key(i));
+            } else {
+                assert_eq!(put, ok200(), "put {} {when}", key(i));
+            }
+        }
+        unknown
+    }
+
+    /// `put(key, value)`.
     pub fn put(&self, key: &str, value: Value) -> RpcResult {
         self.call("put", vec![s(key), value])
     }
