@@ -278,7 +278,7 @@ impl NodeQueue {
                 handoff: handoff.clone(),
             })
             .map_err(|_| CallError::Unsent("too many operations queued for this node".into()))?;
-        match tokio::time::timeout(timeout, &mut answer).await {
+        let result = match tokio::time::timeout(timeout, &mut answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) if handoff.abandon() => {
                 Err(CallError::Unsent("batch dispatcher stopped".into()))
@@ -287,17 +287,19 @@ impl NodeQueue {
             Err(_) => {
                 answer.close();
                 // An answer that came as the wait ended still counts.
-                if let Ok(result) = answer.try_recv() {
-                    return result;
-                }
-                if handoff.abandon() {
-                    Err(CallError::TimedOutUnsent)
-                } else {
-                    self.progress.load().timed_out = true;
-                    Err(CallError::Timeout)
+                match answer.try_recv() {
+                    Ok(result) => result,
+                    Err(_) if handoff.abandon() => Err(CallError::TimedOutUnsent),
+                    Err(_) => Err(CallError::Timeout),
                 }
             }
+        };
+        // Sent, and no answer came (its batch's or this caller's wait ran out, or the
+        // connection broke): not one to coordinate a write next, until it answers again.
+        if matches!(result, Err(CallError::Timeout | CallError::Transport(_))) {
+            self.progress.load().timed_out = true;
         }
+        result
     }
 }
 
@@ -375,14 +377,8 @@ async fn send(
         let answers = match send_batch(client, address, &ops, timeout).await {
             Ok(answers) => answers,
             Err(error) => {
-                match error {
-                    // Sent, and no answer came: not one to coordinate a write next.
-                    CallError::Timeout | CallError::Transport(_) => {
-                        progress.load().timed_out = true
-                    }
-                    CallError::Unsent(_) | CallError::TimedOutUnsent => {}
-                    // Any other error is an answer.
-                    _ => progress.mark(),
+                if !error.is_unreachable() {
+                    progress.mark(); // an error status, a refusal: an answer all the same
                 }
                 for pending in batch {
                     let _ = pending.reply.send(Err(error.clone()));

@@ -62,24 +62,16 @@ impl StorageNode {
     ) -> Result<()> {
         let ops = entries
             .into_iter()
-            .map(
-                |(
+            .map(|(key, copy)| {
+                if let Some(reaped_us) = copy.reaped_us {
+                    self.reaped.remember(&key, reaped_us);
+                }
+                Op::Merge(MergeRequest {
                     key,
-                    HeldCopy {
-                        siblings,
-                        reaped_us,
-                    },
-                )| {
-                    if let Some(reaped_us) = reaped_us {
-                        self.reaped.remember(&key, reaped_us);
-                    }
-                    Op::Merge(MergeRequest {
-                        key,
-                        siblings,
-                        hint_for: None,
-                    })
-                },
-            )
+                    siblings: copy.siblings,
+                    hint_for: None,
+                })
+            })
             .collect();
         for reply in self.apply_until(ops, deadline_us) {
             match reply {
@@ -165,9 +157,10 @@ impl StorageNode {
         self.log("put", place.key(), request.value.is_none());
         let reaped_us = self.reaped_at(place);
         let siblings = transaction.siblings(place)?;
+        let (actor, after) = stamping_actor(&self.stamper, place);
         let stamp = replica::Stamp {
-            actor: stamping_actor(self.stamper.actor(), place),
-            after: self.stamper.highest(),
+            actor,
+            after,
             context: request.context.as_ref(),
             entered_us: request.entered_us,
             now_us: crate::clock::now_us(),
@@ -263,21 +256,26 @@ impl StorageNode {
     }
 }
 
-/// The actor a write coordinated at `place` is stamped with. A dot's counter is one past
-/// what the place holds of its actor (and past the node's highest counter of its own actor,
-/// `stamper.rs`, which says nothing of a hint's), and a hint holds only what this node
-/// coordinated or received for one owner since its last handoff: two writes coordinated into hints (for
-/// two owners, or for one owner after a handoff emptied the hint) would get the same dot
-/// under the node's own actor, and a client whose context covers one would supersede the
-/// other (the simulation lost an acknowledged put so, seed 16132755956858121918). A hint is
-/// therefore stamped under an actor drawn for that one write: its dot is unique by
-/// construction. It costs a clock entry per such write, and such writes are rare (every
-/// preferred replica was down); clocks are pruned past `MAX_CLOCK_ENTRIES`, which can only
-/// leave a spurious sibling, never drop a write.
-fn stamping_actor(own: crate::version::ActorId, place: &Place) -> crate::version::ActorId {
+/// The actor a write coordinated at `place` is stamped with, and the counter its dot must
+/// pass ([`replica::Stamp::after`]). A hint holds only what this node coordinated or received
+/// for one owner since its last handoff, beside the node's own copy and its other hints. Two
+/// writes coordinated into hints (for two owners, or for one owner after a handoff emptied
+/// the hint) once got the same dot under the node's own actor, and a client whose context
+/// covered one superseded the other (the simulation lost an acknowledged put so, seed
+/// 16132755956858121918). The node's highest counter would now keep their dots apart, but
+/// not their clocks: a clock that counts the node's dot 6 counts its dot 5 as seen, and 5 may
+/// be in another place that the reader never saw. So a hint is stamped under an actor drawn
+/// for that one write, unique by construction, and counting from 1. It costs a clock entry
+/// per such write, and such writes are rare (every preferred replica was down); clocks are
+/// pruned past `MAX_CLOCK_ENTRIES`, which can only leave a spurious sibling, never drop a
+/// write.
+fn stamping_actor(
+    stamper: &super::stamper::Stamper,
+    place: &Place,
+) -> (crate::version::ActorId, u64) {
     if place.is_hint() {
-        crate::random::random_u64()
+        (crate::random::random_u64(), 0)
     } else {
-        own
+        (stamper.actor(), stamper.highest())
     }
 }
